@@ -1,0 +1,644 @@
+"""
+The policy side of AdaReasoner: model loading (the tiny default or a Qwen2.5-VL directory),
+the protocol's prompts, encoding of conversations into tokens, and the hand-written multi-turn
+rollout engine with a KV cache that lives across turns.
+
+Everything here works the same on the tiny default and on a real Qwen2.5-VL checkpoint. The training
+stages share its checkpoint and schedule helpers (save_policy, save_checkpoint, load_checkpoint, lr_at).
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tasks import TASKS, extract_answer, generate, is_format_valid
+from tools import TOOLS, ToolResult, call_tool, observation, schemas
+
+# -----------------------------------------------------------------------------
+# the tiny default: a real Qwen2_5_VLForConditionalGeneration, a few million parameters
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TINY_VOCAB = 4096  # BPE target size; the merges are trained on the caller's corpus
+TINY_TEXT = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                   tokens_per_second=2)
+# 28 px per vision token after the 2x2 merge; 224x224 at most = 64 tokens per image, so a prompt stays short
+TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=224 * 224)
+
+# Qwen2.5-VL's chat template (what its tokenizer ships), so checkpoints trained elsewhere read the same prompt.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class Processor:
+    """Tokenizer plus image processor: everything the engine needs to turn messages into model inputs."""
+    tokenizer: object
+    image_processor: object
+
+    def __post_init__(self):
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
+        self.vision_start, self.vision_end, self.image_pad = ids("<|vision_start|>"), ids("<|vision_end|>"), ids("<|image_pad|>")
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ids("<|endoftext|>")
+        self.merge = self.image_processor.merge_size
+
+    def encode_text(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def encode_image(self, image):
+        """-> (pixel_values [patches, dim], grid_thw [3]) for one PIL image."""
+        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"][0]
+
+    def save_pretrained(self, out_dir):
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        # the PIL image processor needs no torchvision; it reads the same preprocessor_config.json
+        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+
+
+def default_corpus():
+    """Text the tiny tokenizer learns its merges from when the caller has none: the protocol itself."""
+    corpus = [system_prompt(schemas()), system_prompt([])]
+    for task in TASKS:
+        corpus += [ex["question"] for ex in generate(task, 20, split="train", seed=12345)]
+    corpus += ['<think>I look at the image.</think><tool_call>{"name": "Point", "parameters": {"image": "img_1", '
+               '"description": "elf"}}</tool_call>', "<think>Done.</think><response>\\boxed{R,R,D}</response>"]
+    return corpus
+
+
+def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
+    """Byte-level BPE (any UTF-8 text encodes) with Qwen's special tokens, merges trained on `corpus`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    # pieces are split at newlines and quotes only, so merges may span words: a description the corpus repeats
+    # becomes a token or two (ADL's paraphrases included), and the seven-tool prompt costs a few hundred tokens
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex('\n|"'), behavior="merged_with_previous"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny(corpus=None, seed=0):
+    """A freshly initialised tiny Qwen2.5-VL and its processor, built from nothing."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    tok = build_tokenizer(corpus if corpus is not None else default_corpus())
+    ids = tok.convert_tokens_to_ids
+    vocab = (len(tok) + 63) // 64 * 64
+    text = dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                              tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **TINY_PIXELS)
+    return model, Processor(tok, image_processor)
+
+
+def save_base(out_dir, corpus=None, seed=0):
+    """Write the tiny base model as a Hugging Face directory that from_pretrained loads."""
+    model, processor = build_tiny(corpus, seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def load_policy(path_or_tiny="tiny", device="auto", dtype=None):
+    """-> (model, processor). "tiny" builds the default from nothing; otherwise a local model directory."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    device = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    if path_or_tiny == "tiny":
+        model, processor = build_tiny()
+        model = model.to(dtype)
+    else:
+        if not os.path.isdir(path_or_tiny):
+            raise FileNotFoundError(f"model directory {path_or_tiny!r} does not exist (pass 'tiny' or a local "
+                                    "save_pretrained directory; nothing is downloaded)")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation="sdpa")
+        processor = Processor.from_pretrained(path_or_tiny)
+    return model.to(device).eval(), processor
+
+
+def save_policy(model, processor, out_dir):
+    """Write a Hugging Face model directory atomically: a half-written directory never has the final name."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(tmp, final):
+    """Move a finished directory into place; the old one (if any) is removed only after the new one is there."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
+    """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state."""
+    tmp = os.path.abspath(ckpt_dir) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))
+    processor.save_pretrained(os.path.join(tmp, "model"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
+    replace_dir(tmp, os.path.abspath(ckpt_dir))
+
+
+def load_checkpoint(ckpt_dir, optimizer, model=None):
+    """Restore optimizer and RNG (and weights into `model` if given) -> the saved loop state dict."""
+    from safetensors.torch import load_file
+    blob = torch.load(os.path.join(ckpt_dir, "trainer.pt"), weights_only=False)
+    if model is not None:
+        weights = {}
+        for f in sorted(os.listdir(os.path.join(ckpt_dir, "model"))):
+            if f.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(ckpt_dir, "model", f)))
+        missing, _ = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if k not in weights and "lm_head" not in k]  # tied head is not saved
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    return blob["state"]
+
+
+def lr_at(step, total, base_lr, warmup, schedule="cosine"):
+    """Linear warmup, then cosine decay to 10% (or constant)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# -----------------------------------------------------------------------------
+# the protocol (DESIGN section 3)
+
+RULES = """# How to answer
+Think step by step inside <think>...</think>. Then write EITHER exactly one tool call
+<tool_call>{"name": "TOOL_NAME", "parameters": {...}}</tool_call>
+OR your final answer
+<response>... \\boxed{ANSWER}</response>
+Images are named img_1, img_2, ... in the order they appear, the question's images first; every image a tool returns gets the next name. Coordinates are absolute pixels of the named image, origin at the top-left corner. After a tool call, wait for its result before you continue."""
+
+RULES_NO_TOOLS = """# How to answer
+Think step by step inside <think>...</think>, then give your final answer as
+<response>... \\boxed{ANSWER}</response>"""
+
+
+def system_prompt(tool_schemas):
+    """The tool list (one JSON schema per line) followed by the rules; no tools gives the direct-answer prompt."""
+    head = "You are a visual reasoning assistant."
+    if not tool_schemas:
+        return f"{head}\n\n{RULES_NO_TOOLS}"
+    lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas)
+    return f"{head} You can call these tools:\n<tools>\n{lines}\n</tools>\n\n{RULES}"
+
+
+def build_messages(example, tool_schemas, system_prompt=system_prompt):
+    """System and user messages for one example; images stay PIL objects in the content parts."""
+    user = [{"type": "image", "image": img} for img in example["images"]] + [{"type": "text", "text": example["question"]}]
+    return [{"role": "system", "content": system_prompt(tool_schemas)}, {"role": "user", "content": user}]
+
+
+def observation_message(text, image=None):
+    content = [{"type": "text", "text": text}]
+    if image is not None:
+        content.append({"type": "image", "image": image})
+    return {"role": "user", "content": content}
+
+
+def render(message):
+    """One message in the chat template, as (text or image) segments; images become a placeholder."""
+    parts = [f"<|im_start|>{message['role']}\n"]
+    content = message["content"]
+    if isinstance(content, str):
+        parts.append(content)
+    else:
+        for c in content:
+            parts.append(c["image"] if c["type"] == "image" else c["text"])
+    parts.append("<|im_end|>\n")
+    return parts
+
+
+def encode(processor, parts):
+    """Text and images -> (token ids, list of (pixel_values, grid_thw)); images expand to their pad tokens.
+    Text is tokenized piecewise: every boundary is a special token, so pieces tokenize as the whole would."""
+    ids, images, text = [], [], ""
+    for p in parts:
+        if isinstance(p, str):
+            text += p
+            continue
+        ids += processor.encode_text(text) if text else []
+        text = ""
+        pixels, grid = encode_image_cached(processor, p)
+        ids += [processor.vision_start] + [processor.image_pad] * (int(grid.prod()) // processor.merge ** 2) + [processor.vision_end]
+        images.append((pixels, grid))
+    ids += processor.encode_text(text) if text else []
+    return ids, images
+
+
+def encode_image_cached(processor, image):
+    # the same PIL object is often encoded twice (rollout, then training); keep the result on the image
+    cached = getattr(image, "_ada_encoded", None)
+    if cached is None or cached[0] is not processor:
+        cached = (processor, *processor.encode_image(image))
+        try:
+            image._ada_encoded = cached
+        except AttributeError:
+            pass
+    return cached[1], cached[2]
+
+
+def encode_conversation(processor, messages):
+    """A whole conversation for training -> (ids, loss_mask, images). Loss on each assistant turn's content and
+    its closing <|im_end|>, never on the role header or the newline after it (the engine samples the same)."""
+    ids, mask, images = [], [], []
+    for m in messages:
+        parts = render(m)
+        if m["role"] == "assistant":
+            head, body = processor.encode_text(parts[0]), processor.encode_text("".join(parts[1:-1]))
+            tail = [processor.im_end] + processor.encode_text("\n")
+            ids += head + body + tail
+            mask += [0] * len(head) + [1] * (len(body) + 1) + [0] * (len(tail) - 1)
+        else:
+            chunk, imgs = encode(processor, parts)
+            ids += chunk
+            mask += [0] * len(chunk)
+            images += imgs
+    return ids, mask, images
+
+
+def mrope_positions(ids, grids, processor, start=0):
+    """3-D M-RoPE position ids (3, L) for a token chunk that starts at text position `start`, and the next
+    position. Text advances all three axes by one; an image's tokens take (t, row, col) offsets from the
+    position where it starts, and the text after it resumes past its larger side (as get_rope_index does)."""
+    pos, grids, i, L = [], iter(grids), 0, len(ids)
+    while i < L:
+        if ids[i] == processor.image_pad:
+            t, h, w = (int(v) for v in next(grids))
+            h, w = h // processor.merge, w // processor.merge
+            tt = torch.full((t, h, w), start).flatten()
+            hh = (start + torch.arange(h)).view(1, h, 1).expand(t, h, w).flatten()
+            ww = (start + torch.arange(w)).view(1, 1, w).expand(t, h, w).flatten()
+            pos.append(torch.stack([tt, hh, ww]))
+            i += t * h * w
+            start += max(h, w)
+        else:
+            j = i
+            while j < L and ids[j] != processor.image_pad:
+                j += 1
+            pos.append((start + torch.arange(j - i)).view(1, -1).expand(3, -1))
+            start += j - i
+            i = j
+    return (torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)), start
+
+
+# -----------------------------------------------------------------------------
+# batched forward passes
+
+
+def pad_batch(seqs, pad_value, left):
+    n = max(len(s) for s in seqs)
+    return [([pad_value] * (n - len(s)) + s) if left else (s + [pad_value] * (n - len(s))) for s in seqs]
+
+
+def forward_chunk(model, processor, chunks, cache, attn, device):
+    """Prefill one token chunk per row into `cache`. Chunks are left-padded (pads masked out, positions from
+    our own counters) so every row's last position is real and only its logits are needed.
+    chunks: list of (ids, images, positions[3, n]). Returns (last logits [B, V], new attention mask)."""
+    n = max(len(c[0]) for c in chunks)
+    ids = torch.tensor(pad_batch([c[0] for c in chunks], processor.pad, left=True), device=device)
+    pos = torch.stack([F.pad(c[2], (n - c[2].shape[1], 0)) for c in chunks], dim=1).to(device)
+    new = torch.tensor(pad_batch([[1] * len(c[0]) for c in chunks], 0, left=True), device=device)
+    attn = new if attn is None else torch.cat([attn, new], dim=1)
+    images = [im for c in chunks for im in c[1]]
+    kw = {}
+    if images:
+        kw = dict(pixel_values=torch.cat([p for p, _ in images]).to(device, model.dtype),
+                  image_grid_thw=torch.stack([g for _, g in images]).to(device))
+    out = model(input_ids=ids, position_ids=pos, attention_mask=attn, past_key_values=cache, use_cache=True,
+                logits_to_keep=1, **kw)
+    return out.logits[:, -1].float(), attn
+
+
+def sequence_logits(model, processor, seqs, images, device=None):
+    """One full, cache-free forward over whole sequences (right-padded). seqs: list of token id lists; images:
+    per row, a list of (pixel_values, grid_thw). Returns logits [B, L, V] (position t predicts token t+1)."""
+    device = device or next(model.parameters()).device
+    ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)
+    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)
+    pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
+                       for s, im in zip(seqs, images)], dim=1).to(device)
+    flat = [im for row in images for im in row]
+    kw = {}
+    if flat:
+        kw = dict(pixel_values=torch.cat([p for p, _ in flat]).to(device, model.dtype),
+                  image_grid_thw=torch.stack([g for _, g in flat]).to(device))
+    return model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False, **kw).logits
+
+
+def token_logprobs(logits, seqs, temperature=1.0):
+    """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=logits.device)[:, 1:]
+    out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return F.pad(out, (1, 0))
+
+
+# -----------------------------------------------------------------------------
+# the rollout engine
+
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+@dataclass
+class Trajectory:
+    example_id: str
+    task: str
+    token_ids: list = field(default_factory=list)   # the whole sequence, prompt included
+    loss_mask: list = field(default_factory=list)   # 1 exactly on tokens the model sampled
+    logprobs: list = field(default_factory=list)    # sampling-time log-prob of each sampled token, else 0.0
+    images: list = field(default_factory=list)      # PIL, in img_k order
+    calls: list = field(default_factory=list)       # {name, params, status, error, seconds}
+    messages: list = field(default_factory=list)    # protocol messages; images as {"type": "image", "image": "img_k"}
+    answer: str = None
+    format_valid: bool = False
+    finish_reason: str = None
+    example_index: int = 0
+    adl_mapping: dict = None
+
+    @property
+    def assistant_turns(self):
+        return [m["content"] for m in self.messages if m["role"] == "assistant"]
+
+
+@dataclass
+class Row:
+    """A live row of the batch: which trajectory it writes, where its positions are, what it waits for."""
+    index: int  # of its trajectory in the returned list
+    traj: Trajectory
+    next_pos: int
+    offered: list  # tool names as the prompt shows them
+    mapping: object = None
+    turn: list = field(default_factory=list)  # tokens of the current assistant turn
+    pending: object = None                    # the tool call it waits on: (call, parse error, future)
+
+
+def parse_tool_call(text):
+    """-> (call dict or None, error message or None) for the first <tool_call> in an assistant turn."""
+    m = TOOL_CALL.search(text)
+    if m is None:
+        return None, None
+    try:
+        call = json.loads(m.group(1))
+    except json.JSONDecodeError as e:
+        return None, (f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
+                      '{"name": ..., "parameters": {...}} inside <tool_call></tool_call>')
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None, 'the tool call must be a JSON object with a string "name" and an object "parameters"'
+    return {"name": call["name"], "parameters": call.get("parameters", call.get("arguments", {}))}, None
+
+
+def run_tool(call, images, timeout, offered, mapping):
+    """Run a parsed call, de-randomizing ADL names first -> (canonical name, ToolResult, seconds).
+    Only the tools in the prompt can run: a tool left out (or its real name under ADL) is unknown."""
+    t0 = time.perf_counter()
+    if call["name"] not in offered:
+        listed = ", ".join(f"'{n}'" for n in offered) or "none"
+        return call["name"], ToolResult(status="error", error=f"unknown tool '{call['name']}'; available: {listed}"), 0.0
+    canonical = mapping.to_canonical(call) if mapping is not None else call
+    result = call_tool(canonical["name"], canonical["parameters"], images, timeout=timeout)
+    return canonical["name"], result, time.perf_counter() - t0
+
+
+def tool_observation(row, tool_timeout):
+    """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
+    t = row.traj
+    call, err, fut = row.pending
+    row.pending = None
+    if fut is None:  # the call did not parse: the model reads why
+        name, result, seconds = (call or {}).get("name", "tool_call"), ToolResult(status="error", error=err), 0.0
+        params = None
+    else:
+        name, result, seconds = fut.result()
+        params = call["parameters"]
+    t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
+    image_name = None
+    if result.image is not None:
+        t.images.append(result.image)
+        image_name = f"img_{len(t.images)}"
+    text = observation(name, result, image_name)
+    if row.mapping is not None:
+        text = row.mapping.observation(text)
+    t.messages.append(observation_message(text, image_name))
+    return observation_message(text, result.image)
+
+
+def finish(t, reason):
+    t.finish_reason = reason
+    turns = t.assistant_turns
+    t.answer = extract_answer(turns[-1]) if turns else None
+    t.format_valid = reason == "response" and is_format_valid(turns)
+
+
+def sample(logits, temperature, top_p, top_k, generator):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        p = torch.softmax(sorted_logits, dim=-1)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).float().cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def decode_step(model, cache, attn, ids, mask, pos, device):
+    """Feed one token per row (a masked pad for rows that wait on a tool) -> (next logits, attention mask)."""
+    attn = torch.cat([attn, torch.tensor(mask, device=device).view(-1, 1)], dim=1)
+    out = model(input_ids=torch.tensor(ids, device=device).view(-1, 1),
+                position_ids=torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1),
+                attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), attn
+
+
+@torch.no_grad()
+def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
+            max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
+            adl=None, forcer=None, progress=None):
+    """Sample `group_size` multi-turn trajectories per example; returns them example-major.
+
+    tools: canonical tool names offered (None: all seven, []: the direct-answer prompt without tools).
+    adl: optional per-example (randomized schemas, Mapping) from adl.randomize; the group shares it.
+    forcer: optional fn(traj_index, turn, tokens_so_far_in_turn) -> token id or None, scripts text in tests.
+    temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
+    progress: optional tqdm bar, advanced as trajectories finish.
+    """
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    offered = schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
+    gen = torch.Generator().manual_seed(seed)
+    logp_temp = temperature if temperature > 0 else 1.0
+
+    # 1. prefill each distinct prompt once; a group's rows then share its cache
+    trajs, chunks, rows = [], [], []
+    for i, ex in enumerate(examples):
+        tool_schemas, mapping = adl[i] if adl and adl[i] is not None else (offered, None)
+        msgs = build_messages(ex, tool_schemas)
+        ids, imgs = encode(processor, [p for m in msgs for p in render(m)] + ["<|im_start|>assistant\n"])
+        pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)
+        chunks.append((ids, imgs, pos))
+        saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"} for k in range(len(ex["images"]))]
+                           + [{"type": "text", "text": ex["question"]}]}]
+        for _ in range(group_size):
+            t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids), logprobs=[0.0] * len(ids),
+                           images=list(ex["images"]), messages=[dict(m) for m in saved], example_index=i,
+                           adl_mapping=mapping.to_json() if mapping is not None else None)
+            trajs.append(t)
+            rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping))
+    cache = DynamicCache(config=model.config)
+    logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        logits, attn = logits.repeat_interleave(group_size, 0), attn.repeat_interleave(group_size, 0)
+
+    def keep_rows(keep):
+        nonlocal rows, logits, attn
+        if len(keep) < len(rows):  # finished rows leave the batch and the cache shrinks with them
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(idx)
+            logits, attn, rows = logits[idx], attn[idx], [rows[k] for k in keep]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        while rows:
+            writing = [k for k, row in enumerate(rows) if row.pending is None]
+            if not writing:
+                # 3. every live row waits on its tool: prefill all observations (text and new images) in one batch
+                chunks, keep = [], []
+                for k, row in enumerate(rows):
+                    t = row.traj
+                    ids, imgs = encode(processor, ["\n"] + render(tool_observation(row, tool_timeout)) + ["<|im_start|>assistant\n"])
+                    if len(t.token_ids) + len(ids) >= max_total_tokens:
+                        finish(t, "max_total_tokens")
+                        continue
+                    pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
+                    t.token_ids += ids
+                    t.loss_mask += [0] * len(ids)
+                    t.logprobs += [0.0] * len(ids)
+                    row.turn = []
+                    chunks.append((ids, imgs, pos))
+                    keep.append(k)
+                if progress is not None:
+                    progress.update(len(rows) - len(keep))
+                keep_rows(keep)
+                if chunks:
+                    logits, attn = forward_chunk(model, processor, chunks, cache, attn, device)
+                continue
+
+            # 2. one token for every row writing its turn
+            logp = torch.log_softmax(logits / logp_temp, dim=-1)
+            sampled = sample(logits, temperature, top_p, top_k, gen).tolist()
+            step, keep = [], []
+            for k, row in enumerate(rows):
+                t = row.traj
+                if row.pending is not None:
+                    step.append((processor.pad, 0, 0))  # waits on a tool: a masked pad, nothing recomputed
+                    keep.append(k)
+                    continue
+                forced = forcer(row.index, len(t.assistant_turns), row.turn) if forcer else None
+                x = int(forced) if forced is not None else sampled[k]
+                t.token_ids.append(x), t.loss_mask.append(1), t.logprobs.append(float(logp[k, x]))
+                row.turn.append(x)
+                step.append((x, 1, row.next_pos))
+                row.next_pos += 1
+                ended = x == processor.im_end
+                if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
+                    keep.append(k)
+                    continue
+                text = processor.decode(row.turn[:-1] if ended else row.turn)
+                t.messages.append({"role": "assistant", "content": text})
+                if not ended:
+                    finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
+                elif "<response>" in text:
+                    finish(t, "response")
+                elif "<tool_call>" not in text:
+                    finish(t, "no_action")
+                elif len(t.assistant_turns) >= max_turns:
+                    finish(t, "max_turns")
+                else:  # the tool starts now, in parallel with the rows still writing
+                    call, err = parse_tool_call(text)
+                    fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered, row.mapping)
+                    row.pending = (call, err, fut)
+                    keep.append(k)
+            if progress is not None:
+                progress.update(len(rows) - len(keep))
+            step = [step[k] for k in keep]
+            keep_rows(keep)
+            if rows:
+                logits, attn = decode_step(model, cache, attn, *zip(*step), device)
+    return trajs
