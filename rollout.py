@@ -103,10 +103,14 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
-    # pieces are split at newlines and quotes only, so merges may span words: a description the corpus repeats
-    # becomes a token or two (ADL's paraphrases included), and the seven-tool prompt costs a few hundred tokens
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex('\n|"'), behavior="merged_with_previous"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    # Pieces split at newlines and quotes only, so merges may span words: a description the corpus repeats becomes
+    # a token or two (ADL's paraphrases too) and the seven-tool prompt costs a few hundred tokens. Digits and
+    # the commas of number and move lists stand alone so a coordinate or a move list tokenizes the same wherever it is copied.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex('\n|"'), behavior="merged_with_previous"),
+        pre_tokenizers.Split(Regex(r"[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
