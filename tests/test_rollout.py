@@ -1,0 +1,209 @@
+"""The rollout engine: exact log-probs, greedy equivalence with cache-free decoding, the loss mask, tool limits."""
+import json
+import random
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import adl
+import rollout
+import tools
+
+
+@pytest.fixture(scope="module")
+def policy():
+    corpus = [rollout.system_prompt(tools.schemas())] * 3 + ["<think>look</think><tool_call>Crop img_1</tool_call>"] * 3
+    model, processor = rollout.build_tiny(corpus=corpus, seed=0)
+    return model.eval(), processor
+
+
+def make_examples(n):
+    """Examples with different prompt lengths and image sizes."""
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (96 + 40 * i, 128 + 24 * i), (40 * i % 255, 120, 200))
+        img.paste((250, 250, 250), (10, 10, 40 + 5 * i, 50))
+        out.append({"id": f"ex{i}", "task": "vstar", "question": "What colour is the square?" + " Look closely." * i,
+                    "images": [img], "answer": "A", "meta": {}})
+    return out
+
+
+CROP = '<think>zoom in</think><tool_call>{{"name": "Crop", "parameters": {{"image": "{img}", "coordinates": {box}}}}}</tool_call>'
+SCRIPT = [CROP.format(img="img_1", box="[0, 0, 60, 60]"), CROP.format(img="img_2", box="[10, 20, 200, 180]"),
+          '<think>oops</think><tool_call>{"name": "Crop", "parameters": {broken}}</tool_call>',
+          "<think>done</think><response>\\boxed{A}</response>"]
+
+
+def scripted(processor, script=SCRIPT, free=3):
+    """A forcer: each turn the model writes `free` tokens of its own on even rows, then the script's text."""
+    encoded = [processor.encode_text(s) + [processor.im_end] for s in script]
+
+    def forcer(row, turn, toks):
+        n_free = free if row % 2 == 0 else 0
+        if len(toks) < n_free:
+            return None
+        seq = encoded[min(turn + row % 2, len(encoded) - 1)]
+        j = len(toks) - n_free
+        return seq[j] if j < len(seq) else processor.im_end
+    return forcer
+
+
+def full_forward_logprobs(model, processor, traj, temperature=1.0):
+    images = [rollout.encode_image_cached(processor, im) for im in traj.images]
+    with torch.no_grad():
+        logits = rollout.sequence_logits(model, processor, [traj.token_ids], [images])
+    return rollout.token_logprobs(logits, [traj.token_ids], temperature)[0], logits[0]
+
+
+@pytest.mark.parametrize("n,group", [(1, 1), (5, 1), (2, 4)])
+def test_logprobs_equal_full_forward(policy, n, group):
+    model, processor = policy
+    trajs = rollout.rollout(model, processor, make_examples(n), tools=["Crop"], group_size=group, temperature=1.0,
+                            seed=3, forcer=scripted(processor), max_new_tokens=200)
+    assert len(trajs) == n * group
+    assert len({len(t.token_ids) for t in trajs}) > 1 or n == 1  # rows really differ in length
+    for row, t in enumerate(trajs):
+        assert t.finish_reason == "response" and t.answer == "A"
+        if row % 2 == 0:  # these rows ran both Crops: two tool images in the sequence, then a broken call
+            assert [c["status"] for c in t.calls] == ["success", "success", "error"] and len(t.images) == 3
+        else:  # these start at the second Crop, on an image that does not exist yet
+            assert [c["status"] for c in t.calls] == ["error", "error"] and "img_2" in t.calls[0]["error"]
+        lp, _ = full_forward_logprobs(model, processor, t)
+        mask = torch.tensor(t.loss_mask, dtype=torch.bool)
+        diff = (lp[mask] - torch.tensor(t.logprobs)[mask]).abs().max().item()
+        assert diff < 1e-4, diff
+        assert all(p == 0.0 for p, m in zip(t.logprobs, t.loss_mask) if not m)
+
+
+def test_positions_match_get_rope_index(policy):
+    model, processor = policy
+    t = rollout.rollout(model, processor, make_examples(1), tools=["Crop"], temperature=0, forcer=scripted(processor))[0]
+    grids = torch.stack([rollout.encode_image_cached(processor, im)[1] for im in t.images])
+    ids = torch.tensor([t.token_ids])
+    ref, _ = model.model.get_rope_index(ids, (ids == processor.image_pad).int(), grids)
+    ours, _ = rollout.mrope_positions(t.token_ids, grids, processor)
+    assert torch.equal(ref[:, 0], ours)
+
+
+def test_greedy_batched_equals_cache_free_decoding(policy):
+    """Greedy, batched and cached == per-example decoding with a full forward at every step: at every position
+    the model chose freely, the cache-free argmax over the exact prefix is the token the engine emitted."""
+    model, processor = policy
+    examples = make_examples(4)
+    batched = rollout.rollout(model, processor, examples, tools=["Crop"], temperature=0, forcer=scripted(processor, free=6))
+    free_positions = 0
+    for i, t in enumerate(batched):
+        _, logits = full_forward_logprobs(model, processor, t)
+        forced = scripted(processor, free=6)
+        turn, toks = 0, []
+        for pos, (x, m) in enumerate(zip(t.token_ids, t.loss_mask)):
+            if not m:
+                if toks:
+                    turn, toks = turn + 1, []
+                continue
+            if forced(i, turn, toks) is None:
+                assert int(logits[pos - 1].argmax()) == x, (i, pos)
+                free_positions += 1
+            toks.append(x)
+        alone = rollout.rollout(model, processor, [examples[i]], tools=["Crop"], temperature=0,
+                                forcer=lambda r, turn, toks, i=i: scripted(processor, free=6)(i, turn, toks))[0]
+        assert alone.token_ids == t.token_ids
+    assert free_positions >= 20
+
+
+def test_loss_mask_covers_exactly_the_model_tokens(policy):
+    model, processor = policy
+    t = rollout.rollout(model, processor, make_examples(2), tools=["Crop"], temperature=1.0, seed=1,
+                        forcer=scripted(processor))[0]
+    spans, cur = [], []
+    for x, m in zip(t.token_ids, t.loss_mask):
+        if m:
+            cur.append(x)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    assert [processor.decode(s) for s in spans] == [a + "<|im_end|>" for a in t.assistant_turns]
+    unmasked = processor.decode([x for x, m in zip(t.token_ids, t.loss_mask) if not m])
+    assert "<|image_pad|>" in unmasked and '"status": "success"' in unmasked and "<|im_start|>system" in unmasked
+    assert "zoom in" not in unmasked
+
+
+def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, monkeypatch):
+    model, processor = policy
+
+    def hang(args, images):
+        time.sleep(30)
+    schema = {"type": "function", "function": {"name": "Sleep", "description": "waits",
+                                               "parameters": {"type": "object", "properties": {}, "required": []}}}
+    monkeypatch.setitem(tools.TOOLS, "Sleep", (schema, hang))
+    script = ['<think>wait</think><tool_call>{"name": "Sleep", "parameters": {}}</tool_call>',
+              "<think>done</think><response>\\boxed{A}</response>"]
+    bad = ['<think>x</think><tool_call>{"name": "Crop", "parameters": </tool_call>',
+           '<think>x</think><tool_call>{"name": "NoSuchTool", "parameters": {}}</tool_call>',
+           "<think>done</think><response>\\boxed{A}</response>"]
+    enc = [[processor.encode_text(s) + [processor.im_end] for s in sc] for sc in (script, bad)]
+
+    def forcer(row, turn, toks):
+        seq = enc[row % 2][min(turn, len(enc[row % 2]) - 1)]
+        return seq[len(toks)] if len(toks) < len(seq) else processor.im_end
+    t0 = time.time()
+    trajs = rollout.rollout(model, processor, make_examples(2), tools=["Sleep", "Crop"], temperature=0,
+                            tool_timeout=0.5, forcer=forcer)
+    assert time.time() - t0 < 15
+    hung, broken = trajs
+    assert hung.calls[0]["status"] == "error" and "timed out" in hung.calls[0]["error"]
+    assert hung.finish_reason == "response" and hung.format_valid
+    assert [c["status"] for c in broken.calls] == ["error", "error"]
+    assert "not valid JSON" in broken.calls[0]["error"] and "unknown tool 'NoSuchTool'" in broken.calls[1]["error"]
+    assert broken.finish_reason == "response" and broken.answer == "A"
+    obs = [m for m in broken.messages if m["role"] == "user"][1:]
+    assert all(json.loads(m["content"][0]["text"])["status"] == "error" for m in obs)
+
+
+def test_adl_calls_are_derandomized_before_the_tool_runs(policy):
+    """A randomized trajectory, replayed through the engine, gets the same tool outputs as the canonical one."""
+    model, processor = policy
+    ex = make_examples(1)[0]
+    offered = tools.schemas(["Crop", "Point"])
+    new_schemas, mapping = adl.randomize(offered, random.Random(7))
+    canonical = [{"name": "Crop", "parameters": {"image": "img_1", "coordinates": [5, 5, 70, 60]}},
+                 {"name": "Point", "parameters": {"image": "img_2", "description": "red square"}}]
+    texts = [[f"<think>step</think><tool_call>{json.dumps(c)}</tool_call>" for c in calls] + ["<think>ok</think><response>\\boxed{A}</response>"]
+             for calls in (canonical, [mapping.from_canonical(c) for c in canonical])]
+    enc = [[processor.encode_text(s) + [processor.im_end] for s in sc] for sc in texts]
+
+    def forcer(row, turn, toks):
+        seq = enc[row][turn]
+        return seq[len(toks)] if len(toks) < len(seq) else processor.im_end
+    plain, randomized = rollout.rollout(model, processor, [ex, ex], tools=["Crop", "Point"], temperature=0,
+                                        adl=[None, (new_schemas, mapping)], forcer=forcer)
+    assert [c["status"] for c in plain.calls] == [c["status"] for c in randomized.calls] == ["success", "success"]
+    assert [c["name"] for c in randomized.calls] == ["Crop", "Point"]
+    assert plain.images[1].tobytes() == randomized.images[1].tobytes()
+    def observations(t):
+        return [json.loads(m["content"][0]["text"].split("\n")[0]) for m in t.messages[2:] if m["role"] == "user"]
+    for a, b in zip(observations(plain), observations(randomized)):
+        assert b["name"] == mapping.names[a["name"]]
+        assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
+    assert "Crop" not in randomized.messages[0]["content"] and randomized.adl_mapping == mapping.to_json()
+    # the real name is not offered under ADL: calling it is an unknown tool
+    assert mapping.names["Crop"] != "Crop"
+
+
+def test_tiny_model_saves_and_loads(tmp_path):
+    out = rollout.save_base(str(tmp_path / "base"), corpus=[rollout.system_prompt(tools.schemas())] * 2)
+    model, processor = rollout.load_policy(out, device="cpu")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    prompt = rollout.system_prompt(tools.schemas())
+    assert processor.decode(processor.encode_text(prompt)) == prompt
+    assert len(processor.encode_text(prompt)) < 1000
+    text = "héllo 世界 🙂 <|im_start|>user\n"
+    assert processor.decode(processor.encode_text(text)) == text
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "<think>x</think><response>\\boxed{A}</response>"}]
+    assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rollout.load_policy(str(tmp_path / "missing"))
