@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -476,7 +477,7 @@ def run_tool(call, images, timeout, offered, mapping):
     return canonical["name"], result, time.perf_counter() - t0
 
 
-def tool_observation(row, tool_timeout):
+def tool_observation(row):
     """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
     t = row.traj
     call, err, fut = row.pending
@@ -531,10 +532,21 @@ def decode_step(model, cache, attn, ids, mask, pos, device):
     return out.logits[:, -1].float(), attn
 
 
+@contextmanager
+def timed(timings, key):
+    """Add the block's wall time to timings[key] (when timings is a dict); CUDA work is waited for."""
+    t0 = time.perf_counter()
+    yield
+    if timings is not None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
 @torch.no_grad()
 def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
             max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
-            adl=None, forcer=None, progress=None):
+            adl=None, forcer=None, progress=None, timings=None):
     """Sample `group_size` multi-turn trajectories per example; returns them example-major.
 
     tools: canonical tool names offered (None: all seven, []: the direct-answer prompt without tools).
@@ -542,6 +554,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     forcer: optional fn(traj_index, turn, tokens_so_far_in_turn) -> token id or None, scripts text in tests.
     temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
     progress: optional tqdm bar, advanced as trajectories finish.
+    timings: optional dict that receives seconds spent in prefill, decode and waiting on tools.
     """
     from transformers import DynamicCache
     device = next(model.parameters()).device
@@ -566,7 +579,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
             trajs.append(t)
             rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping))
     cache = DynamicCache(config=model.config)
-    logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
+    with timed(timings, "prefill"):
+        logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)
         logits, attn = logits.repeat_interleave(group_size, 0), attn.repeat_interleave(group_size, 0)
@@ -586,7 +600,9 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                 chunks, keep = [], []
                 for k, row in enumerate(rows):
                     t = row.traj
-                    ids, imgs = encode(processor, ["\n"] + render(tool_observation(row, tool_timeout)) + ["<|im_start|>assistant\n"])
+                    with timed(timings, "tools"):
+                        message = tool_observation(row)
+                    ids, imgs = encode(processor, ["\n"] + render(message) + ["<|im_start|>assistant\n"])
                     if len(t.token_ids) + len(ids) >= max_total_tokens:
                         finish(t, "max_total_tokens")
                         continue
@@ -601,7 +617,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     progress.update(len(rows) - len(keep))
                 keep_rows(keep)
                 if chunks:
-                    logits, attn = forward_chunk(model, processor, chunks, cache, attn, device)
+                    with timed(timings, "prefill"):
+                        logits, attn = forward_chunk(model, processor, chunks, cache, attn, device)
                 continue
 
             # 2. one token for every row writing its turn
@@ -644,5 +661,6 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
             step = [step[k] for k in keep]
             keep_rows(keep)
             if rows:
-                logits, attn = decode_step(model, cache, attn, *zip(*step), device)
+                with timed(timings, "decode"):
+                    logits, attn = decode_step(model, cache, attn, *zip(*step), device)
     return trajs

@@ -1,0 +1,220 @@
+"""
+Performance benchmarks, each against a naive baseline measured in the same run.
+
+    python bench.py rollout                 # the KV-cache engine vs rebuild-and-generate every turn
+    python bench.py rollout --config 7b     # the Qwen2.5-VL-7B shape, random weights, bf16 (a GPU)
+    python bench.py train                   # SFT/GRPO update throughput: tokens/s forward + backward
+
+`rollout` scripts the tool calls (a forcer writes them; the model writes its own thinking tokens greedily in
+between), so that a randomly initialised model makes 3 tool calls that return images, and checks that the
+engine and the baseline emit the same tokens.
+"""
+import argparse
+import json
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import rollout
+import tasks
+import tools
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("what", choices=["rollout", "train"])
+parser.add_argument("--model", default="tiny", help="'tiny', a model directory, or with --config 7b: random weights")
+parser.add_argument("--config", default=None, choices=[None, "7b"], help="build a random model of this real shape")
+parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
+parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group)")
+parser.add_argument("--turns", type=int, default=3, help="tool calls per trajectory (each returns an image)")
+parser.add_argument("--free", type=int, default=24, help="tokens the model writes itself in each turn's thinking")
+parser.add_argument("--skip-baseline", action="store_true", help="time the engine only")
+parser.add_argument("--device", default="auto")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--out", default=None, help="append the result as a JSON line to this file")
+
+
+def load(args):
+    device = rollout.resolve_device(args.device)
+    if args.config != "7b":
+        return rollout.load_policy(args.model, device=device)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    _, processor = rollout.build_tiny()  # tokenizer and image processor: only their token ids matter for speed
+    config = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B-Instruct's shape
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, rope_parameters={
+                             "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        image_token_id=processor.image_pad, vision_start_token_id=processor.vision_start,
+        vision_end_token_id=processor.vision_end)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    processor.image_processor.max_pixels = 448 * 448  # a realistic image size for the 7B
+    return model.eval(), processor
+
+
+def bench_examples(n):
+    """vstar canvases: one input image each, large enough that Crop returns a 224 px zoom."""
+    return tasks.generate("vstar", n, split="test", seed=0)
+
+
+def script(processor, turns, free):
+    """The forcer: in each turn the model writes `free` thinking tokens itself, then a Crop call is forced."""
+    calls = [f'</think><tool_call>{{"name": "Crop", "parameters": {{"image": "img_{k + 1}", '
+             f'"coordinates": [0, 0, {200 - 30 * k}, {180 - 30 * k}]}}}}</tool_call>' for k in range(turns)]
+    calls.append("</think><response>\\boxed{A}</response>")
+    think = processor.encode_text("<think>")
+    forced = [processor.encode_text(c) + [processor.im_end] for c in calls]
+
+    def forcer(row, turn, toks):
+        if len(toks) < len(think):
+            return think[len(toks)]
+        j = len(toks) - len(think) - free
+        if j < 0:
+            return None
+        seq = forced[min(turn, len(forced) - 1)]
+        return seq[j] if j < len(seq) else processor.im_end
+    return forcer
+
+
+class ForceLogits(LogitsProcessor):
+    """The same forcer for model.generate: a forced token gets all the probability mass."""
+
+    def __init__(self, forcer, rows, turn, prompt_len):
+        self.forcer, self.rows, self.turn, self.prompt_len = forcer, rows, turn, prompt_len
+
+    def __call__(self, input_ids, scores):
+        for b, row in enumerate(self.rows):
+            x = self.forcer(row, self.turn, input_ids[b, self.prompt_len:].tolist())
+            if x is not None:
+                scores[b] = float("-inf")
+                scores[b, x] = 0.0
+        return scores
+
+
+@torch.no_grad()
+def baseline(model, processor, examples, group, turns, forcer):
+    """What a straightforward multi-turn loop does: every turn, re-encode the whole conversation (all images
+    through the vision tower again) and call model.generate from scratch, batched over the live rows."""
+    device = next(model.parameters()).device
+    rows = []
+    for ex in examples:
+        msgs = rollout.build_messages(ex, tools.schemas())
+        ids, _ = rollout.encode(processor, [p for m in msgs for p in rollout.render(m)] + ["<|im_start|>assistant\n"])
+        rows += [{"row": len(rows) + g, "ids": list(ids), "images": list(ex["images"]), "done": False} for g in range(group)]
+    n_generated = 0
+    for turn in range(turns + 1):
+        live = [r for r in rows if not r["done"]]
+        if not live:
+            break
+        seqs = rollout.pad_batch([r["ids"] for r in live], processor.pad, left=True)
+        input_ids = torch.tensor(seqs, device=device)
+        attn = (torch.tensor(rollout.pad_batch([[1] * len(r["ids"]) for r in live], 0, left=True), device=device))
+        encoded = [rollout.encode_image_cached(processor, im) for r in live for im in r["images"]]
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attn, mm_token_type_ids=(input_ids == processor.image_pad).int(),
+            pixel_values=torch.cat([p for p, _ in encoded]).to(device, model.dtype),
+            image_grid_thw=torch.stack([g for _, g in encoded]).to(device), do_sample=False, max_new_tokens=512,
+            eos_token_id=processor.im_end, pad_token_id=processor.pad,
+            logits_processor=LogitsProcessorList([ForceLogits(forcer, [r["row"] for r in live], turn, input_ids.shape[1])]))
+        for b, r in enumerate(live):
+            new = out[b, input_ids.shape[1]:].tolist()
+            new = new[:new.index(processor.im_end) + 1] if processor.im_end in new else new
+            n_generated += len(new)
+            r["ids"] += new
+            call, err = rollout.parse_tool_call(processor.decode(new))
+            if call is None:
+                r["done"] = True
+                continue
+            result = tools.call_tool(call["name"], call["parameters"], r["images"])
+            name = None
+            if result.image is not None:
+                r["images"].append(result.image)
+                name = f"img_{len(r['images'])}"
+            msg = rollout.observation_message(tools.observation(call["name"], result, name), result.image)
+            obs, _ = rollout.encode(processor, ["\n"] + rollout.render(msg) + ["<|im_start|>assistant\n"])
+            r["ids"] += obs
+    return [r["ids"] for r in rows], n_generated
+
+
+def bench_rollout(args):
+    model, processor = load(args)
+    device = next(model.parameters()).device
+    examples = bench_examples(args.prompts)
+    forcer = script(processor, args.turns, args.free)
+    vision = {"s": 0.0}
+    hooks = [model.model.visual.register_forward_pre_hook(lambda m, a: vision.__setitem__("t0", time.perf_counter())),
+             model.model.visual.register_forward_hook(lambda m, a, o: vision.__setitem__("s", vision["s"] + time.perf_counter() - vision["t0"]))]
+    # warm up both paths once on a single prompt so neither pays first-call costs
+    rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    vision["s"], timings = 0.0, {}
+    t0 = time.perf_counter()
+    trajs = rollout.rollout(model, processor, examples, group_size=args.group, temperature=0, forcer=forcer,
+                            timings=timings)
+    engine_s = time.perf_counter() - t0
+    engine_vision = vision["s"]
+    generated = sum(sum(t.loss_mask) for t in trajs)
+    calls = sum(len(t.calls) for t in trajs)
+    result = {"bench": "rollout", "device": str(device), "model": args.config or args.model,
+              "prompts": args.prompts, "group": args.group, "turns": args.turns, "trajectories": len(trajs),
+              "tool_calls": calls, "image_observations": sum(len(t.images) - 1 for t in trajs),
+              "generated_tokens": generated, "engine_s": round(engine_s, 2),
+              "engine_tokens_per_s": round(generated / engine_s, 1),
+              "engine_split_s": {k: round(v, 2) for k, v in {**timings, "vision": engine_vision}.items()},
+              "finish": sorted({t.finish_reason for t in trajs})}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    if not args.skip_baseline:
+        vision["s"] = 0.0
+        t0 = time.perf_counter()
+        seqs, base_generated = baseline(model, processor, examples, args.group, args.turns, forcer)
+        base_s = time.perf_counter() - t0
+        result.update(baseline_s=round(base_s, 2), baseline_tokens_per_s=round(base_generated / base_s, 1),
+                      baseline_vision_s=round(vision["s"], 2),
+                      speedup=round((generated / engine_s) / (base_generated / base_s), 2),
+                      identical_tokens=seqs == [t.token_ids for t in trajs])
+    for h in hooks:
+        h.remove()
+    return result
+
+
+def bench_train(args):
+    """Forward + backward tokens/s on TC-like sequences, batch of 8, as the SFT and GRPO updates run them."""
+    model, processor = load(args)
+    model.train()
+    examples = bench_examples(8)
+    trajs = rollout.rollout(model, processor, examples, temperature=0, forcer=script(processor, args.turns, args.free))
+    seqs = [t.token_ids for t in trajs]
+    images = [[rollout.encode_image_cached(processor, im) for im in t.images] for t in trajs]
+    masks = torch.tensor(rollout.pad_batch([t.loss_mask for t in trajs], 0, left=False), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    steps, t0 = 5, None
+    for step in range(steps + 1):
+        if step == 1:
+            t0 = time.perf_counter()  # the first step is a warm-up
+        logits = rollout.sequence_logits(model, processor, seqs, images)
+        lp = rollout.token_logprobs(logits, seqs)
+        loss = -(lp * masks.to(lp.device)).sum() / masks.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    s = time.perf_counter() - t0
+    tokens = sum(len(x) for x in seqs) * steps
+    return {"bench": "train", "device": str(next(model.parameters()).device), "model": args.config or args.model,
+            "batch": len(seqs), "tokens_per_step": tokens // steps, "tokens_per_s": round(tokens / s, 1),
+            "s_per_step": round(s / steps, 3)}
+
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    result = bench_rollout(args) if args.what == "rollout" else bench_train(args)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
