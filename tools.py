@@ -1,0 +1,679 @@
+"""
+The seven visual tools of AdaReasoner, their JSON schemas, argument validation and call_tool.
+
+Every tool computes from the pixels of the images it is given and from its arguments,
+never from a task's hidden metadata. A tool call never raises and never hangs: everything
+that goes wrong becomes a ToolResult(status="error") whose message names (in single
+quotes) the argument or tool to fix. Run `python tools.py` for the latency table.
+"""
+import copy
+import heapq
+import json
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MAX_SIDE = 1024        # longest side of any image a tool returns
+CROP_MIN_SIDE = 224    # Crop zooms until the short side is at least this (the model's input side)
+MAX_COORD = 100_000    # pixel coordinates beyond this are a model's typo, not a real image
+MAX_TEXT = 500         # longest free-text argument
+
+# -----------------------------------------------------------------------------
+# the project's bitmap font: 5x7 glyphs, drawn by tasks.py and read back by OCR
+
+FONT_W, FONT_H = 5, 7
+_GLYPHS = """
+A .###. #...# #...# ##### #...# #...# #...#
+B ####. #...# #...# ####. #...# #...# ####.
+C .###. #...# #.... #.... #.... #...# .###.
+D ####. #...# #...# #...# #...# #...# ####.
+E ##### #.... #.... ####. #.... #.... #####
+F ##### #.... #.... ####. #.... #.... #....
+G .###. #...# #.... #.### #...# #...# .####
+H #...# #...# #...# ##### #...# #...# #...#
+I .###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.
+J ..### ...#. ...#. ...#. ...#. #..#. .##..
+K #...# #..#. #.#.. ##... #.#.. #..#. #...#
+L #.... #.... #.... #.... #.... #.... #####
+M #...# ##.## #.#.# #.#.# #...# #...# #...#
+N #...# #...# ##..# #.#.# #..## #...# #...#
+O .###. #...# #...# #...# #...# #...# .###.
+P ####. #...# #...# ####. #.... #.... #....
+Q .###. #...# #...# #...# #.#.# #..#. .##.#
+R ####. #...# #...# ####. #.#.. #..#. #...#
+S .#### #.... #.... .###. ....# ....# ####.
+T ##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..
+U #...# #...# #...# #...# #...# #...# .###.
+V #...# #...# #...# #...# #...# .#.#. ..#..
+W #...# #...# #...# #.#.# #.#.# #.#.# .#.#.
+X #...# #...# .#.#. ..#.. .#.#. #...# #...#
+Y #...# #...# .#.#. ..#.. ..#.. ..#.. ..#..
+Z ##### ....# ...#. ..#.. .#... #.... #####
+a ..... ..... .###. ....# .#### #...# .####
+b #.... #.... #.##. ##..# #...# #...# ####.
+c ..... ..... .###. #.... #.... #...# .###.
+d ....# ....# .##.# #..## #...# #...# .####
+e ..... ..... .###. #...# ##### #.... .###.
+f ..##. .#..# .#... ###.. .#... .#... .#...
+g ..... .#### #...# #...# .#### ....# .###.
+h #.... #.... #.##. ##..# #...# #...# #...#
+i ..#.. ..... .##.. ..#.. ..#.. ..#.. .###.
+j ...#. ..... ..##. ...#. ...#. #..#. .##..
+k #.... #.... #..#. #.#.. ##... #.#.. #..#.
+l .##.. ..#.. ..#.. ..#.. ..#.. ..#.. .###.
+m ..... ..... ##.#. #.#.# #.#.# #...# #...#
+n ..... ..... #.##. ##..# #...# #...# #...#
+o ..... ..... .###. #...# #...# #...# .###.
+p ..... ..... ####. #...# ####. #.... #....
+q ..... ..... .##.# #..## .#### ....# ....#
+r ..... ..... #.##. ##..# #.... #.... #....
+s ..... ..... .###. #.... .###. ....# ####.
+t .#... .#... ###.. .#... .#... .#..# ..##.
+u ..... ..... #...# #...# #...# #..## .##.#
+v ..... ..... #...# #...# #...# .#.#. ..#..
+w ..... ..... #...# #...# #.#.# #.#.# .#.#.
+x ..... ..... #...# .#.#. ..#.. .#.#. #...#
+y ..... ..... #...# #...# .#### ....# .###.
+z ..... ..... ##### ...#. ..#.. .#... #####
+0 .###. #...# #..## #.#.# ##..# #...# .###.
+1 ..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.
+2 .###. #...# ....# ...#. ..#.. .#... #####
+3 ##### ...#. ..#.. ...#. ....# #...# .###.
+4 ...#. ..##. .#.#. #..#. ##### ...#. ...#.
+5 ##### #.... ####. ....# ....# #...# .###.
+6 ..##. .#... #.... ####. #...# #...# .###.
+7 ##### ....# ...#. ..#.. .#... .#... .#...
+8 .###. #...# #...# .###. #...# #...# .###.
+9 .###. #...# #...# .#### ....# ...#. .##..
+. ..... ..... ..... ..... ..... .##.. .##..
+, ..... ..... ..... ..... .##.. ..#.. .#...
+: ..... .##.. .##.. ..... .##.. .##.. .....
+; ..... .##.. .##.. ..... .##.. ..#.. .#...
+- ..... ..... ..... ##### ..... ..... .....
+_ ..... ..... ..... ..... ..... ..... #####
+/ ..... ....# ...#. ..#.. .#... #.... .....
+@ .###. #...# #.### #.#.# #.### #.... .###.
+# .#.#. .#.#. ##### .#.#. ##### .#.#. .#.#.
+$ ..#.. .#### #.#.. .###. ..#.# ####. ..#..
+% ##... ##..# ...#. ..#.. .#... #..## ...##
+( ...#. ..#.. .#... .#... .#... ..#.. ...#.
+) .#... ..#.. ...#. ...#. ...#. ..#.. .#...
+' ..#.. ..#.. .#... ..... ..... ..... .....
++ ..... ..#.. ..#.. ##### ..#.. ..#.. .....
+& .##.. #..#. #.#.. .#... #.#.# #..#. .##.#
+! ..#.. ..#.. ..#.. ..#.. ..#.. ..... ..#..
+? .###. #...# ....# ...#. ..#.. ..... ..#..
+= ..... ..... ##### ..... ##### ..... .....
+"""
+FONT_CHARS = " " + "".join(line[0] for line in _GLYPHS.strip().splitlines())
+FONT = np.zeros((len(FONT_CHARS), FONT_H, FONT_W), dtype=bool)  # index 0 is the space
+for _i, _line in enumerate(_GLYPHS.strip().splitlines(), start=1):
+    FONT[_i] = [[c == "#" for c in row] for row in _line[2:].split()]
+
+
+def text_size(text, scale=1):
+    """(width, height) in pixels of a line drawn by draw_text: one blank column between glyphs."""
+    return (len(text) * (FONT_W + 1) - 1) * scale, FONT_H * scale
+
+
+def draw_text(img, xy, text, color=(0, 0, 0), scale=1):
+    """Draw one line of text with the bitmap font into a PIL RGB image, crisp (no antialiasing)."""
+    missing = set(text) - set(FONT_CHARS)
+    assert not missing, f"characters {sorted(missing)} are not in the font"
+    cells = FONT[[FONT_CHARS.index(c) for c in text]]                   # (n, 7, 5)
+    cells = np.pad(cells, ((0, 0), (0, 0), (0, 1)))                      # the gap column
+    mask = cells.transpose(1, 0, 2).reshape(FONT_H, -1)[:, :-1]
+    mask = np.kron(mask, np.ones((scale, scale), dtype=bool))
+    img.paste(tuple(color), xy, Image.fromarray(mask.astype(np.uint8) * 255))
+
+# -----------------------------------------------------------------------------
+# the vocabulary Point understands; tasks.py paints its scenes with these colours
+
+COLOURS = {  # the search scenes (vstar); similar pairs on purpose: red/orange/pink, blue/purple
+    "red": (215, 40, 40), "orange": (240, 140, 20), "yellow": (230, 200, 20),
+    "green": (40, 160, 60), "blue": (40, 90, 215), "purple": (135, 60, 190),
+    "pink": (235, 110, 170), "brown": (130, 80, 40),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+SCENE = {  # FrozenLake objects: each is painted in a few colours, all of which belong to it
+    "elf": [(40, 140, 70), (240, 195, 150)],        # tunic, face
+    "gift": [(200, 30, 45), (245, 200, 40)],        # box, ribbon
+    "hole": [(20, 50, 95), (45, 85, 135)],          # water, ripples
+}
+SYNONYMS = {
+    "elf": "elf", "player": "elf", "start": "elf", "person": "elf", "character": "elf", "agent": "elf",
+    "gift": "gift", "goal": "gift", "present": "gift", "box": "gift", "treasure": "gift",
+    "hole": "hole", "obstacle": "hole", "water": "hole", "trap": "hole",
+}
+_SHAPE_WORDS = {"circle": "circle", "dot": "circle", "disk": "circle", "ball": "circle",
+                "square": "square", "rectangle": "square", "triangle": "triangle", "star": "star"}
+
+# -----------------------------------------------------------------------------
+# helpers: argument validation (ToolError -> an error result) and connected components
+
+
+class ToolError(Exception):
+    """A problem the model can fix; the message goes back to it verbatim."""
+
+
+@dataclass
+class ToolResult:
+    status: str                        # "success" | "error"
+    data: dict = field(default_factory=dict)
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+def _short(v, n=60):
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def _numbers(args, name, count):
+    """A list of `count` finite numbers; models also send them as a string "[x1, y1, x2, y2]"."""
+    v = args[name]
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise ToolError(f"argument '{name}' must be a list of {count} numbers; got {_short(args[name])}")
+    ok = isinstance(v, (list, tuple)) and len(v) == count and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not ok:
+        raise ToolError(f"argument '{name}' must be a list of {count} finite numbers; got {_short(args[name])}")
+    if any(x < 0 or x > MAX_COORD for x in v):
+        raise ToolError(f"argument '{name}' must hold pixel coordinates between 0 and {MAX_COORD}; got {_short(v)}")
+    return [int(round(x)) for x in v]
+
+
+def _image(args, name, images):
+    v = args[name]
+    m = re.fullmatch(r"\s*img_(\d+)\s*", v) if isinstance(v, str) else None
+    if not m or not 1 <= int(m.group(1)) <= len(images):
+        have = f"img_1 to img_{len(images)}" if images else "no images yet"
+        raise ToolError(f"argument '{name}' must name an image ({have}); got {_short(v)}")
+    img = images[int(m.group(1)) - 1]
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _box(args, name, img, img_name):
+    x1, y1, x2, y2 = _numbers(args, name, 4)
+    w, h = img.size
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise ToolError(f"argument '{name}' must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 inside "
+                        f"{img_name} ({w}x{h}); got {_short(args[name])}")
+    return x1, y1, x2, y2
+
+
+def _int(args, name, default, lo, hi):
+    v = args.get(name, default)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ToolError(f"argument '{name}' must be an integer from {lo} to {hi}; got {_short(v)}")
+    return v
+
+
+def _text(args, name, default=None):
+    v = args.get(name, default)
+    if not isinstance(v, str) or not v.strip() or len(v) > MAX_TEXT:
+        raise ToolError(f"argument '{name}' must be a non-empty string of at most {MAX_TEXT} characters; got {_short(v)}")
+    return v
+
+
+def components(mask, min_area=1):
+    """Boxes [x1, y1, x2, y2] (x2, y2 exclusive) and areas of the 8-connected components of
+    a boolean mask, in reading order. Union-find over horizontal runs: a few hundred runs
+    per scene, so a Python loop over them is fast where a per-pixel one would not be."""
+    h, w = mask.shape
+    d = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    ys, xs = np.divmod(np.flatnonzero(d), w + 1)            # row-major: start, end, start, end...
+    ry, rx0, rx1 = ys[0::2], xs[0::2], xs[1::2]
+    parent = list(range(len(ry)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    row_start = np.searchsorted(ry, np.arange(h + 1))
+    for y in range(1, h):
+        a, b = row_start[y - 1], row_start[y]
+        for j in range(b, row_start[y + 1]):
+            while a < b and rx1[a] < rx0[j]:  # runs above that end left of this one, diagonals included
+                a += 1
+            k = a
+            while k < b and rx0[k] <= rx1[j]:
+                parent[find(k)] = find(j)
+                k += 1
+    if not parent:
+        return []
+    _, label = np.unique([find(i) for i in range(len(ry))], return_inverse=True)
+    n = label.max() + 1
+    area = np.bincount(label, rx1 - rx0, n)
+    x1, y1 = np.full(n, w), np.full(n, h)
+    x2, y2 = np.zeros(n, int), np.zeros(n, int)
+    np.minimum.at(x1, label, rx0), np.minimum.at(y1, label, ry)
+    np.maximum.at(x2, label, rx1), np.maximum.at(y2, label, ry + 1)
+    boxes = [([int(x1[i]), int(y1[i]), int(x2[i]), int(y2[i])], int(area[i])) for i in range(n) if area[i] >= min_area]
+    boxes.sort(key=lambda b: (b[0][1], b[0][0]))
+    return boxes
+
+
+# -----------------------------------------------------------------------------
+# Point: ground the scene vocabulary in pixels
+
+
+def _words(description):
+    out = []
+    for w in re.findall(r"[a-z]+", description.lower()):
+        for cand in (w, w[:-1] if w.endswith("s") else None, w[:-2] if w.endswith("es") else None):
+            if cand and (cand in SYNONYMS or cand in COLOURS or cand in _SHAPE_WORDS):
+                out.append(cand)
+                break
+    return out
+
+
+def _shape_of(mask_crop):
+    """Upright shapes differ in how much of their bounding box they fill; a triangle and a
+    star fill about as much, but only the triangle stands on a full bottom row."""
+    fill = mask_crop.mean()
+    if fill >= 0.66:
+        return "square" if fill >= 0.9 else "circle"
+    return "triangle" if mask_crop[-1].mean() > 0.7 else "star"
+
+
+def point(args, images):
+    img = _image(args, "image", images)
+    description = _text(args, "description")
+    words = _words(description)
+    objects = [SYNONYMS[w] for w in words if w in SYNONYMS]
+    colours = [w for w in words if w in COLOURS]
+    shapes = [_SHAPE_WORDS[w] for w in words if w in _SHAPE_WORDS]
+    if not (objects or colours or shapes):
+        raise ToolError(f"argument 'description' names nothing 'Point' knows ({_short(description)}); use "
+                        "elf/player/start, gift/goal/present, hole/obstacle, or colour and shape words")
+    a = np.asarray(img)
+    # every colour Point knows is saturated, the ice and canvas backgrounds are not: measure
+    # colour distances only where a pixel is saturated, a few percent of a large canvas
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    ys, xs = np.divmod(np.flatnonzero(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b) > 40), a.shape[1])
+    px = a[ys, xs].T.astype(np.int32)[:, :, None]                       # (3, pixels, 1)
+
+    def dist2(colours):                                                  # (pixels, colours)
+        return sum((px[k] - np.array(colours)[:, k]) ** 2 for k in range(3))
+    if objects:  # a scene object: every pixel close to one of its paint colours
+        hit = (dist2([c for o in objects for c in SCENE[o]]) < 45 ** 2).any(-1)
+        min_area = 60
+    else:        # search scenes: nearest palette colour, so that similar colours stay apart
+        d = dist2(list(COLOURS.values()))
+        hit = d.min(-1) < 60 ** 2
+        if colours:
+            hit &= np.isin(d.argmin(-1), [list(COLOURS).index(c) for c in colours])
+        min_area = 12
+    mask = np.zeros(a.shape[:2], bool)
+    mask[ys[hit], xs[hit]] = True
+    points = []
+    for (x1, y1, x2, y2), _ in components(mask, min_area):
+        if shapes and not objects and _shape_of(mask[y1:y2, x1:x2]) != shapes[0]:
+            continue
+        points.append([(x1 + x2) // 2, (y1 + y2) // 2])
+    return ToolResult("success", {"points": sorted(points, key=lambda p: (p[1], p[0]))})
+
+# -----------------------------------------------------------------------------
+# AStar: shortest 4-connected path on a grid of cells
+
+MOVES = {"R": (1, 0), "D": (0, 1), "L": (-1, 0), "U": (0, -1)}
+
+
+def astar(start, goal, blocked, cols, rows):
+    """Shortest path of moves from cell start to cell goal ((col, row) tuples), None if unreachable."""
+    frontier = [(abs(goal[0] - start[0]) + abs(goal[1] - start[1]), 0, start)]
+    came = {start: None}
+    while frontier:
+        _, g, cell = heapq.heappop(frontier)
+        if cell == goal:
+            path = []
+            while came[cell]:
+                cell, move = came[cell]
+                path.append(move)
+            return path[::-1]
+        for move, (dx, dy) in MOVES.items():
+            nxt = (cell[0] + dx, cell[1] + dy)
+            if 0 <= nxt[0] < cols and 0 <= nxt[1] < rows and nxt not in blocked and nxt not in came:
+                came[nxt] = (cell, move)
+                h = abs(goal[0] - nxt[0]) + abs(goal[1] - nxt[1])
+                heapq.heappush(frontier, (g + 1 + h, g + 1, nxt))
+    return None
+
+
+def astar_tool(args, images):
+    cell = _int(args, "cell_size", 64, 1, 4096)
+    start, goal = (tuple(v // cell for v in _numbers(args, k, 2)) for k in ("start", "goal"))
+    obstacles = args["obstacles"]
+    if isinstance(obstacles, str):
+        try:
+            obstacles = json.loads(obstacles)
+        except ValueError:
+            pass
+    if not isinstance(obstacles, list) or len(obstacles) > 4096:
+        raise ToolError(f"argument 'obstacles' must be a list of [x, y] pixel points (at most 4096); got {_short(args['obstacles'])}")
+    blocked = set()
+    for i, o in enumerate(obstacles):
+        try:
+            blocked.add(tuple(v // cell for v in _numbers({"o": o}, "o", 2)))
+        except ToolError:
+            raise ToolError(f"argument 'obstacles' must be a list of [x, y] pixel points; item {i} is {_short(o)}")
+    if "grid_size" in args:
+        g = args["grid_size"]
+        g = [g, g] if isinstance(g, (int, float)) and not isinstance(g, bool) else g
+        cols, rows = _numbers({"grid_size": g}, "grid_size", 2) if isinstance(g, (list, str)) else (None, None)
+        if not cols or not rows or cols > 256 or rows > 256:
+            raise ToolError(f"argument 'grid_size' must be an integer or [cols, rows] from 1 to 256 cells; got {_short(args['grid_size'])}")
+    else:
+        cells = [start, goal, *blocked]
+        cols, rows = max(c[0] for c in cells) + 1, max(c[1] for c in cells) + 1
+        if cols > 256 or rows > 256:
+            raise ToolError(f"points span more than 256 cells of 'cell_size' {cell}; pass 'grid_size' or a larger 'cell_size'")
+    for name, c in (("start", start), ("goal", goal)):
+        if not (c[0] < cols and c[1] < rows):
+            raise ToolError(f"argument '{name}' lies in cell {list(c)}, outside the {cols}x{rows} grid of 'grid_size'")
+        if c in blocked:
+            raise ToolError(f"argument '{name}' lies in cell {list(c)}, which is also listed in 'obstacles'")
+    path = astar(start, goal, blocked, cols, rows)
+    if path is None:
+        raise ToolError(f"the 'goal' cell {list(goal)} is unreachable from the 'start' cell {list(start)}: "
+                        f"the 'obstacles' block every path on the {cols}x{rows} grid")
+    return ToolResult("success", {"path": ",".join(path)})
+
+# -----------------------------------------------------------------------------
+# Draw2DPath: draw a move sequence as arrows
+
+
+def parse_moves(text):
+    """'R,R,D', 'RRD', 'r r d', 'right, down' -> ['R', 'R', 'D']; None if anything else is in it."""
+    s = re.sub(r"right|left|up|down", lambda m: m.group(0)[0], text.lower())
+    s = re.sub(r"[\s,;>→\-\[\]()'\"]+", "", s)
+    return list(s.upper()) if re.fullmatch(r"[lrud]*", s) else None
+
+
+# magenta is the default: no scene object is painted in it, so Point still works on a drawn image
+LINE_COLOURS = {**COLOURS, "magenta": (255, 0, 255), "black": (0, 0, 0), "white": (255, 255, 255)}
+
+
+def _colour(v):
+    if v.strip().lower() in LINE_COLOURS:
+        return LINE_COLOURS[v.strip().lower()]
+    m = re.fullmatch(r"#([0-9a-fA-F]{6})", v.strip())
+    if not m:
+        raise ToolError(f"argument 'line_color' must be a colour name ({', '.join(LINE_COLOURS)}) or '#rrggbb'; got {_short(v)}")
+    return tuple(int(m.group(1)[i:i + 2], 16) for i in (0, 2, 4))
+
+
+def draw_2d_path(args, images):
+    img = _image(args, "image", images).copy()
+    x, y = _numbers(args, "start_point", 2)
+    if not (x < img.width and y < img.height):
+        raise ToolError(f"argument 'start_point' must lie inside {args['image']} ({img.width}x{img.height}); got {[x, y]}")
+    moves = parse_moves(_text(args, "directions"))
+    if not moves:
+        raise ToolError(f"argument 'directions' must be moves like 'R,R,D' (R right, L left, U up, D down); got {_short(args['directions'])}")
+    step = _int(args, "step", 64, 1, 1024)
+    colour = _colour(_text(args, "line_color", "magenta"))
+    draw = ImageDraw.Draw(img)
+    width = max(2, step // 16)
+    for m in moves:
+        dx, dy = MOVES[m]
+        nx, ny = x + dx * step, y + dy * step
+        draw.line([(x, y), (nx, ny)], fill=colour, width=width)
+        head = max(4, step // 5)  # arrowhead: two short strokes back from the tip
+        for side in (1, -1):
+            draw.line([(nx, ny), (nx - dx * head + side * dy * head // 2, ny - dy * head + side * dx * head // 2)],
+                      fill=colour, width=width)
+        x, y = nx, ny
+    return ToolResult("success", {"end_point": [x, y], "moves": len(moves)}, img)
+
+# -----------------------------------------------------------------------------
+# DetectBlackArea, InsertImage, Crop
+
+
+def detect_black_area(args, images):
+    img = _image(args, "image", images)
+    threshold = _int(args, "threshold", 10, 0, 255)
+    min_area = _int(args, "min_area", 100, 1, 10 ** 8)
+    a = np.asarray(img)
+    mask = (a[..., 0] <= threshold) & (a[..., 1] <= threshold) & (a[..., 2] <= threshold)
+    boxes = [b for b, _ in components(mask, min_area)]
+    return ToolResult("success", {"bounding_boxes": boxes})
+
+
+def insert_image(args, images):
+    base = _image(args, "base_image", images).copy()
+    piece = _image(args, "image_to_insert", images)
+    x1, y1, x2, y2 = _box(args, "coordinates", base, args["base_image"])
+    if piece.size != (x2 - x1, y2 - y1):  # an exact fit is pasted untouched, so pixels survive
+        piece = piece.resize((x2 - x1, y2 - y1), Image.BICUBIC)
+    base.paste(piece, (x1, y1))
+    return ToolResult("success", {"inserted_at": [x1, y1, x2, y2]}, base)
+
+
+def crop(args, images):
+    img = _image(args, "image", images)
+    x1, y1, x2, y2 = _box(args, "coordinates", img, args["image"])
+    out = img.crop((x1, y1, x2, y2))
+    zoom = max(1.0, CROP_MIN_SIDE / min(out.size))
+    if zoom > 1:
+        out = out.resize((round(out.width * zoom), round(out.height * zoom)), Image.BICUBIC)
+    return ToolResult("success", {"box": [x1, y1, x2, y2], "zoom": round(zoom, 2)}, out)
+
+# -----------------------------------------------------------------------------
+# OCR: find text lines, then match glyph templates at every plausible alignment
+
+
+def _read(ink):
+    """Decode one text line (a tight boolean box); the alignment whose glyphs explain the ink
+    exactly wins. Returns (text, cost)."""
+    h, w = ink.shape
+    scale = 1 if h <= FONT_H else 2
+    best = ("", 1 << 30)
+    pitch = (FONT_W + 1) * scale
+    for dy in range(0, FONT_H - -(-h // scale) + 1):     # glyph rows above the top ink row
+        for dx in range(0, FONT_W):                      # glyph columns left of the first ink column
+            n = -(-(w + dx * scale) // pitch)
+            region = np.zeros((FONT_H * scale, n * pitch), bool)
+            region[dy * scale:dy * scale + h, dx * scale:dx * scale + w] = ink
+            cells = region.reshape(FONT_H, scale, n, FONT_W + 1, scale)[:, scale // 2, :, :, scale // 2]
+            cells = cells.transpose(1, 0, 2)             # (n, 7, 6): 5 glyph columns + the gap
+            dist = (cells[:, None, :, :FONT_W] != FONT[None]).sum((2, 3))
+            idx = dist.argmin(1)
+            ideal = np.pad(FONT[idx], ((0, 0), (0, 0), (0, 1))).transpose(1, 0, 2).reshape(FONT_H, -1)
+            cost = int((np.kron(ideal, np.ones((scale, scale), bool)) != region).sum())
+            if cost < best[1]:
+                best = ("".join(FONT_CHARS[i] for i in idx).strip(), cost)
+            if cost == 0:
+                return best
+    return best
+
+
+def ocr(args, images):
+    img = _image(args, "image", images)
+    ink = np.asarray(img.convert("L")) < 110
+    detections = []
+    rows = np.flatnonzero(ink.any(1))
+    # text lines: runs of ink rows; a glyph's own blank row (the 'i' dot, ':') is at most 2 px
+    bands = np.split(rows, np.flatnonzero(np.diff(rows) > 3) + 1) if rows.size else []
+    for band in bands:
+        y1, y2 = band[0], band[-1] + 1
+        scale = 1 if y2 - y1 <= FONT_H else 2
+        cols = np.flatnonzero(ink[y1:y2].any(0))
+        # labels and values on one row are further apart than any two words (space + glyph sides)
+        for seg in np.split(cols, np.flatnonzero(np.diff(cols) > 12 * scale) + 1):
+            x1, x2 = seg[0], seg[-1] + 1
+            sub = ink[y1:y2, x1:x2]
+            ys = np.flatnonzero(sub.any(1))
+            text, cost = _read(sub[ys[0]:ys[-1] + 1])
+            if text and cost <= 2 * scale * scale:
+                detections.append({"text": text, "bbox": [int(x1), int(y1 + ys[0]), int(x2), int(y1 + ys[-1] + 1)]})
+    return ToolResult("success", {"detections": detections})
+
+# -----------------------------------------------------------------------------
+# the registry, schemas and the entry point
+
+
+def _schema(name, description, params, required):
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {p: {"type": t, "description": d} for p, (t, d) in params.items()},
+                       "required": required}}}
+
+
+_IMG = "name of an image, e.g. 'img_1'"
+_BOX = "[x1, y1, x2, y2] box in absolute pixels of the image, origin top-left"
+TOOLS = {
+    "Point": (_schema(
+        "Point", "Find every object matching a description and return the pixel centres of each "
+        "(an empty list when there is none). Understands: elf / player / start / person, "
+        "gift / goal / present / box, hole / ice hole / obstacle / water, and colour words ("
+        + ", ".join(COLOURS) + ") with shape words (" + ", ".join(SHAPES) + "), e.g. 'small red triangle'.",
+        {"image": ("string", _IMG), "description": ("string", "what to find, e.g. 'elf', 'holes', 'blue star'")},
+        ["image", "description"]), point),
+    "Draw2DPath": (_schema(
+        "Draw2DPath", "Draw a path of moves as arrows on an image, starting at a pixel point; returns the new image.",
+        {"image": ("string", _IMG), "start_point": ("array", "[x, y] pixel where the path starts"),
+         "directions": ("string", "moves separated by commas, R right, L left, U up, D down, e.g. 'R,R,D'"),
+         "step": ("integer", "pixels per move (default 64, one grid cell)"),
+         "line_color": ("string", "colour name or '#rrggbb' (default 'magenta')")},
+        ["image", "start_point", "directions"]), draw_2d_path),
+    "AStar": (_schema(
+        "AStar", "Shortest path on a grid from start to goal avoiding obstacles (A* search, moves R/L/U/D). "
+        "Points are pixel coordinates, mapped to cells of 'cell_size' pixels; pass 'grid_size' "
+        "(the image size divided by the cell size) so the grid is not guessed from the farthest point. "
+        "Returns the moves, e.g. 'R,R,D', or an error when the goal is unreachable.",
+        {"start": ("array", "[x, y] pixel of the start"), "goal": ("array", "[x, y] pixel of the goal"),
+         "obstacles": ("array", "list of [x, y] pixels of obstacles"),
+         "cell_size": ("integer", "pixels per grid cell (default 64)"),
+         "grid_size": ("array", "[cols, rows] of the grid in cells, or one integer for a square grid")},
+        ["start", "goal", "obstacles"]), astar_tool),
+    "DetectBlackArea": (_schema(
+        "DetectBlackArea", "Find uniform black regions (e.g. a missing puzzle piece) and return their bounding boxes.",
+        {"image": ("string", _IMG),
+         "threshold": ("integer", "a pixel is black when every channel is at most this (default 10)"),
+         "min_area": ("integer", "smallest region in pixels to report (default 100)")},
+        ["image"]), detect_black_area),
+    "InsertImage": (_schema(
+        "InsertImage", "Paste an image into a box of another image (resized to fit the box); returns the new image.",
+        {"base_image": ("string", _IMG + ", the image to paste into"),
+         "image_to_insert": ("string", _IMG + ", the image to paste"),
+         "coordinates": ("array", _BOX + " of the base image")},
+        ["base_image", "image_to_insert", "coordinates"]), insert_image),
+    "Crop": (_schema(
+        "Crop", f"Cut a box out of an image and zoom it so its short side is at least {CROP_MIN_SIDE} pixels.",
+        {"image": ("string", _IMG), "coordinates": ("array", _BOX)},
+        ["image", "coordinates"]), crop),
+    "OCR": (_schema(
+        "OCR", "Read the text of a synthetic app screen (the project's 5x7 pixel font, dark text on a light "
+        "background); returns one detection per text line or label with its bounding box, in reading order.",
+        {"image": ("string", _IMG)}, ["image"]), ocr),
+}
+
+
+def schemas(names=None):
+    """The JSON function schemas of the named tools (all by default), in registry order."""
+    return [copy.deepcopy(s) for n, (s, _) in TOOLS.items() if names is None or n in names]
+
+
+def _run(name, params, images):
+    if name not in TOOLS:
+        raise ToolError(f"unknown tool {_short(name)}; available: " + ", ".join(f"'{n}'" for n in TOOLS))
+    schema, impl = TOOLS[name]
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            raise ToolError(f"the parameters of '{name}' must be a JSON object; got {_short(params)}")
+    if not isinstance(params, dict):
+        raise ToolError(f"the parameters of '{name}' must be a JSON object; got {_short(params)}")
+    spec = schema["function"]["parameters"]
+    missing = [p for p in spec["required"] if p not in params]
+    extra = [p for p in params if p not in spec["properties"]]
+    if missing or extra:
+        expected = ", ".join(f"'{p}'" for p in spec["properties"])
+        what = "; ".join(s for s in (
+            missing and "missing argument " + ", ".join(f"'{p}'" for p in missing),
+            extra and "unknown argument " + ", ".join(f"'{p}'" for p in extra)) if s)
+        raise ToolError(f"{what} for tool '{name}'; it takes {expected}")
+    return impl(params, images)
+
+
+def call_tool(name, params, images, timeout=5.0):
+    """Run a tool on the trajectory's images (img_1 is images[0]). Never raises, never runs
+    past `timeout` seconds (a worker thread does the work; we stop waiting for it)."""
+    box = {}
+
+    def work():
+        try:
+            box["result"] = _run(name, params, images)
+        except ToolError as e:
+            box["result"] = ToolResult("error", error=str(e))
+        except Exception as e:  # a bug or an input we did not foresee: still the model's turn to react
+            box["result"] = ToolResult("error", error=f"tool {_short(name)} failed on these arguments: {type(e).__name__}: {e}"[:500])
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    result = box.get("result")
+    if result is None:
+        return ToolResult("error", error=f"tool {_short(name)} timed out after {timeout} s")
+    if not isinstance(result, ToolResult):
+        return ToolResult("error", error=f"tool {_short(name)} returned no result")
+    if result.image is not None and max(result.image.size) > MAX_SIDE:
+        result.image = result.image.copy()
+        result.image.thumbnail((MAX_SIDE, MAX_SIDE), Image.BICUBIC)
+    return result
+
+
+def observation(name, result, image_name=None):
+    """The protocol's tool observation text for a result."""
+    if result.status == "success":
+        text = json.dumps({"name": name, "status": "success", **result.data}, ensure_ascii=False)
+    else:
+        text = json.dumps({"name": name, "status": "error", "error": result.error}, ensure_ascii=False)
+    if result.image is not None and image_name:
+        text += "\nNew image generated and saved as: " + image_name
+    return text
+
+
+if __name__ == "__main__":
+    # median latency of each tool on a 512x512 scene (python tools.py); cpu time is the
+    # figure to trust when other processes share the machine
+    import tasks
+    grid = tasks.generate("vsp_nav", 1, sizes=(8,))[0]["images"][0]
+    jig = tasks.generate("jigsaw", 1)[0]["images"]
+    screen = tasks.generate("guiqa", 1, size=(512, 512))[0]["images"][0]
+    search = tasks.generate("vstar", 1)[0]["images"][0].resize((512, 512))
+    big_jig = jig[0].resize((512, 512))
+    cases = [
+        ("Point", {"image": "img_1", "description": "holes"}, [grid]),
+        ("Point", {"image": "img_1", "description": "red circle"}, [search]),
+        ("Draw2DPath", {"image": "img_1", "start_point": [32, 32], "directions": "R,R,R,D,D,D,L,D,D,R,R"}, [grid]),
+        ("AStar", {"start": [32, 32], "goal": [480, 480], "obstacles": [[96, 32], [224, 288], [352, 160]], "grid_size": 8}, []),
+        ("DetectBlackArea", {"image": "img_1"}, [big_jig]),
+        ("InsertImage", {"base_image": "img_1", "image_to_insert": "img_2", "coordinates": [256, 0, 512, 256]}, [big_jig, jig[1]]),
+        ("Crop", {"image": "img_1", "coordinates": [100, 100, 160, 160]}, [grid]),
+        ("OCR", {"image": "img_1"}, [screen]),
+    ]
+    print(f"{'tool':16s} {'arguments':40s} median ms over 50 calls: wall, cpu")
+    for name, params, imgs in cases:
+        wall, cpu = [], []
+        for _ in range(50):
+            t, c = time.perf_counter(), time.process_time()
+            r = call_tool(name, params, imgs)
+            wall.append(1000 * (time.perf_counter() - t))
+            cpu.append(1000 * (time.process_time() - c))
+            assert r.status == "success", r.error
+        print(f"{name:16s} {json.dumps(params)[:40]:40s} {np.median(wall):6.1f} {np.median(cpu):6.1f}")
