@@ -29,6 +29,7 @@ parser.add_argument("--group", type=int, default=8, help="samples per prompt (GR
 parser.add_argument("--turns", type=int, default=3, help="tool calls per trajectory (each returns an image)")
 parser.add_argument("--free", type=int, default=24, help="tokens the model writes itself in each turn's thinking")
 parser.add_argument("--skip-baseline", action="store_true", help="time the engine only")
+parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 parser.add_argument("--device", default="auto")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="append the result as a JSON line to this file")
@@ -160,7 +161,7 @@ def bench_rollout(args):
     engine_vision = vision["s"]
     generated = sum(sum(t.loss_mask) for t in trajs)
     calls = sum(len(t.calls) for t in trajs)
-    result = {"bench": "rollout", "device": str(device), "model": args.config or args.model,
+    result = {"bench": "rollout", "device": str(device), "threads": torch.get_num_threads(), "model": args.config or args.model,
               "prompts": args.prompts, "group": args.group, "turns": args.turns, "trajectories": len(trajs),
               "tool_calls": calls, "image_observations": sum(len(t.images) - 1 for t in trajs),
               "generated_tokens": generated, "engine_s": round(engine_s, 2),
@@ -213,6 +214,8 @@ def bench_train(args):
 if __name__ == "__main__":
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = bench_rollout(args) if args.what == "rollout" else bench_train(args)
     print(json.dumps(result, indent=1))
     if args.out:

@@ -363,6 +363,52 @@ def mrope_positions(ids, grids, processor, start=0):
 # batched forward passes
 
 
+def kv_cache(model):
+    """A Hugging Face cache whose layers write into preallocated buffers instead of concatenating each step."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        # DynamicLayer copies its whole cache on every token (torch.cat); here a token costs one slice write,
+        # and the buffer doubles when full, so decoding L tokens copies O(L) instead of O(L^2) memory.
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+            self.length = 0
+            self.kbuf = self.vbuf = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if self.kbuf is None or end > self.kbuf.shape[-2]:
+                shape = (*key_states.shape[:2], max(2 * end, 256), key_states.shape[-1])
+                kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
+                if self.length:
+                    kbuf[:, :, :self.length], vbuf[:, :, :self.length] = self.keys, self.values
+                self.kbuf, self.vbuf = kbuf, vbuf
+            self.kbuf[:, :, self.length:end] = key_states
+            self.vbuf[:, :, self.length:end] = value_states
+            self.length = end
+            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self):
+            return self.length if self.is_initialized else 0
+
+        def batch_repeat_interleave(self, repeats):
+            self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
+            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+        def batch_select_indices(self, indices):
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+
 def pad_batch(seqs, pad_value, left):
     n = max(len(s) for s in seqs)
     return [([pad_value] * (n - len(s)) + s) if left else (s + [pad_value] * (n - len(s))) for s in seqs]
@@ -556,7 +602,6 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     progress: optional tqdm bar, advanced as trajectories finish.
     timings: optional dict that receives seconds spent in prefill, decode and waiting on tools.
     """
-    from transformers import DynamicCache
     device = next(model.parameters()).device
     offered = schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
     gen = torch.Generator().manual_seed(seed)
@@ -578,7 +623,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                            adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
             rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping))
-    cache = DynamicCache(config=model.config)
+    cache = kv_cache(model)
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
     if group_size > 1:

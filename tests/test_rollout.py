@@ -14,7 +14,8 @@ import tools
 
 @pytest.fixture(scope="module")
 def policy():
-    corpus = [rollout.system_prompt(tools.schemas())] * 3 + ["<think>look</think><tool_call>Crop img_1</tool_call>"] * 3
+    # no protocol tag is a single token here, so the few tokens the model writes freely cannot open a tool call
+    corpus = [rollout.system_prompt(tools.schemas()).replace("<", "< ")] * 3
     model, processor = rollout.build_tiny(corpus=corpus, seed=0)
     return model.eval(), processor
 
