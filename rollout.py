@@ -65,6 +65,8 @@ class Processor:
         self.vision_start, self.vision_end, self.image_pad = ids("<|vision_start|>"), ids("<|vision_end|>"), ids("<|image_pad|>")
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ids("<|endoftext|>")
         self.merge = self.image_processor.merge_size
+        # tokens a policy never writes: image placeholders and chat structure (only <|im_end|> closes a turn)
+        self.never_sampled = [ids(t) for t in SPECIAL_TOKENS if t != "<|im_end|>"]
 
     def encode_text(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -104,12 +106,12 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
-    # Pieces split at newlines and quotes only, so merges may span words: a description the corpus repeats becomes
-    # a token or two (ADL's paraphrases too) and the seven-tool prompt costs a few hundred tokens. Digits and
-    # the commas of number and move lists stand alone so a coordinate or a move list tokenizes the same wherever it is copied.
+    # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
+    # description the corpus repeats becomes a token or two (ADL's paraphrases too), and the seven-tool prompt
+    # costs a few hundred tokens. Digits and the commas of number and move lists stand alone, so a coordinate
+    # or a move list tokenizes the same wherever it is copied.
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex('\n|"'), behavior="merged_with_previous"),
-        pre_tokenizers.Split(Regex(r"[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"\n|[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
@@ -606,6 +608,10 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     offered = schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
     gen = torch.Generator().manual_seed(seed)
     logp_temp = temperature if temperature > 0 else 1.0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    # sampling skips structural special tokens and the vocabulary's padding rows; the recorded log-probs stay
+    # those of the model's full distribution, so they equal a plain forward pass (and GRPO's ratios)
+    banned = torch.tensor(processor.never_sampled + list(range(len(processor.tokenizer), vocab)), device=device)
 
     # 1. prefill each distinct prompt once; a group's rows then share its cache
     trajs, chunks, rows = [], [], []
@@ -668,7 +674,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
 
             # 2. one token for every row writing its turn
             logp = torch.log_softmax(logits / logp_temp, dim=-1)
-            sampled = sample(logits, temperature, top_p, top_k, gen).tolist()
+            sampled = sample(logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k, gen).tolist()
             step, keep = [], []
             for k, row in enumerate(rows):
                 t = row.traj
