@@ -1,0 +1,734 @@
+"""
+Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real tools, then SFT on them.
+
+1. Curation. For every task an expert plays the protocol on a train example: it calls the real tools
+   (tools.call_tool) on the example's own images and records what they return, verbatim. It may read the
+   example's ground truth (meta) to decide what to do next, never to invent an observation. Kinds:
+   direct (the efficient plan), reflect (try, see it is wrong, undo, retry), tool_failure (a call fails or
+   finds nothing; fix the arguments or stop relying on the tool), no_tool (easy cases answered directly).
+   Every trajectory is checked: format-valid and its answer scores 1. Output: OUT/data/train.jsonl + images/.
+2. SFT. Loss only on assistant tokens (rollout.encode_conversation's mask), AdamW, warmup + cosine,
+   gradient clipping and accumulation, length-grouped batches, bf16 autocast on CUDA, atomic checkpoints
+   with the data position (--resume continues the same data order), OUT/log.jsonl, OUT/model.
+3. A greedy evaluation through rollout.rollout on held-out test examples: OUT/eval.json.
+
+    python coldstart.py                        # tiny model, all five tasks, CPU friendly
+    python coldstart.py --no-tools --out runs/tc_direct
+    python coldstart.py --model /path/to/Qwen2.5-VL-3B --device cuda --n-per-task 2000
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import adl
+import rollout
+import tasks
+import tools
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+    "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+parser.add_argument("--out", default="runs/tc", help="output directory (data/, base/, ckpt/, model/, log.jsonl, eval.json)")
+parser.add_argument("--model", default="tiny", help="'tiny' builds the small default from nothing (tokenizer trained on the "
+                    "TC data); otherwise a local Qwen2.5-VL model directory to fine-tune")
+parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks to curate and evaluate")
+parser.add_argument("--n-per-task", type=int, default=300, help="trajectories curated per task (train split)")
+parser.add_argument("--kinds", default="direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1",
+                    help="share of each trajectory kind, per task (normalized to sum to 1)")
+parser.add_argument("--no-tools", action="store_true", help="ablation: the same examples as one-turn direct-answer SFT "
+                    "(system prompt without tools); evaluation offers no tools")
+parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
+                    "mapping every time it is used; evaluation draws one mapping per example")
+parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
+                    help="freeze the vision tower (default: on for a --model PATH, off for tiny, whose tower is untrained)")
+parser.add_argument("--epochs", type=float, default=2.0, help="passes over the data (sets the number of optimizer steps)")
+parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (use ~1e-5 for a real 3B/7B model)")
+parser.add_argument("--warmup", type=int, default=30, help="warmup steps (linear), then cosine decay to 10%%")
+parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
+parser.add_argument("--max-len", type=int, default=2048, help="drop training sequences longer than this many tokens")
+parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N optimizer steps (0: only at the end)")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data order, optimizer, RNG)")
+parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps, checkpointing first "
+                    "(simulates a killed run; 0: run to the end)")
+parser.add_argument("--eval-n", type=int, default=100, help="held-out test examples per task for the final evaluation (0: skip)")
+parser.add_argument("--eval-batch", type=int, default=50, help="examples per rollout batch in the evaluation")
+parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token limit per assistant turn in the evaluation "
+                    "(an AStar call on an 8x8 grid with many holes needs about 250)")
+parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant turns per evaluation trajectory")
+parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation trajectory "
+                    "(a real one stays under 2000; the cap bounds the cost of a model that loops)")
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
+parser.add_argument("--quick", action="store_true", help="smallest configuration that exercises every code path (tests)")
+
+QUICK = dict(n_per_task=6, epochs=0.34, batch_size=2, warmup=2, ckpt_every=2, eval_n=1, eval_max_new_tokens=16,
+             eval_max_turns=2)
+KINDS = ("direct", "reflect", "tool_failure", "no_tool")
+
+# -----------------------------------------------------------------------------
+# thinking templates: several per step, so the model learns the step, not one sentence
+
+THINK = {
+    "nav_elf": ["First I need to know where the elf stands.", "Let me locate the elf on the grid.",
+                "To plan a route I start by finding the player.", "I will find the start position, the elf."],
+    "nav_gift": ["Now the gift, where the elf has to go.", "Next I locate the goal, the gift.",
+                 "I also need the position of the present.", "Where is the gift? Let me point at it."],
+    "nav_holes": ["The route must avoid the ice holes, so I find all of them.", "Now every hole in the ice.",
+                  "Let me list the holes; stepping into one fails.", "Finally the obstacles: the ice holes."],
+    "nav_astar": ["I have the elf, the gift and the holes. A* search on 64-pixel cells gives a shortest safe path.",
+                  "With start, goal and obstacles known, the A* tool can plan the route around the holes.",
+                  "Everything is located; I let A* find the shortest path that avoids the holes."],
+    "nav_answer": ["A* returned a path that avoids every hole and ends on the gift.",
+                   "The planner found a safe route; that is my answer.", "This path reaches the gift without touching a hole."],
+    "nav_guess": ["Before planning properly, let me try the obvious route and draw it to check it.",
+                  "I guess a route first and draw it on the grid to see whether it is safe.",
+                  "Let me sketch a direct route from the elf and look at it."],
+    "nav_reject": ["The drawn arrows pass through the hole at {hole}: that route fails. I undo it and plan with A* instead.",
+                   "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; let me use A* around the holes.",
+                   "That guess walks into the hole at {hole}, so it is unsafe. I discard it and ask A* for a safe path."],
+    "nav_check": ["Let me draw the A* path to check it.", "I draw the new path to confirm it is safe.",
+                  "To be sure, I draw the planned route."],
+    "nav_ok": ["The new arrows avoid every hole and end on the gift.", "This time the path is safe and reaches the present.",
+               "Confirmed: the route goes around the holes to the gift."],
+    "nav_small": ["The grid is only 3x3 and the route is easy to see, so no tool is needed.",
+                  "A tiny grid: I can trace the way to the gift by eye.", "This small lake needs no tools; the path is obvious."],
+    "verify_elf": ["To check the path I first find where the elf starts.", "The moves start at the elf; let me locate it.",
+                   "I need the elf's position to draw the path from it."],
+    "verify_draw": ["Now I draw the given moves from the elf and look where they lead.",
+                    "Let me draw the path {moves} on the grid.", "Drawing the moves as arrows shows whether they are safe."],
+    "verify_small": ["The grid is small enough to follow the moves by eye.", "A 3x3 grid: I can trace the path without tools.",
+                     "No tool needed; I follow the moves on the small grid."],
+    "verify_wrongstart": ["Let me draw the path from the top-left corner.", "I draw the moves starting at the first cell.",
+                          "Let me just draw the moves from the corner."],
+    "verify_restart": ["The arrows start at {start}, but the elf is not there. I must locate the elf and draw again.",
+                       "Wrong start: the drawing does not begin at the elf. Let me find the elf first.",
+                       "That drawing starts in the wrong cell, so it proves nothing. I find the elf and redraw."],
+    "jig_detect": ["First I find the missing piece: the black square.", "Let me locate the black hole in the picture.",
+                   "The gap is a black area; I detect it to get its box."],
+    "jig_insert": ["I paste candidate {letter} into the gap to see whether it fits.",
+                   "Let me try piece {letter} in the black square.", "Insert candidate {letter} into the hole and compare the edges."],
+    "jig_reject": ["Candidate {letter} does not fit: its colours break at the edges of the gap. I remove it and try another.",
+                   "The edges do not line up with piece {letter}; wrong piece. Next candidate.",
+                   "Piece {letter} leaves visible seams, so it is not the one."],
+    "jig_accept": ["Piece {letter} continues the colours and shapes across every edge.",
+                   "With {letter} inserted the picture looks seamless.", "Candidate {letter} fits: no seams at the borders."],
+    "jig_small": ["Comparing the pieces with the border of the gap directly, one clearly matches.",
+                  "I can see which piece continues the picture without tools.", "The matching piece is obvious from the colours."],
+    "vstar_point": ["The object is tiny; let me find it first.", "I locate the {what} in the large image.",
+                    "The target is small, so I search for it with Point."],
+    "vstar_crop": ["Found it. I zoom in on the object to see it clearly.", "Let me crop around it and look closer.",
+                   "I crop the region around that point to read the details."],
+    "vstar_toobig": ["Let me zoom into a large region around it first.", "I crop a wide area around the point.",
+                     "A broad crop around the point first."],
+    "vstar_closer": ["The object is still too small in this wide crop; I zoom in closer.",
+                     "Too far away to be sure; a tighter crop is needed.", "Still tiny here. Let me crop tighter."],
+    "vstar_count": ["Point found {n} matching objects.", "There are {n} of them according to Point.",
+                    "The search returned {n} points, one per object."],
+    "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.", "In the crop the answer is plain."],
+    "vstar_small": ["I can see it well enough without tools.", "The object is visible directly.",
+                    "No zoom needed for this one."],
+    "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
+                "OCR gives me every label and value on the screen."],
+    "gui_answer": ["The field '{field}' holds the value on the same row.", "Next to the label {field} I read the value.",
+                   "The OCR line after '{field}:' is the answer."],
+    "gui_header": ["Let me zoom into the top of the screen first.", "I crop the top bar to read it.",
+                   "First a look at the top of the screen."],
+    "gui_wrong": ["That is only the title bar, not the field I need. Let me read the whole screen.",
+                  "The crop shows the header, not the field. I use OCR on the full screen instead.",
+                  "Wrong region: no field there. OCR on everything."],
+    "gui_small": ["The field is readable directly.", "I can read the value without tools.", "The value is easy to read."],
+    "retry": ["The tool reported an error: {error} Let me fix the arguments and call it again.",
+              "That call failed ({error}). I correct it and retry.", "Error from the tool: {error} I fix the call."],
+    "empty": ["The tool found nothing with these settings. Let me retry with the default settings.",
+              "An empty result: the threshold was wrong. I call it again with the defaults.",
+              "Nothing detected, which cannot be right; I retry with default parameters."],
+    "abandon": ["The tool keeps failing here ({error}), so I stop relying on it and answer from what I see.",
+                "The tool is not helping ({error}). I will answer from my own reading of the image.",
+                "Since the call failed ({error}), I answer without it."],
+}
+ANSWER = {
+    "vsp_nav": ["The moves are \\boxed{{{a}}}.", "Route: \\boxed{{{a}}}", "\\boxed{{{a}}}"],
+    "vsp_verify": ["\\boxed{{{a}}}", "The answer is \\boxed{{{a}}}.", "So: \\boxed{{{a}}}"],
+    "jigsaw": ["The missing piece is \\boxed{{{a}}}.", "\\boxed{{{a}}}", "Answer: \\boxed{{{a}}}"],
+    "vstar": ["\\boxed{{{a}}}", "The answer is \\boxed{{{a}}}.", "Option \\boxed{{{a}}}"],
+    "guiqa": ["\\boxed{{{a}}}", "The value is \\boxed{{{a}}}.", "It reads \\boxed{{{a}}}"],
+}
+DIRECT_THINK = {  # --no-tools: one turn, the answer straight from the image
+    "vsp_nav": ["I trace a safe route from the elf to the gift.", "Looking at the grid, I plan around the holes."],
+    "vsp_verify": ["I follow the moves from the elf on the grid.", "Let me trace the given path by eye."],
+    "jigsaw": ["I compare each candidate with the border of the gap.", "The piece that continues the picture fits."],
+    "vstar": ["I look for the small object in the image.", "Let me find the object and read its attribute."],
+    "guiqa": ["I read the field on the screen.", "The value is next to the field's label."],
+}
+
+# -----------------------------------------------------------------------------
+# curation: an expert that calls the real tools and records what they return
+
+
+class Skip(Exception):
+    """The tools did not behave as this plan needs on this example: try another kind or example."""
+
+
+class Builder:
+    """One trajectory under construction; every observation is the real tool's output."""
+
+    def __init__(self, ex, rng):
+        self.ex, self.rng, self.meta = ex, rng, ex["meta"]
+        self.images = list(ex["images"])
+        self.messages = rollout.build_messages(ex, tools.schemas())
+
+    def think(self, key, **kw):
+        return self.rng.choice(THINK[key]).format(**kw)
+
+    def call(self, thought, name, params, expect="success"):
+        result = tools.call_tool(name, params, self.images, timeout=120.0)  # generous: a timeout is not reproducible
+        if expect and result.status != expect:
+            raise Skip(f"{name} gave {result.status}: {result.error}")
+        call = json.dumps({"name": name, "parameters": params}, ensure_ascii=False)
+        self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><tool_call>{call}</tool_call>"})
+        image_name = None
+        if result.image is not None:
+            self.images.append(result.image)
+            image_name = f"img_{len(self.images)}"
+        self.messages.append(rollout.observation_message(tools.observation(name, result, image_name), result.image))
+        return result
+
+    def retry(self, name, bad, good, thought, key="retry"):
+        """A call with bad arguments, then the fixed one: the error text comes from the tool."""
+        err = self.call(thought, name, bad, expect=None)
+        if (err.status == "success") if key == "retry" else any(err.data.values()):
+            raise Skip("the bad call did not fail")
+        return self.call(self.think(key, error=err.error), name, good)
+
+    def answer(self, thought, answer):
+        text = self.rng.choice(ANSWER[self.ex["task"]]).format(a=answer)
+        self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><response>{text}</response>"})
+        return answer
+
+
+def cell_of(point):
+    return [point[0] // tasks.CELL, point[1] // tasks.CELL]
+
+
+def centre(cell):
+    return [cell[0] * tasks.CELL + tasks.CELL // 2, cell[1] * tasks.CELL + tasks.CELL // 2]
+
+
+def locate(b, key, description, count=1):
+    r = b.call(b.think(key), "Point", {"image": "img_1", "description": description})
+    if count is not None and len(r.data["points"]) != count:
+        raise Skip(f"Point found {len(r.data['points'])} {description}, expected {count}")
+    return r.data["points"]
+
+
+def vsp_nav(b, kind):
+    m = b.meta
+    if kind == "no_tool":
+        if m["grid"] != 3:
+            raise Skip("no_tool is for 3x3 grids")
+        return b.answer(b.think("nav_small"), ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, 3, 3)))
+    failure = b.rng.choice(["point", "astar"]) if kind == "tool_failure" else None
+    if failure == "point":  # a description Point does not know, then the right word
+        elf = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["little figure", "hero", "walker"])},
+                      {"image": "img_1", "description": "elf"}, b.think("nav_elf")).data["points"]
+        if len(elf) != 1:
+            raise Skip("no elf")
+        elf = elf[0]
+    else:
+        elf = locate(b, "nav_elf", b.rng.choice(["elf", "elf", "player"]))[0]
+    gift = locate(b, "nav_gift", b.rng.choice(["gift", "gift", "present"]))[0]
+    holes = locate(b, "nav_holes", b.rng.choice(["holes", "ice holes"]), count=len(m["holes"]))
+    if kind == "reflect":
+        if not m["holes"]:
+            raise Skip("no hole to walk into")
+        hole = tuple(m["holes"][b.rng.randrange(len(m["holes"]))])
+        blocked = {tuple(h) for h in m["holes"]} - {hole}
+        into = tools.astar(tuple(m["start"]), hole, blocked, m["grid"], m["grid"])
+        if not into:
+            raise Skip("hole not reachable")
+        guess = into + (tools.astar(hole, tuple(m["goal"]), set(), m["grid"], m["grid"]) or [])
+        b.call(b.think("nav_guess"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": ",".join(guess)})
+        hole_px = next(p for p in holes if cell_of(p) == list(hole))
+        thought = b.think("nav_reject", hole=hole_px)
+    else:
+        thought = b.think("nav_astar")
+    params = {"start": elf, "goal": gift, "obstacles": holes}
+    if failure == "astar":  # a missing argument; the tool names it
+        path = b.retry("AStar", {"start": elf, "goal": gift}, params, thought).data["path"]
+    else:
+        path = b.call(thought, "AStar", params).data["path"]
+    if kind == "reflect":
+        b.call(b.think("nav_check"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
+        return b.answer(b.think("nav_ok"), path)
+    return b.answer(b.think("nav_answer"), path)
+
+
+def verdict(meta):
+    """What a careful look at the drawn path shows (the thinking text; the label itself is the example's)."""
+    n, (x, y), holes = meta["grid"], meta["start"], {tuple(h) for h in meta["holes"]}
+    for m in meta["moves"].split(","):
+        dx, dy = tools.MOVES[m]
+        if not (0 <= x + dx < n and 0 <= y + dy < n):
+            return f"The arrows leave the grid at cell {[x, y]}, so the path is not safe."
+        x, y = x + dx, y + dy
+        if (x, y) in holes:
+            return f"The arrows run into the ice hole at cell {[x, y]}, so the path is not safe."
+    if [x, y] != list(meta["goal"]):
+        return f"The arrows stop at cell {[x, y]}, short of the gift."
+    return "The arrows avoid every hole and end on the gift, so the path is safe."
+
+
+def vsp_verify(b, kind):
+    m = b.meta
+    if kind == "no_tool":
+        if m["grid"] != 3:
+            raise Skip("no_tool is for 3x3 grids")
+        return b.answer(b.think("verify_small") + " " + verdict(m), b.ex["answer"])
+    draw = lambda start: {"image": "img_1", "start_point": start, "directions": m["moves"]}
+    if kind == "reflect":
+        wrong = centre([0, 0]) if list(m["start"]) != [0, 0] else centre([m["grid"] - 1, m["grid"] - 1])
+        b.call(b.think("verify_wrongstart"), "Draw2DPath", draw(wrong))
+        elf = b.call(b.think("verify_restart", start=wrong), "Point", {"image": "img_1", "description": "elf"}).data["points"]
+        if len(elf) != 1:
+            raise Skip("no elf")
+        elf = elf[0]
+    else:
+        elf = locate(b, "verify_elf", b.rng.choice(["elf", "elf", "player"]))[0]
+    if kind == "tool_failure":  # step 0 is out of range; the tool says so, the retry drops it
+        b.retry("Draw2DPath", {**draw(elf), "step": 0}, draw(elf), b.think("verify_draw", moves=m["moves"]))
+    else:
+        b.call(b.think("verify_draw", moves=m["moves"]), "Draw2DPath", draw(elf))
+    return b.answer(verdict(m), b.ex["answer"])
+
+
+def jigsaw(b, kind):
+    m, letters = b.meta, tasks.LETTERS[:len(b.ex["images"]) - 1]
+    right = b.ex["answer"]
+    if kind == "no_tool":
+        return b.answer(b.think("jig_small"), right)
+    if kind == "tool_failure":  # a min_area no region can reach: an empty answer, then the defaults
+        boxes = b.retry("DetectBlackArea", {"image": "img_1", "min_area": 10 ** 7}, {"image": "img_1"},
+                        b.think("jig_detect"), key="empty").data["bounding_boxes"]
+    else:
+        boxes = b.call(b.think("jig_detect"), "DetectBlackArea", {"image": "img_1"}).data["bounding_boxes"]
+    if boxes != [m["hole"]]:
+        raise Skip(f"DetectBlackArea found {boxes}, the hole is {m['hole']}")
+    insert = lambda letter: {"base_image": "img_1", "image_to_insert": f"img_{letters.index(letter) + 2}", "coordinates": boxes[0]}
+    thought = b.think("jig_insert", letter=right)
+    if kind == "reflect":
+        wrong = b.rng.choice([c for c in letters if c != right])
+        b.call(b.think("jig_insert", letter=wrong), "InsertImage", insert(wrong))
+        thought = b.think("jig_reject", letter=wrong) + " " + b.think("jig_insert", letter=right)
+    b.call(thought, "InsertImage", insert(right))
+    return b.answer(b.think("jig_accept", letter=right), right)
+
+
+def vstar(b, kind):
+    m = b.meta
+    if kind == "no_tool":
+        return b.answer(b.think("vstar_small"), b.ex["answer"])
+    what = {"color": m["shape"], "shape": m["colour"], "count": f"{m['colour']} {m['shape']}s"}[m["level"]]
+    if kind == "tool_failure":  # Point with words it does not know, then the right ones
+        points = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["tiny thing", "the object", "item"])},
+                         {"image": "img_1", "description": what}, b.think("vstar_point", what=what)).data["points"]
+    else:
+        points = b.call(b.think("vstar_point", what=what), "Point", {"image": "img_1", "description": what}).data["points"]
+    targets = sorted([round(t[0]), round(t[1])] for t in m["targets"])  # [x, y, size] centres
+    if len(points) != len(targets) or any(abs(p[0] - t[0]) > 3 or abs(p[1] - t[1]) > 3 for p, t in zip(sorted(points), targets)):
+        raise Skip(f"Point found {points}, the targets are {targets}")
+    if m["level"] == "count":
+        return b.answer(b.think("vstar_count", n=len(points)), b.ex["answer"])
+    w, h = b.ex["images"][0].size
+    box = lambda r: [max(0, points[0][0] - r), max(0, points[0][1] - r), min(w, points[0][0] + r), min(h, points[0][1] + r)]
+    if kind == "reflect":
+        b.call(b.think("vstar_toobig"), "Crop", {"image": "img_1", "coordinates": box(256)})
+        b.call(b.think("vstar_closer"), "Crop", {"image": "img_1", "coordinates": box(32)})
+    else:
+        b.call(b.think("vstar_crop"), "Crop", {"image": "img_1", "coordinates": box(32)})
+    return b.answer(b.think("vstar_answer"), b.ex["answer"])
+
+
+def guiqa(b, kind):
+    field = b.meta["field"]
+    if kind == "no_tool":
+        return b.answer(b.think("gui_small"), b.ex["answer"])
+    if kind == "reflect":
+        b.call(b.think("gui_header"), "Crop", {"image": "img_1", "coordinates": [0, 0, b.ex["images"][0].width, 40]})
+        thought = b.think("gui_wrong")
+    else:
+        thought = b.think("gui_ocr")
+    if kind == "tool_failure":  # an image that does not exist yet, then the screen itself
+        dets = b.retry("OCR", {"image": "img_2"}, {"image": "img_1"}, thought).data["detections"]
+    else:
+        dets = b.call(thought, "OCR", {"image": "img_1"}).data["detections"]
+    label = [d for d in dets if d["text"] == field + ":"]
+    row = [d for d in dets if label and abs(d["bbox"][1] - label[0]["bbox"][1]) <= 2 and d is not label[0]]
+    if len(label) != 1 or len(row) != 1 or tasks.score(b.ex, row[0]["text"]) != 1:
+        raise Skip(f"OCR did not read field {field!r} as {b.ex['answer']!r}")
+    return b.answer(b.think("gui_answer", field=field), row[0]["text"])
+
+
+EXPERTS = {"vsp_nav": vsp_nav, "vsp_verify": vsp_verify, "jigsaw": jigsaw, "vstar": vstar, "guiqa": guiqa}
+
+
+def parse_kinds(text):
+    shares = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in KINDS:
+            raise ValueError(f"--kinds: unknown kind {name.strip()!r}; kinds are {KINDS}")
+        shares[name.strip()] = float(value)
+    total = sum(shares.values())
+    return {k: v / total for k, v in shares.items() if v > 0}
+
+
+def quotas(shares, n):
+    """Exact counts per kind summing to n (largest remainder), so the shares show in the data exactly."""
+    raw = {k: shares[k] * n for k in shares}
+    counts = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: counts[k] - raw[k])[:n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def curate_task(task, n, shares, seed):
+    """n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
+    owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example)."""
+    rng = random.Random(f"{seed}-{task}")
+    left = quotas(shares, n)
+    records, pool, i = [], [], 0
+    while sum(left.values()):
+        if not pool:
+            pool = tasks.generate(task, 64, split="train", seed=seed * 1000 + i // 64)
+            if i > 200 * max(n, 10):
+                raise RuntimeError(f"{task}: cannot fill the kinds {left} (the tools fail on too many examples)")
+        ex = pool.pop(0)
+        i += 1
+        # a random order weighted by what is still owed, so every kind spreads over the whole pool
+        for kind in sorted([k for k, c in left.items() if c], key=lambda k: -rng.random() ** (1 / left[k])):
+            b = Builder(ex, random.Random(f"{seed}-{ex['id']}-{kind}"))
+            try:
+                answer = EXPERTS[task](b, kind)
+            except Skip:
+                continue
+            turns = [m["content"] for m in b.messages if m["role"] == "assistant"]
+            assert tasks.is_format_valid(turns) and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1, (ex["id"], kind)
+            records.append({"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(),
+                            "adl_mapping": None, "messages": b.messages, "answer": answer})
+            left[kind] -= 1
+            break
+    return records
+
+
+def direct_record(rec, rng):
+    """--no-tools: the same example as one direct-answer turn under the tool-free system prompt."""
+    user = rec["messages"][1]
+    think = rng.choice(DIRECT_THINK[rec["task"]])
+    text = rng.choice(ANSWER[rec["task"]]).format(a=rec["answer"])
+    return {**rec, "kind": "no_tool", "tools": [], "messages": [
+        {"role": "system", "content": rollout.system_prompt([])}, user,
+        {"role": "assistant", "content": f"<think>{think}</think><response>{text}</response>"}]}
+
+
+def save_records(records, data_dir):
+    """train.jsonl plus every image (inputs and tool outputs) as a PNG under images/, paths relative."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.makedirs(os.path.join(data_dir, "images"))
+    with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
+        for rec in records:
+            k, messages = 0, []
+            for m in rec["messages"]:
+                if isinstance(m["content"], list):
+                    parts = []
+                    for p in m["content"]:
+                        if p["type"] == "image":
+                            k += 1
+                            path = f"images/{rec['id']}_{k}.png"
+                            p["image"].save(os.path.join(data_dir, path), compress_level=1)  # lossless; level 1 is 10x faster
+                            p = {"type": "image", "image": path}
+                        parts.append(p)
+                    m = {**m, "content": parts}
+                messages.append(m)
+            f.write(json.dumps({**rec, "messages": messages}, ensure_ascii=False) + "\n")
+
+
+def load_records(data_dir):
+    """Records with image paths (relative to data_dir); a malformed line raises naming file and line."""
+    path = os.path.join(data_dir, "train.jsonl")
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                rec = json.loads(line)
+                missing = {"id", "task", "kind", "tools", "adl_mapping", "messages", "answer"} - set(rec)
+                if missing:
+                    raise ValueError(f"missing keys {sorted(missing)}")
+                if rec["kind"] not in KINDS or rec["task"] not in tasks.TASKS:
+                    raise ValueError(f"bad kind {rec['kind']!r} or task {rec['task']!r}")
+                for m in rec["messages"]:
+                    if m["role"] not in ("system", "user", "assistant"):
+                        raise ValueError(f"bad role {m['role']!r}")
+                    for p in m["content"] if isinstance(m["content"], list) else []:
+                        if p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
+                            raise ValueError(f"missing image {p['image']}")
+                        if p["type"] not in ("image", "text"):
+                            raise ValueError(f"bad content part {p['type']!r}")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}, line {lineno}: malformed record: {e}") from None
+            out.append(rec)
+    return out
+
+
+def with_pil(messages, data_dir, load=Image.open):
+    """Messages with every image path replaced by the PIL image (what encode_conversation takes)."""
+    def part(p):
+        if p["type"] != "image":
+            return p
+        with load(os.path.join(data_dir, p["image"])) as im:
+            return {"type": "image", "image": im.convert("RGB")}
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m for m in messages]
+
+
+def corpus_of(records):
+    """Every text of the TC data, for the tiny tokenizer's merges."""
+    texts = []
+    for r in records:
+        for m in r["messages"]:
+            texts += [m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"] if p["type"] == "text"]
+    return texts + [rollout.system_prompt([])]
+
+# -----------------------------------------------------------------------------
+# SFT
+
+
+def shrink(image, processor):
+    """The image at the size the processor resizes it to anyway: the same pixels reach the model, but a
+    1024-px search canvas costs 150 kB of memory instead of 3 MB while the data sits in RAM."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    ip = processor.image_processor
+    h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
+    return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
+
+
+def batch_plan(lengths, batch_size, epoch, seed):
+    """Length-grouped batches for one epoch: shuffle, sort within windows of 32 batches, shuffle the batches.
+    A pure function of (epoch, seed), so a resumed run replays the same order."""
+    rng = random.Random(f"{seed}-epoch-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 32
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def encode_record(rec, processor, images, rng, use_adl):
+    """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL draws a fresh mapping for this use of the record."""
+    if use_adl:
+        rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])
+    k = iter(images)
+    messages = [{**m, "content": [{"type": "image", "image": next(k)} if p["type"] == "image" else p for p in m["content"]]}
+                if isinstance(m["content"], list) else m for m in rec["messages"]]
+    ids, mask, _ = rollout.encode_conversation(processor, messages)
+    # encode the pixels here rather than through the PIL-attached cache: thousands of cached tensors would not fit
+    encoded = [processor.encode_image(im) for im in images]
+    return ids, mask, encoded
+
+
+def sft_loss(model, processor, batch, device):
+    """Summed cross-entropy over loss-masked tokens (logit t predicts token t+1) and their count."""
+    seqs = [ids for ids, _, _ in batch]
+    logits = rollout.sequence_logits(model, processor, seqs, [im for _, _, im in batch], device=device)
+    targets = torch.tensor(rollout.pad_batch(seqs, 0, left=False), device=device)[:, 1:]
+    mask = torch.tensor(rollout.pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
+    loss = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
+    return loss, int(mask.sum())
+
+
+def train(args, model, processor, records, images, device, start_state=None, optimizer=None):
+    """The SFT loop; returns the final loop state. `images[i]` holds record i's PIL images in order."""
+    # sequence lengths without encoding pixels: text tokens plus each image's pad tokens (one per f x f pixels)
+    f = processor.image_processor.patch_size * processor.merge
+    text_only = lambda m: m if isinstance(m["content"], str) else {**m, "content": [p for p in m["content"] if p["type"] == "text"]}
+    lengths = [len(rollout.encode_conversation(processor, [text_only(m) for m in r["messages"]])[0])
+               + sum((im.width // f) * (im.height // f) + 2 for im in images[i]) for i, r in enumerate(records)]
+    keep = [i for i, n in enumerate(lengths) if n <= args.max_len]
+    if len(keep) < len(records):
+        print(f"dropping {len(records) - len(keep)} sequences longer than --max-len {args.max_len}")
+    micro_per_epoch = math.ceil(len(keep) / args.batch_size)
+    total = max(1, int(args.epochs * micro_per_epoch) // args.grad_accum)
+    state = start_state or {"step": 0, "micro": 0}
+    log = open(os.path.join(args.out, "log.jsonl"), "a" if start_state else "w")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    plans = {}
+    bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
+    model.train()
+    while state["step"] < total:
+        t0, loss_sum, n_tok, n_all = time.perf_counter(), 0.0, 0, 0
+        micro = []
+        for _ in range(args.grad_accum):
+            epoch, pos = divmod(state["micro"], micro_per_epoch)
+            if epoch not in plans:
+                plans = {epoch: batch_plan([lengths[i] for i in keep], args.batch_size, epoch, args.seed)}
+            rng = random.Random(f"{args.seed}-adl-{state['micro']}")
+            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, args.adl) for j in plans[epoch][pos]])
+            state["micro"] += 1
+        count = sum(int(sum(m[1:])) for b in micro for _, m, _ in b)  # loss tokens of the whole step: token-mean
+        lr = rollout.lr_at(state["step"], total, args.lr, args.warmup)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        for batch in micro:
+            with autocast:
+                loss, n = sft_loss(model, processor, batch, device)
+            (loss / max(1, count)).backward()
+            loss_sum, n_tok, n_all = loss_sum + loss.item(), n_tok + n, n_all + sum(len(ids) for ids, _, _ in batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt, "epoch": state["micro"] / micro_per_epoch,
+               "cpu_s": time.process_time()}  # CPU seconds so far: wall time on a shared machine says little
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        stop = args.stop_after and state["step"] >= args.stop_after
+        if (args.ckpt_every and state["step"] % args.ckpt_every == 0) or stop:
+            rollout.save_checkpoint(os.path.join(args.out, "ckpt"), model, processor, optimizer, state)
+        if stop:
+            break
+    bar.close()
+    log.close()
+    model.eval()
+    return state, total
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(args, model, processor, task_names):
+    """Greedy rollouts on held-out test examples -> per task accuracy, format-valid rate, calls per sample."""
+    results = {}
+    offered = [] if args.no_tools else None
+    for task in task_names:
+        examples = tasks.generate(task, args.eval_n, split="test", seed=args.seed)
+        trajs = []
+        with tqdm(total=len(examples), desc=f"eval {task}", dynamic_ncols=True) as bar:
+            for s in range(0, len(examples), args.eval_batch):
+                chunk = examples[s:s + args.eval_batch]
+                mappings = None
+                if args.adl and not args.no_tools:
+                    rng = random.Random(f"{args.seed}-eval-{task}-{s}")
+                    mappings = [adl.randomize(tools.schemas(), rng) for _ in chunk]
+                trajs += rollout.rollout(model, processor, chunk, tools=offered, temperature=0,
+                                         max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
+                                         max_total_tokens=args.eval_max_total_tokens, seed=args.seed, adl=mappings, progress=bar)
+        acc = [tasks.score(ex, t.answer) for ex, t in zip(examples, trajs)]
+        results[task] = {"n": len(examples), "accuracy": sum(acc) / len(acc),
+                         "format_valid": sum(t.format_valid for t in trajs) / len(trajs),
+                         "calls_per_sample": sum(len(t.calls) for t in trajs) / len(trajs),
+                         "tool_success": (sum(c["status"] == "success" for t in trajs for c in t.calls)
+                                          / max(1, sum(len(t.calls) for t in trajs)))}
+        print(f"{task:11s} accuracy {results[task]['accuracy']:.3f}  format-valid {results[task]['format_valid']:.3f}  "
+              f"calls/sample {results[task]['calls_per_sample']:.2f}  tool success {results[task]['tool_success']:.3f}")
+    return results
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a nohup log as they happen
+    if args.quick:
+        defaults = {a.dest: a.default for a in parser._actions}
+        for k, v in QUICK.items():  # --quick shrinks only what the command line left at its default
+            if getattr(args, k) == defaults[k]:
+                setattr(args, k, v)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = rollout.resolve_device(args.device)
+    task_names = [t for t in args.tasks.split(",") if t]
+    os.makedirs(args.out, exist_ok=True)
+    data_dir = os.path.join(args.out, "data")
+    t_start = time.perf_counter()
+
+    # 1. curation (reused when the same configuration already wrote it)
+    config = {"tasks": task_names, "n_per_task": args.n_per_task, "kinds": parse_kinds(args.kinds), "seed": args.seed,
+              "no_tools": args.no_tools}
+    config_path = os.path.join(data_dir, "config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)) == config:
+        print(f"reusing the TC data in {data_dir}")
+    else:
+        records = []
+        for task in tqdm(task_names, desc="curate", dynamic_ncols=True):
+            records += curate_task(task, args.n_per_task, config["kinds"], args.seed)
+        if args.no_tools:
+            rng = random.Random(args.seed)
+            records = [direct_record(r, rng) for r in records]
+        save_records(records, data_dir)
+        json.dump(config, open(config_path, "w"))
+    records = load_records(data_dir)
+    print(f"{len(records)} trajectories in {data_dir}/train.jsonl ({time.perf_counter() - t_start:.0f} s)")
+
+    # 2. model: the tiny base gets a tokenizer trained on this data; a real checkpoint keeps its own
+    ckpt = os.path.join(args.out, "ckpt")
+    if args.resume and os.path.isdir(ckpt):
+        model, processor = rollout.load_policy(os.path.join(ckpt, "model"), device=device, dtype=torch.float32)
+    elif args.model == "tiny":
+        rollout.save_base(os.path.join(args.out, "base"), corpus=corpus_of(records), seed=args.seed)
+        model, processor = rollout.load_policy(os.path.join(args.out, "base"), device=device, dtype=torch.float32)
+    else:
+        model, processor = rollout.load_policy(args.model, device=device, dtype=torch.float32)
+    freeze = args.freeze_vision if args.freeze_vision is not None else args.model != "tiny"
+    for p in model.model.visual.parameters():
+        p.requires_grad_(not freeze)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), {device}")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    state = None
+    if args.resume and os.path.isdir(ckpt):
+        state = rollout.load_checkpoint(ckpt, optimizer)
+        print(f"resumed from {ckpt} at step {state['step']}")
+
+    # 3. SFT
+    images = [[shrink(im, processor) for m in with_pil(r["messages"], data_dir) if isinstance(m["content"], list)
+               for p in m["content"] if p["type"] == "image" for im in [p["image"]]] for r in records]
+    state, total = train(args, model, processor, records, images, device, state, optimizer)
+    if state["step"] < total:
+        print(f"stopped after step {state['step']} of {total}; continue with --resume")
+        return None
+    model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"))
+    print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
+
+    # 4. evaluation
+    results = {}
+    if args.eval_n:
+        model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+        results = evaluate(args, model, processor, task_names)
+    summary = {"results": results, "steps": state["step"], "trajectories": len(records),
+               "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time(), "args": vars(args)}
+    json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+    print(f"done in {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""coldstart.py: the curated data is real (replaying every tool call reproduces it), the loss mask covers exactly
+the assistant turns, a resumed run ends where an uninterrupted one does, and --quick runs end to end."""
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import coldstart
+import rollout
+import tasks
+import tools
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARES = coldstart.parse_kinds("direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1")
+N = 10
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small curated set of every task, saved and loaded back the way training reads it."""
+    d = str(tmp_path_factory.mktemp("tc") / "data")
+    records = [r for task in tasks.TASKS for r in coldstart.curate_task(task, N, SHARES, seed=0)]
+    coldstart.save_records(records, d)
+    return d, coldstart.load_records(d)
+
+
+def example_of(rec):
+    """Regenerate the train example a record was built from (its id names split, seed and index)."""
+    task, split, seed, index = rec["id"].rsplit("-", 1)[0].rsplit("-", 3)
+    return tasks.generate(task, int(index) + 1, split=split, seed=int(seed))[int(index)]
+
+
+def test_replaying_every_tool_call_reproduces_the_data(data):
+    d, records = data
+    for rec in records:
+        messages = coldstart.with_pil(rec["messages"], d)
+        images = [p["image"] for p in messages[1]["content"] if p["type"] == "image"]
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant" or "<tool_call>" not in m["content"]:
+                continue
+            call = json.loads(m["content"].split("<tool_call>")[1].split("</tool_call>")[0])
+            result = tools.call_tool(call["name"], call["parameters"], images, timeout=60)
+            obs = messages[k + 1]["content"]
+            image_name = f"img_{len(images) + 1}" if result.image is not None else None
+            assert obs[0]["text"] == tools.observation(call["name"], result, image_name), rec["id"]
+            if result.image is not None:
+                saved = obs[1]["image"]
+                assert saved.size == result.image.size and saved.tobytes() == result.image.convert("RGB").tobytes(), rec["id"]
+                images.append(result.image)
+            else:
+                assert len(obs) == 1
+
+
+def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
+    _, records = data
+    counts = collections.Counter((r["task"], r["kind"]) for r in records)
+    for task in tasks.TASKS:
+        assert {k: counts[(task, k)] for k in coldstart.KINDS} == {k: coldstart.quotas(SHARES, N).get(k, 0) for k in coldstart.KINDS}
+    for rec in records:
+        turns = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        assert tasks.is_format_valid(turns), rec["id"]
+        assert tasks.score(example_of(rec), tasks.extract_answer(turns[-1])) == 1.0, rec["id"]
+        assert rec["messages"][0]["content"] == rollout.system_prompt(tools.schemas())
+        for t in turns[:-1]:  # every tool call is the protocol's JSON
+            call = json.loads(t.split("<tool_call>")[1].split("</tool_call>")[0])
+            assert set(call) == {"name", "parameters"} and call["name"] in tools.TOOLS
+    kinds = {r["kind"] for r in records}
+    assert kinds == set(coldstart.KINDS)
+    for r in records:  # a failure kind holds a failed or empty observation, the others none
+        obs = [p["text"] for m in r["messages"][2:] if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+        errors = any('"status": "error"' in t for t in obs)
+        assert errors or (r["kind"] == "tool_failure" and any('"bounding_boxes": []' in t for t in obs)) \
+            if r["kind"] == "tool_failure" else not errors, r["id"]
+
+
+def test_loader_names_file_and_line(data, tmp_path):
+    d, _ = data
+    lines = open(os.path.join(d, "train.jsonl")).read().splitlines()
+    bad = tmp_path / "data"
+    os.makedirs(bad)
+    os.symlink(os.path.join(d, "images"), bad / "images")
+    (bad / "train.jsonl").write_text("\n".join([lines[0], '{"id": "x"}']) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, line 2"):
+        coldstart.load_records(str(bad))
+
+
+def test_loss_mask_is_exactly_the_assistant_turns(data):
+    d, records = data
+    _, processor = rollout.build_tiny(corpus=coldstart.corpus_of(records))
+    for rec in [r for r in records if r["task"] in ("vsp_nav", "jigsaw")][:6]:
+        ids, mask, images = rollout.encode_conversation(processor, coldstart.with_pil(rec["messages"], d))
+        assert len(ids) == len(mask)
+        runs, cur = [], []
+        for t, m in zip(ids, mask):
+            if m:
+                cur.append(t)
+            elif cur:
+                runs, cur = runs + [cur], []
+        runs += [cur] if cur else []
+        want = [m["content"] + "<|im_end|>" for m in rec["messages"] if m["role"] == "assistant"]
+        assert [processor.decode(r) for r in runs] == want
+
+
+def run(args, out):
+    return coldstart.main(args + ["--out", str(out), "--device", "cpu", "--eval-n", "0"])
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    args = ["--quick", "--tasks", "guiqa", "--n-per-task", "4", "--batch-size", "1", "--grad-accum", "2",
+            "--epochs", "2", "--ckpt-every", "0", "--adl"]
+    run(args, tmp_path / "a")
+    # the interrupted run: stops (and checkpoints) after 2 of 4 steps, then resumes; it reuses a's data
+    os.makedirs(tmp_path / "b")
+    os.symlink(tmp_path / "a" / "data", tmp_path / "b" / "data")
+    assert run(args + ["--stop-after", "2"], tmp_path / "b") is None
+    assert not (tmp_path / "b" / "model").exists()
+    run(args + ["--resume"], tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_a = [json.loads(l) for l in open(tmp_path / "a" / "log.jsonl")]
+    log_b = [json.loads(l) for l in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log_a] == pytest.approx([r["loss"] for r in log_b], abs=1e-6)
+
+
+def test_quick_end_to_end(tmp_path):
+    out = tmp_path / "tc"
+    proc = subprocess.run([sys.executable, "coldstart.py", "--quick", "--out", str(out), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model" / "config.json").exists() and (out / "data" / "train.jsonl").exists()
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert log and {"step", "loss", "lr", "tokens_per_s"} <= set(log[0])
+    results = json.load(open(out / "eval.json"))["results"]
+    assert set(results) == set(tasks.TASKS)
+    assert all({"accuracy", "format_valid", "calls_per_sample"} <= set(r) for r in results.values())
+    model, processor = rollout.load_policy(str(out / "model"), device="cpu")  # a plain HF directory
+    assert processor.encode_text("<think>")
