@@ -209,19 +209,10 @@ def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
     replace_dir(tmp, os.path.abspath(ckpt_dir))
 
 
-def load_checkpoint(ckpt_dir, optimizer, model=None):
-    """Restore optimizer and RNG (and weights into `model` if given) -> the saved loop state dict."""
-    from safetensors.torch import load_file
+def load_checkpoint(ckpt_dir, optimizer):
+    """Restore optimizer and RNG state -> the saved loop state dict. The weights are the model directory
+    `ckpt_dir/model`, loaded with load_policy like any other."""
     blob = torch.load(os.path.join(ckpt_dir, "trainer.pt"), weights_only=False)
-    if model is not None:
-        weights = {}
-        for f in sorted(os.listdir(os.path.join(ckpt_dir, "model"))):
-            if f.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(ckpt_dir, "model", f)))
-        missing, _ = model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if k not in weights and "lm_head" not in k]  # tied head is not saved
-        if missing:
-            raise RuntimeError(f"checkpoint {ckpt_dir} lacks weights: {missing[:5]}")
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])

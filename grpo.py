@@ -1,0 +1,417 @@
+"""
+Tool-GRPO (TG): multi-turn GRPO where rollouts call the real tools.
+
+Each step samples --prompts-per-step RL prompts (mixed over --tasks) and --group-size trajectories per
+prompt through rollout.rollout. Every trajectory gets a reward (adaptive by default: an invalid format
+earns 0, a correct answer 1, a wrong one lambda times the mean quality of its tool calls), rewards are
+normalized within each group, and the policy takes a clipped-surrogate step on the tokens it sampled
+(prompt and tool observations are masked out). At the end the policy is evaluated greedily on the test
+split and saved as a Hugging Face directory.
+
+    python grpo.py                                  # runs/tc/model -> runs/tg/model (run coldstart.py first)
+    python grpo.py --quick                          # smoke run on the tiny default, < 1 minute on CPU
+    python grpo.py --tools Point,Draw2DPath,AStar --tasks vsp_nav --adl --reward accuracy
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import adl
+import rollout
+import tasks
+from tools import TOOLS, schemas
+
+
+# --quick: tiny sizes; a small KL and two PPO epochs so the reference copy and the old-log-prob recompute run
+# even when the untrained tiny model earns equal rewards everywhere (equal groups train only through the KL)
+QUICK = dict(init="tiny", steps=2, prompts_per_step=2, group_size=2, max_turns=2, max_new_tokens=16, max_total_tokens=1024,
+             eval_n=1, eval_before=True, ckpt_every=1, tasks="vsp_nav,jigsaw", kl_coef=0.01, ppo_epochs=2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--init", default=None, help="starting policy: a model directory or 'tiny' (default runs/tc/model, "
+                   "the output of coldstart.py; 'tiny' under --quick)")
+    g.add_argument("--out", default="runs/tg", help="output directory: log.jsonl, eval.json, ckpt/, model/")
+    g.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks the RL prompts mix over (round-robin)")
+    g.add_argument("--tools", default="all", help="tools offered in RL and evaluation: 'all', 'none' (direct-answer "
+                   "prompt) or a comma-separated subset, e.g. to offer a tool only in RL")
+    g.add_argument("--adl", action="store_true", help="Adaptive Learning: a fresh random tool/parameter naming and "
+                   "paraphrased descriptions per prompt, shared by its group")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=10, help="RL steps (one rollout batch each)")
+    g.add_argument("--prompts-per-step", type=int, default=10, help="prompts per step")
+    g.add_argument("--group-size", type=int, default=4, help="trajectories sampled per prompt (the GRPO group)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; the loss uses the same one")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--max-turns", type=int, default=8, help="assistant turns per trajectory")
+    g.add_argument("--max-new-tokens", type=int, default=384, help="tokens per assistant turn (an AStar call with many "
+                   "obstacles takes ~340 with the tiny tokenizer)")
+    g.add_argument("--max-total-tokens", type=int, default=2048, help="tokens per trajectory, prompt included")
+    g.add_argument("--tool-timeout", type=float, default=5.0, help="seconds a tool call may run")
+    g = p.add_argument_group("reward and advantage")
+    g.add_argument("--reward", default="adaptive", choices=["adaptive", "accuracy", "additive"],
+                   help="adaptive: 0 if format invalid, 1 if correct, else lambda*T; accuracy: 1 iff format valid and "
+                   "correct; additive: 0 if format invalid, else correct + lambda*T")
+    g.add_argument("--tool-reward-weight", type=float, default=0.5, help="lambda, the weight of tool-call quality T")
+    g.add_argument("--no-std", action="store_true", help="advantage = r - group mean (no division by the group std)")
+    g = p.add_argument_group("loss and optimization")
+    g.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - clip_low")
+    g.add_argument("--clip-high", type=float, default=0.28, help="ratio clipped above at 1 + clip_high")
+    g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean"],
+                   help="token-mean: every sampled token of the minibatch weighs the same; seq-mean: every trajectory")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="weight of a k3 KL penalty to the initial policy "
+                   "(0, as in the paper, keeps no reference copy)")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--minibatches", type=int, default=1, help="optimizer steps per pass (the batch is split)")
+    g.add_argument("--micro-batch", type=int, default=8, help="trajectories per forward/backward (gradient accumulation)")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW; for the tiny default, whose SFT peak is 2e-3; "
+                   "~1e-6 for a 7B model)")
+    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="LR after warmup")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-n", type=int, default=20, help="held-out test examples per task for the final greedy evaluation (0: skip)")
+    g.add_argument("--eval-before", action="store_true", help="also evaluate the initial policy before training")
+    g.add_argument("--eval-batch", type=int, default=50, help="examples per greedy evaluation batch (tasks mixed)")
+    g.add_argument("--ckpt-every", type=int, default=5, help="save a resumable checkpoint every N steps (0: never)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same flags)")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
+    g.add_argument("--quick", action="store_true", help="smallest run that exercises every code path (< 1 minute on CPU)")
+    args = p.parse_args(argv)
+    if args.quick:  # quick values replace the defaults; flags given explicitly still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    args.init = args.init or "runs/tc/model"
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0 (GRPO samples; the loss uses the sampling temperature)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# rewards (DESIGN section 9)
+
+RUN_FAILURES = ("timed out after", "failed on these arguments", "returned no result")
+
+
+def call_quality(call):
+    """One tool call's quality in [0, 1]: a quarter each for parsing, naming an offered tool, passing
+    argument validation and running successfully (each step presupposes the previous ones)."""
+    if call["params"] is None:
+        return 0.0
+    if call["status"] == "success":
+        return 1.0
+    error = call["error"] or ""
+    if error.startswith("unknown tool"):
+        return 0.25
+    return 0.75 if any(s in error for s in RUN_FAILURES) else 0.5
+
+
+def reward(traj, example, kind="adaptive", lam=0.5):
+    """-> dict with the reward and every component it is made of."""
+    correct = tasks.score(example, traj.answer)
+    fmt = float(traj.format_valid)
+    quality = sum(map(call_quality, traj.calls)) / len(traj.calls) if traj.calls else 0.0
+    if kind == "adaptive":  # score is 0/1: right earns 1 whatever the tools did, wrong earns lambda*T < 1
+        r = fmt * max(correct, lam * quality)
+    elif kind == "accuracy":
+        r = fmt * correct
+    else:
+        r = fmt * (correct + lam * quality)
+    return {"reward": r, "correct": correct, "format": fmt, "tool_quality": quality, "tool_term": lam * quality}
+
+
+def group_advantages(rewards, group_size, use_std=True, eps=1e-6):
+    """(r - group mean) / (group std + eps), std unbiased; a group whose rewards are all equal gets exactly 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if use_std:
+        adv = adv / (r.std(1, keepdim=True) + eps)
+    flat = (r.max(1, keepdim=True).values == r.min(1, keepdim=True).values)
+    return adv.masked_fill(flat, 0.0).view(-1).float()
+
+
+# -----------------------------------------------------------------------------
+# the loss
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean", denom=None, ref_logp=None, kl_coef=0.0):
+    """Clipped surrogate on masked tokens. logp, old_logp, mask, ref_logp: [B, L]; adv: [B].
+    denom: the minibatch's token count (token-mean) or trajectory count (seq-mean), so that micro-batches
+    accumulate to the minibatch loss; defaults to this batch's. Returns (loss, stats of detached sums)."""
+    mask = mask.float()
+    a = adv.view(-1, 1)
+    ratio = torch.exp(logp - old_logp)
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    if kl_coef:
+        d = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
+    if agg == "token-mean":
+        loss = (per_token * mask).sum() / (denom or mask.sum().clamp(min=1))
+    else:
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (denom or mask.shape[0])
+    with torch.no_grad():
+        clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
+        d_old = old_logp - logp
+        stats = {"tokens": mask.sum().item(), "clipped": (clipped.float() * mask).sum().item(),
+                 "kl_old": ((torch.exp(d_old) - d_old - 1) * mask).sum().item()}
+        if kl_coef:
+            stats["kl_ref"] = ((torch.exp(d) - d - 1) * mask).sum().item()
+    return loss, stats
+
+
+def batch_inputs(trajs, processor):
+    """Per trajectory: token ids and the (pixel_values, grid_thw) of the images its sequence contains
+    (an image a tool made after the token budget ran out is in traj.images but not in the tokens)."""
+    seqs, images = [], []
+    for t in trajs:
+        n = sum(x == processor.vision_start for x in t.token_ids)
+        seqs.append(t.token_ids)
+        images.append([rollout.encode_image_cached(processor, im) for im in t.images[:n]])
+    return seqs, images
+
+
+def forward_logprobs(model, processor, trajs, temperature, autocast):
+    """[B, L] log-probs of each token under `model` at the sampling temperature, plus the entropy per position."""
+    seqs, images = batch_inputs(trajs, processor)
+    with autocast:
+        logits = rollout.sequence_logits(model, processor, seqs, images)
+    logp = rollout.token_logprobs(logits, seqs, temperature)
+    with torch.no_grad():  # entropy of the distribution each token was drawn from (position t-1 predicts t)
+        lp = torch.log_softmax(logits[:, :-1].float().detach() / temperature, -1)
+        entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
+    return logp, entropy
+
+
+def padded(rows, value=0.0):
+    n = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (n - len(r)) for r in rows], dtype=torch.float32)
+
+
+def update(model, processor, trajs, adv, opt, args, ref_model=None, autocast=nullcontext(), seed=0):
+    """PPO-style epochs over one rollout batch. Groups with all-equal rewards have zero advantage and (without
+    KL) no gradient, so they are left out. Returns stats averaged per sampled token."""
+    device = next(model.parameters()).device
+    keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or args.kl_coef)]
+    totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"], 0.0)
+    chunks = lambda idx: [idx[k:k + args.micro_batch] for k in range(0, len(idx), args.micro_batch)]
+    old = {i: trajs[i].logprobs for i in keep}
+    if args.ppo_epochs * args.minibatches > 1:  # later updates need the pre-update policy's log-probs, not the sampler's
+        with torch.no_grad():
+            for idx in chunks(keep):
+                logp, _ = forward_logprobs(model, processor, [trajs[i] for i in idx], args.temperature, autocast)
+                old.update({i: logp[k, :len(trajs[i].token_ids)].tolist() for k, i in enumerate(idx)})
+    ref = {}
+    if ref_model is not None:
+        with torch.no_grad():
+            for idx in chunks(keep):
+                logp, _ = forward_logprobs(ref_model, processor, [trajs[i] for i in idx], args.temperature, autocast)
+                ref.update({i: logp[k, :len(trajs[i].token_ids)].tolist() for k, i in enumerate(idx)})
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(args.ppo_epochs):
+        order = [keep[k] for k in torch.randperm(len(keep), generator=gen).tolist()]
+        for mb in [order[k::args.minibatches] for k in range(args.minibatches)]:
+            if not mb:
+                continue
+            mb.sort(key=lambda i: len(trajs[i].token_ids))  # similar lengths share a micro-batch: less padding
+            denom = sum(sum(trajs[i].loss_mask) for i in mb) if args.loss_agg == "token-mean" else len(mb)
+            opt.zero_grad(set_to_none=True)
+            for idx in chunks(mb):
+                batch = [trajs[i] for i in idx]
+                logp, entropy = forward_logprobs(model, processor, batch, args.temperature, autocast)
+                mask = padded([t.loss_mask for t in batch]).to(device)
+                loss, st = policy_loss(logp, padded([old[i] for i in idx]).to(device), adv[idx].to(device), mask,
+                                       args.clip_low, args.clip_high, args.loss_agg, denom,
+                                       padded([ref[i] for i in idx]).to(device) if ref else None, args.kl_coef)
+                loss.backward()
+                for k, v in st.items():
+                    totals[k] += v
+                totals["entropy"] += (entropy * mask).sum().item()
+                totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
+            totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            opt.step()
+            totals["opt_steps"] += 1
+    n = max(totals["tokens"], 1.0)
+    return {"trained": len(keep), "opt_steps": int(totals["opt_steps"]), "tokens": totals["tokens"], "seq_tokens": totals["seq_tokens"],
+            "clip_frac": totals["clipped"] / n, "kl_old": totals["kl_old"] / n, "kl_ref": totals["kl_ref"] / n,
+            "entropy": totals["entropy"] / n, "grad_norm": totals["grad_norm"] / max(1, totals["opt_steps"])}
+
+
+# -----------------------------------------------------------------------------
+# data, rollout statistics, evaluation
+
+
+def rl_prompt(task_list, pos, seed):
+    """The RL prompt at data position `pos`: tasks round-robin, each a fresh example of the rl split."""
+    task = task_list[pos % len(task_list)]
+    return tasks.generate(task, 1, split="rl", seed=seed * 1_000_003 + pos // len(task_list))[0]
+
+
+def adl_for(offered, pos, seed):
+    """ADL mapping of one prompt, a pure function of (seed, data position) so a resumed run redraws it."""
+    return adl.randomize(schemas(offered), random.Random(f"adl-{seed}-{pos}"))
+
+
+def rollout_stats(trajs, infos):
+    """Tool use and shape of a batch: calls per sample (overall, per tool, per task and tool), success, lengths."""
+    n = len(trajs)
+    per_tool, per_task, task_n = {}, {}, {}
+    for t in trajs:
+        task_n[t.task] = task_n.get(t.task, 0) + 1
+        for c in t.calls:
+            name = c["name"] if c["name"] in TOOLS else "invalid"
+            per_tool[name] = per_tool.get(name, 0) + 1
+            per_task.setdefault(t.task, {})[name] = per_task.get(t.task, {}).get(name, 0) + 1
+    calls = [c for t in trajs for c in t.calls]
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    return {
+        "accuracy": mean([i["correct"] for i in infos]),
+        "format_rate": mean([i["format"] for i in infos]),
+        "cps": len(calls) / n,
+        "cps_tool": {k: v / n for k, v in sorted(per_tool.items())},
+        "cps_task": {task: {k: v / task_n[task] for k, v in sorted(d.items())} for task, d in sorted(per_task.items())},
+        "accuracy_task": {task: mean([i["correct"] for t, i in zip(trajs, infos) if t.task == task]) for task in sorted(task_n)},
+        "tool_success": mean([c["status"] == "success" for c in calls]) if calls else None,
+        "response_len": mean([sum(t.loss_mask) for t in trajs]),
+        "turns": mean([len(t.assistant_turns) for t in trajs]),
+        "finish": {r: sum(t.finish_reason == r for t in trajs) for r in sorted({t.finish_reason for t in trajs})},
+    }
+
+
+def evaluate(model, processor, args, offered, autocast, label):
+    """Greedy accuracy, format rate and tool use on --eval-n test examples of each task. Batches mix the tasks:
+    on CPU a decode step costs about the same for 10 rows or 50, so few large batches are fastest."""
+    t0 = time.perf_counter()
+    examples = [ex for task in args.tasks.split(",") for ex in tasks.generate(task, args.eval_n, split="test", seed=0)]
+    trajs = []
+    with tqdm(total=len(examples), desc=f"eval {label}", leave=False) as bar:
+        for k in range(0, len(examples), args.eval_batch):
+            batch = examples[k:k + args.eval_batch]
+            # ADL in evaluation: a mapping per sample, from positions the RL stream never reaches
+            mappings = [adl_for(offered, -1 - k - j, args.seed) for j in range(len(batch))] if args.adl else None
+            with autocast:
+                trajs += rollout.rollout(model, processor, batch, tools=offered, temperature=0.0,
+                                         max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                         max_total_tokens=args.max_total_tokens, tool_timeout=args.tool_timeout,
+                                         adl=mappings, progress=bar)
+    infos = [reward(t, ex, args.reward, args.tool_reward_weight) for t, ex in zip(trajs, examples)]
+    results = {}
+    for task in args.tasks.split(","):
+        pick = [k for k, ex in enumerate(examples) if ex["task"] == task]
+        s = rollout_stats([trajs[k] for k in pick], [infos[k] for k in pick])
+        results[task] = {"accuracy": s["accuracy"], "format_rate": s["format_rate"], "cps": s["cps"],
+                         "cps_tool": s["cps_tool"], "tool_success": s["tool_success"], "turns": s["turns"],
+                         "n": len(pick)}
+    results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    device = rollout.resolve_device(args.device)
+    if args.init != "tiny" and not os.path.isdir(args.init):
+        sys.exit(f"grpo.py: the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
+                 "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny for a toy run.")
+    os.makedirs(args.out, exist_ok=True)
+    log_path, ckpt_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt")
+    resuming = args.resume and os.path.isdir(ckpt_dir)
+    if args.resume and not resuming:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    # fp32 weights (bf16 autocast on CUDA); a resumed run reads the checkpoint's weights
+    model, processor = rollout.load_policy(os.path.join(ckpt_dir, "model") if resuming else args.init, device,
+                                           dtype=torch.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    task_list = args.tasks.split(",")
+    offered = list(TOOLS) if args.tools == "all" else [] if args.tools == "none" else args.tools.split(",")
+    unknown = [t for t in offered if t not in TOOLS] + [t for t in task_list if t not in tasks.TASKS]
+    if unknown:
+        sys.exit(f"grpo.py: unknown tools or tasks {unknown}; tools: {list(TOOLS)}, tasks: {list(tasks.TASKS)}")
+    ref_model = None
+    if args.kl_coef:  # the frozen initial policy
+        ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if resuming else copy.deepcopy(model)
+        ref_model.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, pos, evals = 0, 0, {}
+    if resuming:
+        state = rollout.load_checkpoint(ckpt_dir, opt)
+        step, pos, evals = state["step"], state["data_pos"], state["evals"]
+        print(f"resumed from {ckpt_dir} at step {step}")
+    # keep the log consistent with the state we start from (a killed run may have logged past its checkpoint)
+    lines = open(log_path).read().splitlines() if os.path.exists(log_path) and step else []
+    with open(log_path, "w") as f:
+        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < step)
+
+    if args.eval_before and args.eval_n and step == 0:
+        evals["before"] = evaluate(model, processor, args, offered, autocast, "before")
+
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = rollout.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        examples = [rl_prompt(task_list, pos + k, args.seed) for k in range(args.prompts_per_step)]
+        mappings = [adl_for(offered, pos + k, args.seed) for k in range(len(examples))] if args.adl else None
+        pos += len(examples)
+        model.eval()
+        with autocast, tqdm(total=len(examples) * args.group_size, desc="rollout", leave=False) as rbar:
+            trajs = rollout.rollout(model, processor, examples, tools=offered, group_size=args.group_size,
+                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                    max_total_tokens=args.max_total_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
+                                    adl=mappings, progress=rbar)
+        infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in trajs]
+        adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
+        t1 = time.perf_counter()
+        model.train()
+        upd = update(model, processor, trajs, adv, opt, args, ref_model, autocast, seed=args.seed * 1_000_003 + step)
+        t2 = time.perf_counter()
+
+        mean = lambda key: sum(i[key] for i in infos) / len(infos)
+        record = {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
+                  "reward": mean("reward"), "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
+                  "tool_quality": mean("tool_quality"), "tool_term": mean("tool_term"),  # accuracy, format_rate below
+                  "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, args.group_size).abs().sum(1)),
+                  **rollout_stats(trajs, infos), **upd,
+                  "time_rollout": t1 - t0, "time_update": t2 - t1, "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
+                        cps=f"{record['cps']:.2f}")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+            rollout.save_checkpoint(ckpt_dir, model, processor, opt, {"step": step + 1, "data_pos": pos, "evals": evals})
+    bar.close()
+
+    model.eval()
+    rollout.save_policy(model, processor, os.path.join(args.out, "model"))
+    if args.eval_n:
+        evals["after"] = evaluate(model, processor, args, offered, autocast, "after")
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(evals, f, indent=1)
+    for label, res in evals.items():
+        print(f"{label:7s} " + "  ".join(f"{k}={v['accuracy']:.3f}" for k, v in res.items() if isinstance(v, dict))
+              + f"  mean={res['mean_accuracy']:.3f}")
+    print(f"policy saved to {os.path.join(args.out, 'model')}")
+    return evals
+
+
+if __name__ == "__main__":
+    main()
