@@ -466,29 +466,20 @@ def save_records(records, data_dir):
 
 def load_records(data_dir):
     """Records with image paths (relative to data_dir); a malformed line raises naming file and line."""
-    path = os.path.join(data_dir, "train.jsonl")
-    out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                rec = json.loads(line)
-                missing = {"id", "task", "kind", "tools", "adl_mapping", "messages", "answer"} - set(rec)
-                if missing:
-                    raise ValueError(f"missing keys {sorted(missing)}")
-                if rec["kind"] not in KINDS or rec["task"] not in tasks.TASKS:
-                    raise ValueError(f"bad kind {rec['kind']!r} or task {rec['task']!r}")
-                for m in rec["messages"]:
-                    if m["role"] not in ("system", "user", "assistant"):
-                        raise ValueError(f"bad role {m['role']!r}")
-                    for p in m["content"] if isinstance(m["content"], list) else []:
-                        if p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
-                            raise ValueError(f"missing image {p['image']}")
-                        if p["type"] not in ("image", "text"):
-                            raise ValueError(f"bad content part {p['type']!r}")
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}, line {lineno}: malformed record: {e}") from None
-            out.append(rec)
-    return out
+    def check(rec):
+        if rec["kind"] not in KINDS or rec["task"] not in tasks.TASKS:
+            raise ValueError(f"bad kind {rec['kind']!r} or task {rec['task']!r}")
+        for m in rec["messages"]:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"bad role {m['role']!r}")
+            for p in m["content"] if isinstance(m["content"], list) else []:
+                if p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
+                    raise ValueError(f"missing image {p['image']}")
+                if p["type"] not in ("image", "text"):
+                    raise ValueError(f"bad content part {p['type']!r}")
+        return rec
+    return tasks.read_jsonl(os.path.join(data_dir, "train.jsonl"),
+                            ("id", "task", "kind", "tools", "adl_mapping", "messages", "answer"), check)
 
 
 def with_pil(messages, data_dir, load=Image.open):

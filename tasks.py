@@ -485,24 +485,30 @@ def save(examples, dir):
             f.write(json.dumps({**ex, "images": paths}) + "\n")
 
 
-def load(dir):
-    """Examples with PIL images; a malformed record raises ValueError naming file and line."""
-    path = os.path.join(dir, "examples.jsonl")
+def read_jsonl(path, keys, parse):
+    """parse(record) for every line of a JSONL file; a malformed line raises ValueError naming file and line."""
     out = []
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
             try:
-                ex = json.loads(line)
-                missing = {"id", "task", "question", "images", "answer", "meta"} - set(ex)
+                record = json.loads(line)
+                missing = set(keys) - set(record)
                 if missing:
                     raise ValueError(f"missing keys {sorted(missing)}")
-                if ex["task"] not in TASKS or not isinstance(ex["images"], list):
-                    raise ValueError(f"bad task {ex['task']!r} or images {ex['images']!r}")
-                images = []
-                for p in ex["images"]:
-                    with Image.open(os.path.join(dir, p)) as im:
-                        images.append(im.convert("RGB"))
-            except (ValueError, TypeError, OSError) as e:
-                raise ValueError(f"{path}, line {lineno}: malformed example: {e}") from None
-            out.append({**ex, "images": images})
+                out.append(parse(record))
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ValueError(f"{path}, line {lineno}: malformed record: {e}") from None
     return out
+
+
+def load(dir):
+    """Examples with PIL images; a malformed record raises ValueError naming file and line."""
+    def parse(ex):
+        if ex["task"] not in TASKS or not isinstance(ex["images"], list):
+            raise ValueError(f"bad task {ex['task']!r} or images {ex['images']!r}")
+        images = []
+        for p in ex["images"]:
+            with Image.open(os.path.join(dir, p)) as im:
+                images.append(im.convert("RGB"))
+        return {**ex, "images": images}
+    return read_jsonl(os.path.join(dir, "examples.jsonl"), ("id", "task", "question", "images", "answer", "meta"), parse)
