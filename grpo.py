@@ -48,7 +48,7 @@ def parse_args(argv=None):
     g.add_argument("--adl", action="store_true", help="Adaptive Learning: a fresh random tool/parameter naming and "
                    "paraphrased descriptions per prompt, shared by its group")
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=10, help="RL steps (one rollout batch each)")
+    g.add_argument("--steps", type=int, default=80, help="RL steps (one rollout batch each)")
     g.add_argument("--prompts-per-step", type=int, default=10, help="prompts per step")
     g.add_argument("--group-size", type=int, default=4, help="trajectories sampled per prompt (the GRPO group)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; the loss uses the same one")
