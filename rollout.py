@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from tasks import TASKS, extract_answer, generate, is_format_valid
 from tools import TOOLS, ToolResult, call_tool, observation, schemas
