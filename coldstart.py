@@ -17,6 +17,7 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
     python coldstart.py --model /path/to/Qwen2.5-VL-3B --device cuda --n-per-task 2000
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -648,11 +649,10 @@ def evaluate(args, model, processor, task_names):
 def main(argv=None):
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a nohup log as they happen
-    if args.quick:
-        defaults = {a.dest: a.default for a in parser._actions}
-        for k, v in QUICK.items():  # --quick shrinks only what the command line left at its default
-            if getattr(args, k) == defaults[k]:
-                setattr(args, k, v)
+    if args.quick:  # quick values replace the defaults; flags given explicitly still win
+        quick = copy.deepcopy(parser)
+        quick.set_defaults(**QUICK)
+        args = quick.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
