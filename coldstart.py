@@ -45,6 +45,9 @@ parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separa
 parser.add_argument("--n-per-task", type=int, default=300, help="trajectories curated per task (train split)")
 parser.add_argument("--kinds", default="direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1",
                     help="share of each trajectory kind, per task (normalized to sum to 1)")
+parser.add_argument("--tools", default="all", help="tools the TC data offers and uses: 'all' or comma-separated canonical "
+                    "names; a plan whose tool is missing falls back (vsp_nav without AStar: the expert plans the route "
+                    "itself), e.g. the adopt experiment's TC data without AStar")
 parser.add_argument("--no-tools", action="store_true", help="ablation: the same examples as one-turn direct-answer SFT "
                     "(system prompt without tools); evaluation offers no tools")
 parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
@@ -91,6 +94,9 @@ THINK = {
     "nav_astar": ["I have the elf, the gift and the holes. A* search on 64-pixel cells gives a shortest safe path.",
                   "With start, goal and obstacles known, the A* tool can plan the route around the holes.",
                   "Everything is located; I let A* find the shortest path that avoids the holes."],
+    "nav_plan": ["I have the elf, the gift and the holes; counting 64-pixel cells, I trace a safe route around the holes.",
+                 "With start, goal and holes located, I plan the moves cell by cell, stepping around every hole.",
+                 "Everything is located; I work out a short route that never enters a hole."],
     "nav_answer": ["A* returned a path that avoids every hole and ends on the gift.",
                    "The planner found a safe route; that is my answer.", "This path reaches the gift without touching a hole."],
     "nav_guess": ["Before planning properly, let me try the obvious route and draw it to check it.",
@@ -99,6 +105,9 @@ THINK = {
     "nav_reject": ["The drawn arrows pass through the hole at {hole}: that route fails. I undo it and plan with A* instead.",
                    "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; let me use A* around the holes.",
                    "That guess walks into the hole at {hole}, so it is unsafe. I discard it and ask A* for a safe path."],
+    "nav_retrace": ["The drawn arrows pass through the hole at {hole}: that route fails. I plan again around the holes and draw it.",
+                    "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; I trace a route around it.",
+                    "That guess walks into the hole at {hole}, so it is unsafe. I discard it and draw a safe route."],
     "nav_check": ["Let me draw the A* path to check it.", "I draw the new path to confirm it is safe.",
                   "To be sure, I draw the planned route."],
     "nav_ok": ["The new arrows avoid every hole and end on the gift.", "This time the path is safe and reaches the present.",
@@ -185,15 +194,17 @@ class Skip(Exception):
 class Builder:
     """One trajectory under construction; every observation is the real tool's output."""
 
-    def __init__(self, ex, rng):
-        self.ex, self.rng, self.meta = ex, rng, ex["meta"]
+    def __init__(self, ex, rng, offered):
+        self.ex, self.rng, self.meta, self.offered = ex, rng, ex["meta"], offered
         self.images = list(ex["images"])
-        self.messages = rollout.build_messages(ex, tools.schemas())
+        self.messages = rollout.build_messages(ex, tools.schemas(offered))
 
     def think(self, key, **kw):
         return self.rng.choice(THINK[key]).format(**kw)
 
     def call(self, thought, name, params, expect="success"):
+        if name not in self.offered:
+            raise Skip(f"{name} is not offered")
         result = tools.call_tool(name, params, self.images, timeout=120.0)  # generous: a timeout is not reproducible
         if expect and result.status != expect:
             raise Skip(f"{name} gave {result.status}: {result.error}")
@@ -240,7 +251,8 @@ def vsp_nav(b, kind):
         if m["grid"] != 3:
             raise Skip("no_tool is for 3x3 grids")
         return b.answer(b.think("nav_small"), ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, 3, 3)))
-    failure = b.rng.choice(["point", "astar"]) if kind == "tool_failure" else None
+    planner = "AStar" in b.offered
+    failure = b.rng.choice(["point", "astar"] if planner else ["point"]) if kind == "tool_failure" else None
     if failure == "point":  # a description Point does not know, then the right word
         elf = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["little figure", "hero", "walker"])},
                       {"image": "img_1", "description": "elf"}, b.think("nav_elf")).data["points"]
@@ -262,9 +274,15 @@ def vsp_nav(b, kind):
         guess = into + (tools.astar(hole, tuple(m["goal"]), set(), m["grid"], m["grid"]) or [])
         b.call(b.think("nav_guess"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": ",".join(guess)})
         hole_px = next(p for p in holes if cell_of(p) == list(hole))
-        thought = b.think("nav_reject", hole=hole_px)
+        thought = b.think("nav_reject" if planner else "nav_retrace", hole=hole_px)
     else:
-        thought = b.think("nav_astar")
+        thought = b.think("nav_astar" if planner else "nav_plan")
+    if not planner:  # no A*: the expert's own route (from the ground truth), which the model must learn to trace
+        path = ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"], m["grid"]))
+        if kind == "reflect":
+            b.call(thought, "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
+            return b.answer(b.think("nav_ok"), path)
+        return b.answer(thought, path)
     params = {"start": elf, "goal": gift, "obstacles": holes}
     if failure == "astar":  # a missing argument; the tool names it
         path = b.retry("AStar", {"start": elf, "goal": gift}, params, thought).data["path"]
@@ -404,7 +422,7 @@ def quotas(shares, n):
     return counts
 
 
-def curate_task(task, n, shares, seed):
+def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
     """n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
     owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example)."""
     rng = random.Random(f"{seed}-{task}")
@@ -419,14 +437,14 @@ def curate_task(task, n, shares, seed):
         i += 1
         # a random order weighted by what is still owed, so every kind spreads over the whole pool
         for kind in sorted([k for k, c in left.items() if c], key=lambda k: -rng.random() ** (1 / left[k])):
-            b = Builder(ex, random.Random(f"{seed}-{ex['id']}-{kind}"))
+            b = Builder(ex, random.Random(f"{seed}-{ex['id']}-{kind}"), offered)
             try:
                 answer = EXPERTS[task](b, kind)
             except Skip:
                 continue
             turns = [m["content"] for m in b.messages if m["role"] == "assistant"]
             assert tasks.is_format_valid(turns) and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1, (ex["id"], kind)
-            records.append({"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(),
+            records.append({"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
                             "adl_mapping": None, "messages": b.messages, "answer": answer})
             left[kind] -= 1
             break
@@ -494,12 +512,17 @@ def with_pil(messages, data_dir, load=Image.open):
 
 
 def corpus_of(records):
-    """Every text of the TC data, for the tiny tokenizer's merges."""
+    """Every text of the TC data, plus system prompts the tiny tokenizer must also encode compactly: the
+    tool-free one, the full tool list, and 300 ADL-randomized ones (without them an ADL prompt costs
+    ~1,440 tokens instead of ~930, against 325 for the canonical one). Every TC run gets the same extras,
+    so models trained with and without --adl are compared on equal tokenizer terms."""
     texts = []
     for r in records:
         for m in r["messages"]:
             texts += [m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"] if p["type"] == "text"]
-    return texts + [rollout.system_prompt([])]
+    rng = random.Random(0)
+    return texts + [rollout.system_prompt([]), rollout.system_prompt(tools.schemas())] + [
+        rollout.system_prompt(adl.randomize(tools.schemas(), rng)[0]) for _ in range(300)]
 
 # -----------------------------------------------------------------------------
 # SFT
@@ -615,10 +638,9 @@ def train(args, model, processor, records, images, device, start_state=None, opt
 # evaluation
 
 
-def evaluate(args, model, processor, task_names):
+def evaluate(args, model, processor, task_names, offered):
     """Greedy rollouts on held-out test examples -> per task accuracy, format-valid rate, calls per sample."""
     results = {}
-    offered = [] if args.no_tools else None
     for task in task_names:
         examples = tasks.generate(task, args.eval_n, split="test", seed=args.seed)
         trajs = []
@@ -628,7 +650,7 @@ def evaluate(args, model, processor, task_names):
                 mappings = None
                 if args.adl and not args.no_tools:
                     rng = random.Random(f"{args.seed}-eval-{task}-{s}")
-                    mappings = [adl.randomize(tools.schemas(), rng) for _ in chunk]
+                    mappings = [adl.randomize(tools.schemas(offered), rng) for _ in chunk]
                 trajs += rollout.rollout(model, processor, chunk, tools=offered, temperature=0,
                                          max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
                                          max_total_tokens=args.eval_max_total_tokens, seed=args.seed, adl=mappings, progress=bar)
@@ -657,20 +679,23 @@ def main(argv=None):
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
     task_names = [t for t in args.tasks.split(",") if t]
+    offered = list(tools.TOOLS) if args.tools == "all" else [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not offered or set(offered) - set(tools.TOOLS):
+        parser.error(f"--tools: unknown tools {sorted(set(offered) - set(tools.TOOLS))}; known: {', '.join(tools.TOOLS)}")
     os.makedirs(args.out, exist_ok=True)
     data_dir = os.path.join(args.out, "data")
     t_start = time.perf_counter()
 
     # 1. curation (reused when the same configuration already wrote it)
     config = {"tasks": task_names, "n_per_task": args.n_per_task, "kinds": parse_kinds(args.kinds), "seed": args.seed,
-              "no_tools": args.no_tools}
+              "no_tools": args.no_tools, "tools": offered}
     config_path = os.path.join(data_dir, "config.json")
     if os.path.exists(config_path) and json.load(open(config_path)) == config:
         print(f"reusing the TC data in {data_dir}")
     else:
         records = []
         for task in tqdm(task_names, desc="curate", dynamic_ncols=True):
-            records += curate_task(task, args.n_per_task, config["kinds"], args.seed)
+            records += curate_task(task, args.n_per_task, config["kinds"], args.seed, offered)
         if args.no_tools:
             rng = random.Random(args.seed)
             records = [direct_record(r, rng) for r in records]
@@ -714,7 +739,7 @@ def main(argv=None):
     results = {}
     if args.eval_n:
         model.to(torch.bfloat16 if device == "cuda" else torch.float32)
-        results = evaluate(args, model, processor, task_names)
+        results = evaluate(args, model, processor, task_names, [] if args.no_tools else offered)
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),
                "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time(), "args": vars(args)}
     json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)

@@ -78,6 +78,19 @@ def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
             if r["kind"] == "tool_failure" else not errors, r["id"]
 
 
+def test_data_without_astar_never_mentions_it_and_still_solves_vsp_nav():
+    offered = [t for t in tools.TOOLS if t != "AStar"]
+    records = coldstart.curate_task("vsp_nav", N, SHARES, seed=0, offered=offered)
+    assert {r["kind"] for r in records} == set(coldstart.KINDS)
+    for rec in records:
+        assert rec["messages"][0]["content"] == rollout.system_prompt(tools.schemas(offered))
+        texts = [m["content"] if isinstance(m["content"], str) else " ".join(p.get("text", "") for p in m["content"])
+                 for m in rec["messages"]]
+        assert not any("AStar" in t or "A*" in t for t in texts), rec["id"]
+        turns = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        assert tasks.is_format_valid(turns) and tasks.score(example_of(rec), tasks.extract_answer(turns[-1])) == 1.0
+
+
 def test_loader_names_file_and_line(data, tmp_path):
     d, _ = data
     lines = open(os.path.join(d, "train.jsonl")).read().splitlines()

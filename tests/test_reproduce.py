@@ -1,0 +1,43 @@
+"""reproduce.py --quick: every stage and experiment runs from nothing, the summary holds every table, and a
+second call skips the finished steps."""
+import json
+import subprocess
+import sys
+
+import reproduce
+
+ROOT = reproduce.os.path.dirname(reproduce.os.path.abspath(reproduce.__file__))
+
+
+def test_quick_runs_every_step_and_resumes(tmp_path):
+    out = tmp_path / "repro"
+    cmd = [sys.executable, "reproduce.py", "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = [name for name, _ in reproduce.steps(reproduce.parser.parse_args(["--quick", "--out", str(out)]))]
+    done = json.load(open(out / "steps.json"))
+    assert list(done) == names
+    summary = (out / "summary.md").read_text()
+    for title in ["1. Main table", "2. Adopt", "3. Discard", "4. Modulate", "5. ADL", "5. ADL transfer",
+                  "6. Tool statistics", "Targets", "Steps"]:
+        assert f"### {title}" in summary, title
+    for label in ["| Direct-SFT |", "| TC |", "| TG |", "| TC+TG |"]:
+        assert label in summary
+    assert "<table>" in (out / "report.html").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(names)
+    assert json.load(open(out / "steps.json")) == done
+
+
+def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
+    args = reproduce.parser.parse_args(["--quick", "--out", str(tmp_path)])
+    plan = [("broken", ["coldstart.py", "--tools", "NoSuchTool", "--out", str(tmp_path / "broken")])]
+    try:
+        reproduce.run_steps(args, plan)
+    except SystemExit as e:
+        message = str(e)
+    else:
+        raise AssertionError("the failing step did not stop the run")
+    assert "step broken failed" in message and "logs/broken.log" in message
+    assert "unknown tools ['NoSuchTool']" in (tmp_path / "logs" / "broken.log").read_text()
