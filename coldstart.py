@@ -654,15 +654,10 @@ def evaluate(args, model, processor, task_names, offered):
                 trajs += rollout.rollout(model, processor, chunk, tools=offered, temperature=0,
                                          max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
                                          max_total_tokens=args.eval_max_total_tokens, seed=args.seed, adl=mappings, progress=bar)
-        acc = [tasks.score(ex, t.answer) for ex, t in zip(examples, trajs)]
-        calls = [c for t in trajs for c in t.calls]
-        success = sum(c["status"] == "success" for c in calls) / len(calls) if calls else None  # n/a: no calls
-        results[task] = {"n": len(examples), "accuracy": sum(acc) / len(acc),
-                         "format_valid": sum(t.format_valid for t in trajs) / len(trajs),
-                         "calls_per_sample": len(calls) / len(trajs), "tool_success": success}
-        print(f"{task:11s} accuracy {results[task]['accuracy']:.3f}  format-valid {results[task]['format_valid']:.3f}  "
-              f"calls/sample {results[task]['calls_per_sample']:.2f}  "
-              f"tool success {'n/a' if success is None else f'{success:.3f}'}")
+        r = results[task] = rollout.metrics(examples, trajs, by_level=False)
+        success = r["tool_success_rate"]  # None: no calls, so not applicable
+        print(f"{task:11s} accuracy {r['accuracy']:.3f}  format-valid {r['format_valid_rate']:.3f}  "
+              f"calls/sample {r['cps']:.2f}  tool success {'n/a' if success is None else f'{success:.3f}'}")
     return results
 
 # -----------------------------------------------------------------------------

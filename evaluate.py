@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import adl
 import tasks
-from rollout import load_policy, resolve_device, rollout
+from rollout import level_key, load_policy, mean, metrics, resolve_device, rollout
 from tools import TOOLS, schemas
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,49 +108,6 @@ def adl_plan(examples, offered, mode, seed):
     if mode == "per-run":
         return [adl.randomize(base, random.Random(seed))] * len(examples)
     return [adl.randomize(base, random.Random(f"{seed}:{ex['id']}")) for ex in examples]
-
-# -----------------------------------------------------------------------------
-# metrics: a pure function of (examples, trajectories)
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def level_key(level):
-    return (isinstance(level, str), level)  # numeric levels in order, then named ones
-
-
-def metrics(examples, trajectories, by_level=True):
-    """Accuracy and tool statistics of aligned examples and trajectories (trajectories[i] answers examples[i]).
-    tool_success_rate is None (not applicable) when no tool was called, never 0 or 1."""
-    assert len(examples) == len(trajectories), "one trajectory per example"
-    n = len(examples)
-    calls = [c for t in trajectories for c in t.calls]
-    per_tool = Counter(c["name"] for c in calls)
-    ok_tool = Counter(c["name"] for c in calls if c["status"] == "success")
-    out = {
-        "n": n,
-        "accuracy": mean(tasks.score(ex, t.answer) for ex, t in zip(examples, trajectories)),
-        "cps": len(calls) / n if n else None,
-        "tool_success_rate": sum(ok_tool.values()) / len(calls) if calls else None,
-        "calls_per_sample_per_tool": {k: per_tool[k] / n for k in sorted(per_tool)},
-        "tool_success_rate_per_tool": {k: ok_tool[k] / per_tool[k] for k in sorted(per_tool)},
-        "mean_turns": mean(len(t.assistant_turns) for t in trajectories),
-        "mean_generated_tokens": mean(sum(t.loss_mask) for t in trajectories),
-        "format_valid_rate": mean(float(bool(t.format_valid)) for t in trajectories),
-        "answered_rate": mean(float(t.answer is not None) for t in trajectories),
-        "finish_reasons": dict(sorted(Counter(t.finish_reason for t in trajectories).items())),
-    }
-    levels = sorted({ex["meta"]["level"] for ex in examples if "level" in ex.get("meta", {})}, key=level_key)
-    if by_level and levels:
-        out["by_level"] = {}
-        for lv in levels:
-            idx = [i for i, ex in enumerate(examples) if ex.get("meta", {}).get("level") == lv]
-            out["by_level"][str(lv)] = metrics([examples[i] for i in idx], [trajectories[i] for i in idx], False)
-    return out
-
 
 def fmt(v, pct=False):
     if v is None:

@@ -305,14 +305,10 @@ def evaluate(model, processor, args, offered, autocast, label):
                                          max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                          max_total_tokens=args.max_total_tokens, tool_timeout=args.tool_timeout,
                                          adl=mappings, progress=bar)
-    infos = [reward(t, ex, args.reward, args.tool_reward_weight) for t, ex in zip(trajs, examples)]
     results = {}
     for task in args.tasks.split(","):
         pick = [k for k, ex in enumerate(examples) if ex["task"] == task]
-        s = rollout_stats([trajs[k] for k in pick], [infos[k] for k in pick])
-        results[task] = {"accuracy": s["accuracy"], "format_rate": s["format_rate"], "cps": s["cps"],
-                         "cps_tool": s["cps_tool"], "tool_success": s["tool_success"], "turns": s["turns"],
-                         "n": len(pick)}
+        results[task] = rollout.metrics([examples[k] for k in pick], [trajs[k] for k in pick], by_level=False)
     results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
     results["seconds"] = time.perf_counter() - t0
     return results

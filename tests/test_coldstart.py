@@ -154,6 +154,6 @@ def test_quick_end_to_end(tmp_path):
     assert log and {"step", "loss", "lr", "tokens_per_s"} <= set(log[0])
     results = json.load(open(out / "eval.json"))["results"]
     assert set(results) == set(tasks.TASKS)
-    assert all({"accuracy", "format_valid", "calls_per_sample"} <= set(r) for r in results.values())
+    assert all({"accuracy", "format_valid_rate", "cps", "tool_success_rate"} <= set(r) for r in results.values())
     model, processor = rollout.load_policy(str(out / "model"), device="cpu")  # a plain HF directory
     assert processor.encode_text("<think>")

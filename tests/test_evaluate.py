@@ -61,7 +61,7 @@ def hand_built():
 
 def test_metrics_match_hand_computation():
     exs, trajs = hand_built()
-    m = evaluate.metrics(exs, trajs)
+    m = rollout.metrics(exs, trajs)
     assert m["n"] == 4
     assert m["accuracy"] == 0.5                    # trajectories 0 and 3 are right
     assert m["cps"] == 1.0                         # 4 calls over 4 samples
@@ -81,7 +81,7 @@ def test_metrics_match_hand_computation():
 def test_model_without_tool_calls_is_not_applicable():
     exs, _ = hand_built()
     trajs = [traj(ex, [], ex["answer"], 5, 1) for ex in exs]
-    m = evaluate.metrics(exs, trajs)
+    m = rollout.metrics(exs, trajs)
     assert m["cps"] == 0 and m["calls_per_sample_per_tool"] == {}
     assert m["tool_success_rate"] is None and evaluate.fmt(m["tool_success_rate"], True) == "n/a"
     assert m["accuracy"] == 1.0
