@@ -114,8 +114,9 @@ def run_steps(args, plan):
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()
         with open(log_path, "a") as log:
-            rc = subprocess.call([sys.executable] + argv + resume, stdout=log, stderr=subprocess.STDOUT,
-                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            # the stage scripts sit next to this file; paths in argv stay relative to the caller's directory
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
+            rc = subprocess.call([sys.executable, script] + argv[1:] + resume, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - t0
         if rc != 0:
             sys.exit(f"step {name} failed (exit {rc}) after {seconds:.0f} s; see {log_path}. "
