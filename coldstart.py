@@ -245,12 +245,17 @@ def locate(b, key, description, count=1):
     return r.data["points"]
 
 
+def route(m):
+    """The expert's own shortest safe route, from the example's ground truth (what a plan without A* answers)."""
+    return ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"], m["grid"]))
+
+
 def vsp_nav(b, kind):
     m = b.meta
     if kind == "no_tool":
         if m["grid"] != 3:
             raise Skip("no_tool is for 3x3 grids")
-        return b.answer(b.think("nav_small"), ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, 3, 3)))
+        return b.answer(b.think("nav_small"), route(m))
     planner = "AStar" in b.offered
     failure = b.rng.choice(["point", "astar"] if planner else ["point"]) if kind == "tool_failure" else None
     if failure == "point":  # a description Point does not know, then the right word
@@ -277,21 +282,19 @@ def vsp_nav(b, kind):
         thought = b.think("nav_reject" if planner else "nav_retrace", hole=hole_px)
     else:
         thought = b.think("nav_astar" if planner else "nav_plan")
-    if not planner:  # no A*: the expert's own route (from the ground truth), which the model must learn to trace
-        path = ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"], m["grid"]))
-        if kind == "reflect":
-            b.call(thought, "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
-            return b.answer(b.think("nav_ok"), path)
-        return b.answer(thought, path)
-    params = {"start": elf, "goal": gift, "obstacles": holes}
-    if failure == "astar":  # a missing argument; the tool names it
-        path = b.retry("AStar", {"start": elf, "goal": gift}, params, thought).data["path"]
-    else:
-        path = b.call(thought, "AStar", params).data["path"]
+    if planner:  # the thought goes with the AStar call
+        params = {"start": elf, "goal": gift, "obstacles": holes}
+        if failure == "astar":  # a missing argument; the tool names it
+            path = b.retry("AStar", {"start": elf, "goal": gift}, params, thought).data["path"]
+        else:
+            path = b.call(thought, "AStar", params).data["path"]
+        thought = None
+    else:  # no A*: the model must learn to trace the route from the points; the thought goes with the next turn
+        path = route(m)
     if kind == "reflect":
-        b.call(b.think("nav_check"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
+        b.call(thought or b.think("nav_check"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
         return b.answer(b.think("nav_ok"), path)
-    return b.answer(b.think("nav_answer"), path)
+    return b.answer(thought or b.think("nav_answer"), path)
 
 
 def verdict(meta):

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+from rollout import mean
 from tasks import TASKS as TASK_NAMES
 from tools import TOOLS
 
@@ -146,11 +147,6 @@ def num(v):
 
 def calls(r, tool):
     return r["calls_per_sample_per_tool"].get(tool, 0.0)
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
 
 
 def main_table(args):

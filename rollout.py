@@ -13,9 +13,9 @@ import random
 import re
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
