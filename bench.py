@@ -18,6 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import rollout
 import tasks
+import tiny
 import tools
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +41,7 @@ def load(args):
     if args.config != "7b":
         return rollout.load_policy(args.model, device=device)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    _, processor = rollout.build_tiny()  # tokenizer and image processor: only their token ids matter for speed
+    processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)  # only its token ids matter for speed
     config = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B-Instruct's shape
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, rope_parameters={

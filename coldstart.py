@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -39,8 +38,8 @@ import tools
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tc", help="output directory (data/, base/, ckpt/, model/, log.jsonl, eval.json)")
-parser.add_argument("--model", default="tiny", help="'tiny' builds the small default from nothing (tokenizer trained on the "
-                    "TC data); otherwise a local Qwen2.5-VL model directory to fine-tune")
+parser.add_argument("--model", default="tiny", help="'tiny': the shipped pretrained base (tiny.py); 'scratch': the same model "
+                    "randomly initialised (ablation); otherwise a local Qwen2.5-VL model directory to fine-tune")
 parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks to curate and evaluate")
 parser.add_argument("--n-per-task", type=int, default=300, help="trajectories curated per task (train split)")
 parser.add_argument("--kinds", default="direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1",
@@ -53,7 +52,7 @@ parser.add_argument("--no-tools", action="store_true", help="ablation: the same 
 parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
                     "mapping every time it is used; evaluation draws one mapping per example")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
-                    help="freeze the vision tower (default: on for a --model PATH, off for tiny, whose tower is untrained)")
+                    help="freeze the vision tower (default: on for a --model PATH, off for tiny and scratch, whose tower is small)")
 parser.add_argument("--epochs", type=float, default=2.0, help="passes over the data (sets the number of optimizer steps)")
 parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -514,19 +513,6 @@ def with_pil(messages, data_dir, load=Image.open):
     return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m for m in messages]
 
 
-def corpus_of(records):
-    """Every text of the TC data, plus system prompts the tiny tokenizer must also encode compactly: the
-    tool-free one, the full tool list, and 300 ADL-randomized ones (without them an ADL prompt costs
-    ~1,440 tokens instead of ~930, against 325 for the canonical one). Every TC run gets the same extras,
-    so models trained with and without --adl are compared on equal tokenizer terms."""
-    texts = []
-    for r in records:
-        for m in r["messages"]:
-            texts += [m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"] if p["type"] == "text"]
-    rng = random.Random(0)
-    return texts + [rollout.system_prompt([]), rollout.system_prompt(tools.schemas())] + [
-        rollout.system_prompt(adl.randomize(tools.schemas(), rng)[0]) for _ in range(300)]
-
 # -----------------------------------------------------------------------------
 # SFT
 
@@ -568,16 +554,6 @@ def encode_record(rec, processor, images, rng, use_adl):
     return ids, mask, encoded
 
 
-def sft_loss(model, processor, batch, device):
-    """Summed cross-entropy over loss-masked tokens (logit t predicts token t+1) and their count."""
-    seqs = [ids for ids, _, _ in batch]
-    logits = rollout.sequence_logits(model, processor, seqs, [im for _, _, im in batch], device=device)
-    targets = torch.tensor(rollout.pad_batch(seqs, 0, left=False), device=device)[:, 1:]
-    mask = torch.tensor(rollout.pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
-    loss = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
-    return loss, int(mask.sum())
-
-
 def train(args, model, processor, records, images, device, start_state=None, optimizer=None):
     """The SFT loop; returns the final loop state. `images[i]` holds record i's PIL images in order."""
     # sequence lengths without encoding pixels: text tokens plus each image's pad tokens (one per f x f pixels)
@@ -612,7 +588,7 @@ def train(args, model, processor, records, images, device, start_state=None, opt
             g["lr"] = lr
         for batch in micro:
             with autocast:
-                loss, n = sft_loss(model, processor, batch, device)
+                loss, n = rollout.masked_lm_loss(model, processor, batch, device)
             (loss / max(1, count)).backward()
             loss_sum, n_tok, n_all = loss_sum + loss.item(), n_tok + n, n_all + sum(len(ids) for ids, _, _ in batch)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
@@ -702,16 +678,12 @@ def main(argv=None):
     records = load_records(data_dir)
     print(f"{len(records)} trajectories in {data_dir}/train.jsonl ({time.perf_counter() - t_start:.0f} s)")
 
-    # 2. model: the tiny base gets a tokenizer trained on this data; a real checkpoint keeps its own
+    # 2. model: the shipped tiny base, the same model untrained (scratch), or a real checkpoint; all keep their tokenizer
     ckpt = os.path.join(args.out, "ckpt")
-    if args.resume and os.path.isdir(ckpt):
-        model, processor = rollout.load_policy(os.path.join(ckpt, "model"), device=device, dtype=torch.float32)
-    elif args.model == "tiny":
-        rollout.save_base(os.path.join(args.out, "base"), corpus=corpus_of(records), seed=args.seed)
-        model, processor = rollout.load_policy(os.path.join(args.out, "base"), device=device, dtype=torch.float32)
-    else:
-        model, processor = rollout.load_policy(args.model, device=device, dtype=torch.float32)
-    freeze = args.freeze_vision if args.freeze_vision is not None else args.model != "tiny"
+    resuming = args.resume and os.path.isdir(ckpt)
+    model, processor = rollout.load_policy(os.path.join(ckpt, "model") if resuming else args.model, device=device,
+                                           dtype=torch.float32)
+    freeze = args.freeze_vision if args.freeze_vision is not None else args.model not in ("tiny", "scratch")
     for p in model.model.visual.parameters():
         p.requires_grad_(not freeze)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -719,7 +691,7 @@ def main(argv=None):
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), {device}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     state = None
-    if args.resume and os.path.isdir(ckpt):
+    if resuming:
         state = rollout.load_checkpoint(ckpt, optimizer)
         print(f"resumed from {ckpt} at step {state['step']}")
 

@@ -5,7 +5,7 @@ self-contained report.html (no network: CSS, JS, SVG plots and images are all in
 
     python evaluate.py --models tc=runs/tc/model,tg=runs/tg/model,direct=runs/tc_direct/model:none --out runs/eval
 
-A model is `tiny`, PATH or LABEL=PATH. A suffix `:all`, `:none` or `:Tool+Tool` gives that model its own tool
+A model is `tiny` (the pretrained base), `scratch`, PATH or LABEL=PATH. A suffix `:all`, `:none` or `:Tool+Tool` gives that model its own tool
 mode (a model trained without tools is evaluated with the direct-answer prompt beside tool models in one run).
 """
 import argparse
@@ -26,11 +26,11 @@ from tqdm import tqdm
 
 import adl
 import tasks
-from rollout import level_key, load_policy, mean, metrics, resolve_device, rollout
+from rollout import level_key, load_policy, mean, metrics, model_exists, resolve_device, rollout
 from tools import TOOLS, schemas
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | PATH | LABEL=PATH, each with an "
+parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | scratch | PATH | LABEL=PATH, each with an "
                     "optional tool-mode suffix :all | :none | :Tool+Tool (overrides --tools for that model)")
 parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks (default: all five)")
 parser.add_argument("--n", type=int, default=None, help="examples per task (default 20; with --data: at most this "
@@ -572,7 +572,7 @@ def main(argv=None):
         modes = {mode: tool_names(mode, add) for _, _, mode in models}
     except ValueError as e:
         parser.error(str(e))
-    missing = [p for _, p, _ in models if p != "tiny" and not os.path.isdir(p)]
+    missing = [p for _, p, _ in models if not model_exists(p)]
     if missing:  # before any model runs, not after an hour of the first one
         parser.error(f"model directories not found: {missing}")
     device = resolve_device(args.device)

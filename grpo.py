@@ -39,7 +39,7 @@ QUICK = dict(init="tiny", steps=2, prompts_per_step=2, group_size=2, max_turns=2
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--init", default=None, help="starting policy: a model directory or 'tiny' (default runs/tc/model, "
+    g.add_argument("--init", default=None, help="starting policy: a model directory, 'tiny' (the pretrained base) or 'scratch' (default runs/tc/model, "
                    "the output of coldstart.py; 'tiny' under --quick)")
     g.add_argument("--out", default="runs/tg", help="output directory: log.jsonl, eval.json, ckpt/, model/")
     g.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks the RL prompts mix over (round-robin)")
@@ -323,9 +323,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
-    if args.init != "tiny" and not os.path.isdir(args.init):
+    if not rollout.model_exists(args.init):
         sys.exit(f"grpo.py: the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
-                 "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny for a toy run.")
+                 "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the pretrained base, no TC).")
     os.makedirs(args.out, exist_ok=True)
     log_path, ckpt_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt")
     resuming = args.resume and os.path.isdir(ckpt_dir)

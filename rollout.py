@@ -21,36 +21,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tasks import TASKS, extract_answer, generate, is_format_valid, score
+from tasks import extract_answer, is_format_valid, score
 from tools import TOOLS, ToolResult, call_tool, observation, schemas
 
 # -----------------------------------------------------------------------------
-# the tiny default: a real Qwen2_5_VLForConditionalGeneration, a few million parameters
+# loading a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
 
+# Qwen's special tokens: chat structure and image placeholders
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-TINY_VOCAB = 4096  # BPE target size; the merges are trained on the caller's corpus
-TINY_TEXT = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
-                 num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-                   tokens_per_second=2)
-# 28 px per vision token after the 2x2 merge; 224x224 at most = 64 tokens per image, so a prompt stays short
-TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=224 * 224)
-
-# Qwen2.5-VL's chat template (what its tokenizer ships), so checkpoints trained elsewhere read the same prompt.
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content %}{% set image_count.value = image_count.value + 1 %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclass
@@ -91,67 +70,6 @@ class Processor:
         return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
 
 
-def default_corpus():
-    """Text the tiny tokenizer learns its merges from when the caller has none: the protocol itself."""
-    corpus = [system_prompt(schemas()), system_prompt([])]
-    for task in TASKS:
-        corpus += [ex["question"] for ex in generate(task, 20, split="train", seed=12345)]
-    corpus += ['<think>I look at the image.</think><tool_call>{"name": "Point", "parameters": {"image": "img_1", '
-               '"description": "elf"}}</tool_call>', "<think>Done.</think><response>\\boxed{R,R,D}</response>"]
-    return corpus
-
-
-def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
-    """Byte-level BPE (any UTF-8 text encodes) with Qwen's special tokens, merges trained on `corpus`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
-    # description the corpus repeats becomes a token or two (ADL's paraphrases too), and the seven-tool prompt
-    # costs a few hundred tokens. Digits and the commas of number and move lists stand alone, so a coordinate
-    # or a move list tokenizes the same wherever it is copied.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n|[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny(corpus=None, seed=0):
-    """A freshly initialised tiny Qwen2.5-VL and its processor, built from nothing."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tok = build_tokenizer(corpus if corpus is not None else default_corpus())
-    ids = tok.convert_tokens_to_ids
-    vocab = (len(tok) + 63) // 64 * 64
-    text = dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                pad_token_id=ids("<|endoftext|>"))
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
-                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-                              tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **TINY_PIXELS)
-    return model, Processor(tok, image_processor)
-
-
-def save_base(out_dir, corpus=None, seed=0):
-    """Write the tiny base model as a Hugging Face directory that from_pretrained loads."""
-    model, processor = build_tiny(corpus, seed)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
 def resolve_device(device="auto"):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,21 +78,29 @@ def resolve_device(device="auto"):
     return device
 
 
-def load_policy(path_or_tiny="tiny", device="auto", dtype=None):
-    """-> (model, processor). "tiny" builds the default from nothing; otherwise a local model directory."""
+BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
+
+
+def model_exists(path):
+    return path in BUILTIN_MODELS or os.path.isdir(path)
+
+
+def load_policy(path="tiny", device="auto", dtype=None):
+    """-> (model, processor). "tiny": the shipped pretrained base (tiny.py); "scratch": the same model randomly
+    initialised (an ablation); otherwise a local save_pretrained directory. Nothing is downloaded."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    import tiny  # tiny.py imports this module, so it is imported here rather than at the top
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    if path_or_tiny == "tiny":
-        model, processor = build_tiny()
-        model = model.to(dtype)
-    else:
-        if not os.path.isdir(path_or_tiny):
-            raise FileNotFoundError(f"model directory {path_or_tiny!r} does not exist (pass 'tiny' or a local "
-                                    "save_pretrained directory; nothing is downloaded)")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path_or_tiny, dtype=dtype, attn_implementation="sdpa")
-        processor = Processor.from_pretrained(path_or_tiny)
-    return model.to(device).eval(), processor
+    if path == "scratch":
+        model, processor = tiny.build_scratch()
+        return model.to(device, dtype).eval(), processor
+    path = tiny.BASE_DIR if path == "tiny" else path
+    if not model_exists(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist (pass 'tiny', 'scratch' or a local "
+                                "save_pretrained directory; nothing is downloaded)")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), Processor.from_pretrained(path)
 
 
 def save_policy(model, processor, out_dir):
@@ -219,12 +145,16 @@ def load_checkpoint(ckpt_dir, optimizer):
     return blob["state"]
 
 
-def lr_at(step, total, base_lr, warmup, schedule="cosine"):
-    """Linear warmup, then cosine decay to 10% (or constant)."""
+def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):
+    """Linear warmup, then cosine decay to 10%, or constant, or "wsd": constant, then a linear decay to 10% over
+    the last `cooldown` share of the steps (tiny.py: a constant lr carries the copy transition)."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     if schedule == "constant":
         return base_lr
+    if schedule == "wsd":
+        start = total * (1 - cooldown)
+        return base_lr * (1 - 0.9 * min(1.0, max(0.0, step - start) / max(1.0, total - start)))
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -426,20 +356,37 @@ def forward_chunk(model, processor, chunks, cache, attn, device):
     return out.logits[:, -1].float(), attn
 
 
-def sequence_logits(model, processor, seqs, images, device=None):
-    """One full, cache-free forward over whole sequences (right-padded). seqs: list of token id lists; images:
-    per row, a list of (pixel_values, grid_thw). Returns logits [B, L, V] (position t predicts token t+1)."""
-    device = device or next(model.parameters()).device
+def sequence_inputs(processor, seqs, images, device, dtype):
+    """Model inputs for whole sequences, right-padded: ids, attention mask, M-RoPE positions and pixels.
+    seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw)."""
     ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)
     attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)
     pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
                        for s, im in zip(seqs, images)], dim=1).to(device)
+    kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos)
     flat = [im for row in images for im in row]
-    kw = {}
     if flat:
-        kw = dict(pixel_values=torch.cat([p for p, _ in flat]).to(device, model.dtype),
+        kw.update(pixel_values=torch.cat([p for p, _ in flat]).to(device, dtype),
                   image_grid_thw=torch.stack([g for _, g in flat]).to(device))
-    return model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=False, **kw).logits
+    return kw
+
+
+def sequence_logits(model, processor, seqs, images, device=None):
+    """One full, cache-free forward over whole sequences -> logits [B, L, V] (position t predicts token t+1)."""
+    device = device or next(model.parameters()).device
+    return model(**sequence_inputs(processor, seqs, images, device, model.dtype), use_cache=False).logits
+
+
+def masked_lm_loss(model, processor, batch, device):
+    """Summed cross-entropy over loss-masked tokens and their count, for SFT and pretraining. batch: list of
+    (ids, mask, images). The LM head runs only where a token carries loss (a minority of positions)."""
+    seqs = [ids for ids, _, _ in batch]
+    hidden = model.model(**sequence_inputs(processor, seqs, [im for _, _, im in batch], device, model.dtype),
+                         use_cache=False).last_hidden_state                       # [B, L, H]
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
+    mask = torch.tensor(pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
+    logits = model.lm_head(hidden[:, :-1][mask])                                   # [N, V], N = loss tokens
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
 
 
 def token_logprobs(logits, seqs, temperature=1.0):
@@ -485,6 +432,7 @@ class Row:
     next_pos: int
     offered: list  # tool names as the prompt shows them
     mapping: object = None
+    run: object = call_tool  # executes the row's tool calls
     turn: list = field(default_factory=list)  # tokens of the current assistant turn
     pending: object = None                    # the tool call it waits on: (call, parse error, future)
 
@@ -504,15 +452,16 @@ def parse_tool_call(text):
     return {"name": call["name"], "parameters": call.get("parameters", call.get("arguments", {}))}, None
 
 
-def run_tool(call, images, timeout, offered, mapping):
+def run_tool(call, images, timeout, offered, mapping, run=call_tool):
     """Run a parsed call, de-randomizing ADL names first -> (canonical name, ToolResult, seconds).
-    Only the tools in the prompt can run: a tool left out (or its real name under ADL) is unknown."""
+    Only the tools in the prompt can run: a tool left out (or its real name under ADL) is unknown.
+    run: the function that executes a call (tools.call_tool; tiny.py's synthetic tools bring their own)."""
     t0 = time.perf_counter()
     if call["name"] not in offered:
         listed = ", ".join(f"'{n}'" for n in offered) or "none"
         return call["name"], ToolResult(status="error", error=f"unknown tool '{call['name']}'; available: {listed}"), 0.0
     canonical = mapping.to_canonical(call) if mapping is not None else call
-    result = call_tool(canonical["name"], canonical["parameters"], images, timeout=timeout)
+    result = run(canonical["name"], canonical["parameters"], images, timeout=timeout)
     return canonical["name"], result, time.perf_counter() - t0
 
 
@@ -585,11 +534,13 @@ def timed(timings, key):
 @torch.no_grad()
 def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
             max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
-            adl=None, forcer=None, progress=None, timings=None):
+            adl=None, toolsets=None, forcer=None, progress=None, timings=None):
     """Sample `group_size` multi-turn trajectories per example; returns them example-major.
 
     tools: canonical tool names offered (None: all seven, []: the direct-answer prompt without tools).
     adl: optional per-example (randomized schemas, Mapping) from adl.randomize; the group shares it.
+    toolsets: optional per-example object with `.schemas` and `.call(name, params, images, timeout)` that replaces
+        the visual tools (tiny.py's synthetic text tools).
     forcer: optional fn(traj_index, turn, tokens_so_far_in_turn) -> token id or None, scripts text in tests.
     temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
     progress: optional tqdm bar, advanced as trajectories finish.
@@ -608,6 +559,9 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     trajs, chunks, rows = [], [], []
     for i, ex in enumerate(examples):
         tool_schemas, mapping = adl[i] if adl and adl[i] is not None else (offered, None)
+        run = call_tool
+        if toolsets and toolsets[i] is not None:
+            tool_schemas, run = toolsets[i].schemas, toolsets[i].call
         msgs = build_messages(ex, tool_schemas)
         ids, imgs = encode(processor, [p for m in msgs for p in render(m)] + ["<|im_start|>assistant\n"])
         pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)
@@ -619,7 +573,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                            images=list(ex["images"]), messages=[dict(m) for m in saved], example_index=i,
                            adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
-            rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping))
+            rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run))
     cache = kv_cache(model)
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
@@ -695,7 +649,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     finish(t, "max_turns")
                 else:  # the tool starts now, in parallel with the rows still writing
                     call, err = parse_tool_call(text)
-                    fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered, row.mapping)
+                    fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered, row.mapping, row.run)
                     row.pending = (call, err, fut)
                     keep.append(k)
             if progress is not None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import coldstart
 import rollout
 import tasks
+import tiny
 import tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +105,7 @@ def test_loader_names_file_and_line(data, tmp_path):
 
 def test_loss_mask_is_exactly_the_assistant_turns(data):
     d, records = data
-    _, processor = rollout.build_tiny(corpus=coldstart.corpus_of(records))
+    _, processor = tiny.build_scratch()
     for rec in [r for r in records if r["task"] in ("vsp_nav", "jigsaw")][:6]:
         ids, mask, images = rollout.encode_conversation(processor, coldstart.with_pil(rec["messages"], d))
         assert len(ids) == len(mask)

@@ -133,26 +133,21 @@ def test_curves_read_defensively(tmp_path):
 # 2. end to end on the tiny default
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return rollout.save_base(str(tmp_path_factory.mktemp("base")))
-
-
 def check_self_contained(page):
     assert not EXTERNAL.search(page), EXTERNAL.search(page)
     assert "http://" not in page and "https://" not in page
 
 
-def test_quick_end_to_end(base_dir, tmp_path):
+def test_quick_end_to_end(scratch_dir, tmp_path):
     out = str(tmp_path / "eval")
-    res = evaluate.main(["--quick", "--models", f"base={base_dir},direct={base_dir}:none", "--tasks", "vsp_nav,jigsaw",
+    res = evaluate.main(["--quick", "--models", f"base={scratch_dir},direct={scratch_dir}:none", "--tasks", "vsp_nav,jigsaw",
                          "--adl", "per-sample", "--device", "cpu", "--out", out])
     for f in ("results.json", "trajectories.jsonl", "report.html", "log.jsonl"):
         assert os.path.isfile(os.path.join(out, f))
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["tasks"] == ["vsp_nav", "jigsaw"] and saved["settings"]["adl"] == "per-sample"
     assert saved["command"].startswith("python ") and "--quick" in saved["command"]
-    assert saved["models"]["base"]["path"] == base_dir and saved["models"]["direct"]["tools"] == []
+    assert saved["models"]["base"]["path"] == scratch_dir and saved["models"]["direct"]["tools"] == []
     assert saved["models"]["base"]["tools"] == list(evaluate.TOOLS)
     assert saved["results"] == json.loads(json.dumps(res["results"]))
     for label in ("base", "direct"):
@@ -171,11 +166,11 @@ def test_quick_end_to_end(base_dir, tmp_path):
     assert "data:image/jpeg;base64," in page and "<svg" in page
 
 
-def test_saved_dataset_tool_list_and_per_run_adl(base_dir, tmp_path):
+def test_saved_dataset_tool_list_and_per_run_adl(scratch_dir, tmp_path):
     data = str(tmp_path / "data")
     tasks.save(tasks.generate("vsp_verify", 3, seed=7), data)
     out = str(tmp_path / "eval")
-    res = evaluate.main(["--quick", "--models", f"b={base_dir}", "--data", data, "--tools", "Point", "--add-tools", "AStar",
+    res = evaluate.main(["--quick", "--models", f"b={scratch_dir}", "--data", data, "--tools", "Point", "--add-tools", "AStar",
                          "--adl", "per-run", "--device", "cpu", "--out", out])
     assert res["tasks"] == ["vsp_verify"] and res["results"]["b"]["vsp_verify"]["n"] == 2  # --quick: 2 per task
     assert res["models"]["b"]["tools"] == ["Point", "AStar"]

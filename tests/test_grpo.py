@@ -79,16 +79,10 @@ def test_one_update_per_batch_is_reinforce():
     assert torch.allclose(g1, g2)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """The tiny base saved once: loading a directory skips training the BPE merges again."""
-    return rollout.save_base(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-def test_model_gradient_is_zero_on_prompt_and_observation_tokens(tiny_dir):
+def test_model_gradient_is_zero_on_prompt_and_observation_tokens(scratch_dir):
     """Through the real model's log-probs of a real multi-turn trajectory: tokens of the prompt and of the tool
     observation get exactly zero gradient, every sampled token a non-zero one."""
-    model, processor = rollout.load_policy(tiny_dir, "cpu")
+    model, processor = rollout.load_policy(scratch_dir, "cpu")
     ex = tasks.generate("vsp_verify", 1, split="rl")[0]
     traj = rollout.rollout(model, processor, [ex], tools=["Point"], max_new_tokens=6, max_turns=2, seed=3)[0]
     seqs, images = grpo.batch_inputs([traj], processor)
@@ -172,11 +166,11 @@ def test_ablation_rewards(example):
 # 3. learning signal on a toy
 
 
-def test_grpo_raises_reward_on_a_toy(tiny_dir):
+def test_grpo_raises_reward_on_a_toy(scratch_dir):
     """One prompt, three sampled tokens, reward = share of them in a fixed quarter of the vocabulary
     (the 'correct answer'). The untrained tiny model starts near 1/4; GRPO must push it clearly up."""
     torch.manual_seed(0)
-    model, processor = rollout.load_policy(tiny_dir, "cpu")
+    model, processor = rollout.load_policy(scratch_dir, "cpu")
     args = grpo.parse_args(["--init", "tiny", "--lr", "1e-2", "--micro-batch", "16"])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     prompt = {"id": "toy", "task": "toy", "question": "Answer.", "images": [], "answer": None, "meta": {}}
@@ -203,14 +197,14 @@ def weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def test_resume_continues_same_step_data_and_weights(tiny_dir, tmp_path, monkeypatch):
+def test_resume_continues_same_step_data_and_weights(scratch_dir, tmp_path, monkeypatch):
     # the untrained model's real rewards are all zero; a toy reward (as above) makes the updates non-trivial
     def toy_reward(traj, example, kind, lam):
         r = sum(x % 4 == 0 for x, m in zip(traj.token_ids, traj.loss_mask) if m) / max(1, sum(traj.loss_mask))
         return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0}
 
     monkeypatch.setattr(grpo, "reward", toy_reward)
-    flags = ["--quick", "--init", tiny_dir, "--steps", "3", "--ckpt-every", "2", "--eval-n", "0", "--adl",
+    flags = ["--quick", "--init", scratch_dir, "--steps", "3", "--ckpt-every", "2", "--eval-n", "0", "--adl",
              "--tasks", "vsp_verify", "--tools", "Point", "--ppo-epochs", "1", "--max-new-tokens", "8"]
     grpo.main(flags + ["--out", str(tmp_path / "full")])
 
@@ -237,4 +231,4 @@ def test_resume_continues_same_step_data_and_weights(tiny_dir, tmp_path, monkeyp
     assert [r["reward"] for r in cut] == [r["reward"] for r in full]
     a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "cut" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], w) for k, w in weights(tiny_dir).items() if k in a)  # it did train
+    assert any(not torch.equal(a[k], w) for k, w in weights(scratch_dir).items() if k in a)  # it did train

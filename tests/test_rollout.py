@@ -9,6 +9,7 @@ from PIL import Image
 
 import adl
 import rollout
+import tiny
 import tools
 
 
@@ -16,7 +17,7 @@ import tools
 def policy():
     # no protocol tag is a single token here, so the few tokens the model writes freely cannot open a tool call
     corpus = [rollout.system_prompt(tools.schemas()).replace("<", "< ")] * 3
-    model, processor = rollout.build_tiny(corpus=corpus, seed=0)
+    model, processor = tiny.build_scratch(tiny.build_tokenizer(corpus), seed=0)
     return model.eval(), processor
 
 
@@ -192,9 +193,8 @@ def test_adl_calls_are_derandomized_before_the_tool_runs(policy):
     assert mapping.names["Crop"] != "Crop"
 
 
-def test_tiny_model_saves_and_loads(tmp_path):
-    out = rollout.save_base(str(tmp_path / "base"), corpus=[rollout.system_prompt(tools.schemas())] * 2)
-    model, processor = rollout.load_policy(out, device="cpu")
+def test_tiny_model_saves_and_loads(scratch_dir, tmp_path):
+    model, processor = rollout.load_policy(scratch_dir, device="cpu")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     prompt = rollout.system_prompt(tools.schemas())
     assert processor.decode(processor.encode_text(prompt)) == prompt

@@ -1,0 +1,197 @@
+"""The tiny default: a deterministic corpus whose tools really compute, a tokenizer that round-trips the protocol,
+the pretraining loop (quick run, exact resume), and the shipped base that reads tool lists and copies."""
+import io
+import json
+import os
+import random
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import adl
+import rollout
+import tasks
+import tiny
+import tools
+
+
+def render_text(messages):
+    """A conversation as text, images as their PNG bytes, so two draws can be compared exactly."""
+    out = []
+    for m in messages:
+        for p in rollout.render(m):
+            if isinstance(p, str):
+                out.append(p)
+            else:
+                buf = io.BytesIO()
+                p.save(buf, format="PNG")
+                out.append(buf.getvalue().hex())
+    return "".join(out)
+
+
+def test_corpus_is_deterministic_and_seeds_differ():
+    a = [render_text(tiny.corpus_item(random.Random(f"t-{i}"))) for i in range(40)]
+    b = [render_text(tiny.corpus_item(random.Random(f"t-{i}"))) for i in range(40)]
+    assert a == b
+    assert len(set(a)) == len(a)
+    # the corpus never shows the five tasks or the seven visual tools
+    assert not any(re.search(r"\b(" + "|".join(tools.TOOLS) + r")\b", t) for t in a)
+
+
+def expected(kind, a, world):
+    """An independent implementation of every synthetic tool, to replay observations against."""
+    pts = lambda: a["points"]
+    return {
+        "record": lambda: {"record": world["records"][a["id"]]},
+        "document": lambda: {"lines": world["pages"][a["page"]]},
+        "sort": lambda: {"sorted": sorted(a["values"])},
+        "filter": lambda: {"kept": [x for x in a["values"] if x > a["threshold"]]},
+        "sum": lambda: {"sum": sum(a["values"])},
+        "count": lambda: {"count": len(a["items"])},
+        "shift": lambda: {"points": [[x + a["dx"], y + a["dy"]] for x, y in pts()]},
+        "scale": lambda: {"points": [[x * a["factor"], y * a["factor"]] for x, y in pts()]},
+        "inside": lambda: {"inside": [[x, y] for x, y in pts() if a["box"][0] <= x <= a["box"][2] and a["box"][1] <= y <= a["box"][3]]},
+        "nearest": lambda: (lambda d: {"nearest": a["candidates"][d.index(min(d))], "index": d.index(min(d))})(
+            [abs(x - a["origin"][0]) + abs(y - a["origin"][1]) for x, y in a["candidates"]]),
+        "locate": lambda: {"points": world["places"].get(a["place"], [])},
+    }[kind]()
+
+
+@pytest.mark.parametrize("scenario", list(tiny.SCENARIOS))
+def test_every_observation_replays(scenario):
+    """Each call's observation is what the tool computes from the call's own arguments; an error observation follows
+    a call that really is wrong, and the answer is the last observation's value."""
+    errors = 0
+    for i in range(30):
+        messages, ts, calls, answer = tiny.tool_scenario(random.Random(f"replay-{scenario}-{i}"), scenario)
+        turns = [(m, messages[k + 1]) for k, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
+        for turn, obs in turns:
+            call = json.loads(re.search(r"<tool_call>(.*)</tool_call>", turn["content"]).group(1))
+            seen = json.loads(obs["content"][0]["text"])
+            kind, names = ts.tools[call["name"]]
+            roles = {shown: role for role, shown in names.items()}
+            if seen["status"] == "error":
+                errors += 1
+                assert set(call["parameters"]) != set(roles) or any(isinstance(v, str) and v.startswith("[")
+                                                                    for v in call["parameters"].values())
+                continue
+            args = {roles[k]: v for k, v in call["parameters"].items()}
+            assert {k: v for k, v in seen.items() if k not in ("name", "status")} == expected(kind, args, ts.world)
+        last = json.loads(turns[-1][1]["content"][0]["text"])
+        assert tasks.extract_answer(messages[-1]["content"]) == answer
+        assert answer in json.dumps(last) or answer in [str(v) for v in last.get("record", {}).values()]
+    assert errors > 0  # mistakes and retries are part of the corpus
+
+
+def test_toolset_errors_name_the_shown_parameters():
+    rng = random.Random(3)
+    ts = tiny.Toolset(tiny.make_world(rng))
+    name = ts.add("shift", rng, random_names=True)
+    shown = ts.tools[name][1]
+    r = ts.call("nope", {})
+    assert r.status == "error" and f"available: {name}" in r.error
+    r = ts.call(name, {shown["points"]: [[1, 2]], shown["dx"]: 3})
+    assert r.status == "error" and f"missing parameters: {shown['dy']}" in r.error
+    r = ts.call(name, {shown["points"]: "[[1, 2]]", shown["dx"]: 3, shown["dy"]: 4})
+    assert r.status == "error" and f"parameter '{shown['points']}' must be a list" in r.error
+    r = ts.call(name, {shown["points"]: [[1, 2]], shown["dx"]: 3, shown["dy"]: 4})
+    assert r.status == "success" and r.data == {"points": [[4, 6]]}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return rollout.load_policy("tiny", device="cpu")
+
+
+def test_shipped_tokenizer_round_trips_the_protocol(base):
+    _, processor = base
+    texts = [rollout.system_prompt(tools.schemas()), rollout.system_prompt([]),
+             rollout.system_prompt(adl.randomize(tools.schemas(), random.Random(1))[0]),
+             '<think>x</think><tool_call>{"name": "AStar", "parameters": {"start": [35, 158], "obstacles": [[1, 2]]}}</tool_call>',
+             '{"name": "OCR", "status": "success", "detections": [{"text": "Amount:", "bbox": [24, 124, 63, 131]}]}',
+             "<think>ok</think><response>Route: \\boxed{D,R,R,D}</response>", "héllo 世界 🙂 <|im_start|>user\n"]
+    texts += [ex["question"] for t in tasks.TASKS for ex in tasks.generate(t, 3, split="test")]
+    texts += [render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(20)]
+    for t in texts:
+        assert processor.decode(processor.encode_text(t)) == t
+    assert len(processor.encode_text(rollout.system_prompt(tools.schemas()))) < 400  # the tool list stays cheap
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "<think>x</think><response>\\boxed{A}</response>"}]
+    assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
+
+
+def test_shipped_base_reads_tool_lists_and_copies(base):
+    """Greedy rollouts on held-out synthetic prompts: the base calls the right tool with the list copied exactly."""
+    model, processor = base
+    with torch.no_grad():
+        res = tiny.run_checks(model, processor, 8)
+    assert res["copy_list"] >= 7 / 8 and res["lookup"] >= 7 / 8 and res["tool_choice"] >= 7 / 8
+    assert res["format_valid"] >= 0.95
+
+
+def test_scratch_is_the_same_model_untrained(base):
+    model, processor = base
+    scratch, sp = rollout.load_policy("scratch", device="cpu")
+    assert type(scratch) is type(model) and len(sp.tokenizer) == len(processor.tokenizer)
+    a, b = model.state_dict(), scratch.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_masked_loss_equals_full_logits_loss():
+    """The LM head only at loss positions gives the plain computation's loss and gradients."""
+    model, processor = tiny.build_scratch(seed=1)
+    batch = [rollout.encode_conversation(processor, tiny.corpus_item(random.Random(f"loss-{i}"))) for i in range(6)]
+    batch.append(rollout.encode_conversation(processor, tiny.vision_item(random.Random(0))))
+    loss, n = rollout.masked_lm_loss(model, processor, batch, "cpu")
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    seqs = [ids for ids, _, _ in batch]
+    logits = rollout.sequence_logits(model, processor, seqs, [im for _, _, im in batch])
+    targets = torch.tensor(rollout.pad_batch(seqs, 0, left=False))[:, 1:]
+    mask = torch.tensor(rollout.pad_batch([m for _, m, _ in batch], 0, left=False))[:, 1:].bool()
+    plain = F.cross_entropy(logits[:, :-1][mask], targets[mask], reduction="sum")
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()), allow_unused=True)
+    assert n == int(mask.sum()) and torch.allclose(loss, plain, rtol=1e-5)
+    for g, h in zip(grads, plain_grads):
+        assert (g is None) == (h is None)
+        if g is not None:
+            assert torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_wsd_schedule():
+    lr = [rollout.lr_at(s, 100, 1.0, 10, "wsd", 0.2) for s in range(100)]
+    assert lr[0] == 0.1 and lr[9] == 1.0 and lr[50] == 1.0 and lr[80] == 1.0
+    assert lr[90] == pytest.approx(0.55) and min(lr) >= 0.1 and lr == sorted(lr[:80]) + lr[80:]
+
+
+def test_quick_pretraining_runs_and_resumes_exactly(tmp_path):
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    res = tiny.main(["--quick", "--out", whole])
+    assert set(res) >= {"copy_list", "lookup", "tool_choice", "format_valid", "vision"}
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json", "log.jsonl", "checks.json"):
+        assert os.path.isfile(os.path.join(whole, "base", f))
+    assert [json.loads(x)["step"] for x in open(os.path.join(whole, "log.jsonl"))] == [1, 2, 3, 4]
+    shutil.copytree(os.path.join(whole, "tokenizer"), os.path.join(parts, "tokenizer"))  # skip training it again
+    assert tiny.main(["--quick", "--out", parts, "--stop-after", "2"]) is None
+    tiny.main(["--quick", "--out", parts, "--resume"])
+    a, b = load_file(os.path.join(whole, "base", "model.safetensors")), load_file(os.path.join(parts, "base", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [json.loads(x)["loss"] for x in open(os.path.join(d, "log.jsonl"))]
+    assert losses(whole) == losses(parts)
+
+
+def test_corpus_does_not_depend_on_the_hash_seed():
+    """Two processes with different PYTHONHASHSEED draw the same corpus (a set's order would differ)."""
+    import hashlib
+    import subprocess
+    import sys
+    code = ("import random, hashlib, tiny, tests.test_tiny as t; print(hashlib.sha256(''.join("
+            "t.render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(30)).encode()).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(out) == 1 and hashlib is not None

@@ -1,0 +1,910 @@
+"""
+The tiny default: a real Qwen2_5_VLForConditionalGeneration of a few million parameters, its fixed tokenizer,
+and its pretraining on a procedurally generated corpus of *generic* skills. It plays the part of the instruct
+model the paper starts from (Qwen2.5-VL-7B-Instruct reads a tool list, writes JSON calls and copies values out
+of its context before TC ever runs); TC, TG and ADL then teach visual tool use on top of it.
+
+The corpus never shows the five tasks or the seven visual tools, so TC, TG and the adopt experiment still
+measure what they teach. What it shows, every observation computed by real code:
+  1. copying: spans, number lists and [[x, y], ...] lists at random offsets among distractor lists;
+  2. generic tool use in this project's exact protocol: 2-6 synthetic text tools per prompt (look a record up,
+     read a document, sort, filter, sum, count, shift or scale points, keep points inside a box, find the
+     nearest point, locate named places) under readable or random names, random parameter names and varied
+     descriptions; chains where one observation feeds the next call; tool errors and retries;
+  3. generic vision: large shapes of named colours on plain backgrounds, with short questions (colour,
+     shape, count, position), because the vision tower starts random.
+
+    python tiny.py                      # rebuild the shipped base (tiny_base/) from nothing
+    python tiny.py --quick              # smoke test: a few steps, written under runs/tiny_quick
+    python tiny.py --resume             # continue an interrupted pretraining from OUT/ckpt
+    python tiny.py --check              # held-out skill checks of the shipped base (greedy, rollout.rollout)
+    python tiny.py --check --model runs/tc/model --tc-data runs/tc/data   # ... plus the vsp_nav transfer check
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw
+
+import rollout
+from tasks import extract_answer, read_jsonl
+from tools import ToolError, ToolResult, observation
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASE_DIR = os.path.join(HERE, "tiny_base")  # the shipped base; `--model tiny` loads it
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+    "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, log.jsonl")
+parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
+parser.add_argument("--steps", type=int, default=5000, help="optimizer steps")
+parser.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (sequences grouped by length)")
+parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, held constant through the copy transition")
+parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+parser.add_argument("--cooldown", type=float, default=0.15, help="share of the steps at the end that decay the lr to 10%%")
+parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
+parser.add_argument("--mix", default="copy=0.35,tools=0.5,vision=0.15", help="share of each corpus part "
+                    "(copy, tools, vision; the tokenizer corpus uses the default)")
+parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data, optimizer and RNG)")
+parser.add_argument("--stop-after", type=int, default=0, help="stop after this many steps, checkpointing first (0: run to the end)")
+parser.add_argument("--check", action="store_true", help="only run the held-out skill checks on --model")
+parser.add_argument("--model", default="tiny", help="model the checks read: tiny | scratch | PATH")
+parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check")
+parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the vsp_nav "
+                    "transfer check (teacher-forced digits of AStar's obstacles)")
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
+parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
+
+QUICK = dict(out="runs/tiny_quick", save=None, steps=4, batch_tokens=1536, warmup=2, ckpt_every=2, check_n=4)
+
+# -----------------------------------------------------------------------------
+# 1. the model's shape and its fixed tokenizer
+
+SPECIAL_TOKENS = rollout.SPECIAL_TOKENS
+TINY_VOCAB = 4096
+TINY_TEXT = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                   tokens_per_second=2)
+# 28 px per vision token after the 2x2 merge; 224x224 at most = 64 tokens per image, so a prompt stays short
+TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=224 * 224)
+
+# Qwen2.5-VL's chat template (what its tokenizer ships), so checkpoints trained elsewhere read the same prompt.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
+    """Byte-level BPE (any UTF-8 text encodes) with Qwen's special tokens, merges trained on `corpus`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
+    # description the corpus repeats becomes a token or two (ADL's paraphrases too). Digits and the commas of
+    # number and move lists stand alone, so a coordinate or a move list tokenizes the same wherever it is copied.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n|[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tokenizer_corpus():
+    """The fixed text the tokenizer's merges are learned from: the protocol with the seven tools' schemas, ADL's
+    paraphrase pools and random names, the tasks' question phrasings, and a sample of the pretraining corpus.
+    Merges are only a compression: knowing a schema's wording teaches the model nothing about the tool."""
+    import adl
+    import tasks
+    import tools
+    # the protocol's own prompts weigh as much as the whole corpus sample: the seven-tool prompt (which every TC
+    # and TG sequence starts with) then costs a few hundred tokens instead of a thousand
+    corpus = [rollout.system_prompt(tools.schemas()), rollout.system_prompt([])] * 300
+    rng = random.Random("tokenizer")
+    for _ in range(300):
+        corpus.append(rollout.system_prompt(adl.randomize(tools.schemas(), rng)[0]))
+    corpus += [text for pool in adl.TOOL_POOL.values() for text in pool] + list(adl.IMAGE_POOL)
+    corpus += [text for tool in adl.PARAM_POOL.values() for pool in tool.values() for text in pool]
+    for task in tasks.TASKS:
+        corpus += [ex["question"] for ex in tasks.generate(task, 30, split="train", seed=12345)]
+    for i in range(3000):
+        messages = corpus_item(random.Random(f"tokenizer-{i}"), images=False)
+        corpus.append("".join(p for m in messages for p in rollout.render(m) if isinstance(p, str)))
+    return corpus
+
+
+def build_scratch(tokenizer=None, seed=0):
+    """A randomly initialised tiny Qwen2.5-VL and its processor (the shipped tokenizer unless one is given)."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    if tokenizer is None and not os.path.isfile(os.path.join(BASE_DIR, "tokenizer.json")):
+        raise FileNotFoundError(f"the shipped tiny base {BASE_DIR} is missing; rebuild it with `python tiny.py`")
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(BASE_DIR)
+    ids = tok.convert_tokens_to_ids
+    vocab = (len(tok) + 63) // 64 * 64
+    text = dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                pad_token_id=ids("<|endoftext|>"))
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+                              image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                              vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                              tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **TINY_PIXELS)
+    return model, rollout.Processor(tok, image_processor)
+
+# -----------------------------------------------------------------------------
+# 2. synthetic text tools: generic operations under varied names, computed by real code
+
+WORDS = ("apple river stone cloud maple tiger amber delta orbit cedar pearl comet lotus ember frost willow "
+         "falcon harbor meadow copper violet summit canyon marble raven silver thunder coral lemon prism "
+         "quartz saffron tundra velvet zephyr basil cobalt dune fjord glacier ivory jasper kelp lagoon "
+         "mango nectar onyx pepper quill ridge sable thistle umber vapor walnut yarrow zinc acorn birch "
+         "candle dragon echo fable garnet hazel iris juniper kite lantern mosaic nutmeg olive pine").split()
+FIELDS = ("name city colour code price weight owner status team level score country size model year "
+          "height speed rank region phone label amount total balance plan email tag unit grade batch").split()
+PLACES = ("tower well gate tree rock house lamp bench fountain statue barn bridge tent cave flag").split()
+
+
+def rand_name(rng):
+    """An ADL-style name: 6 random characters [a-z0-9]."""
+    return "".join(rng.choices(string.ascii_lowercase + string.digits, k=6))
+
+
+def rand_value(rng):
+    """A record field's value: a word, a number, an amount, a code or a short phrase."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return rng.choice(WORDS)
+    if kind == 1:
+        return str(rng.randint(0, 9999))
+    if kind == 2:
+        return f"${rng.randint(1, 999)}.{rng.randint(0, 99):02d}"
+    if kind == 3:
+        return "".join(rng.choices(string.ascii_uppercase + string.digits, k=rng.randint(4, 9)))
+    return f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
+
+
+def rand_points(rng, n, hi=999):
+    return [[rng.randint(0, hi), rng.randint(0, hi)] for _ in range(n)]
+
+
+def _points(v, name):
+    if not (isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in v)):
+        raise ToolError(f"parameter '{name}' must be a list of [x, y] integer pairs")
+    return v
+
+
+def _ints(v, name, n=None):
+    if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)) or (n and len(v) != n):
+        raise ToolError(f"parameter '{name}' must be a list of {n or 'some'} integers")
+    return v
+
+
+def _int(v, name):
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ToolError(f"parameter '{name}' must be an integer")
+    return v
+
+
+def _str(v, name):
+    if not isinstance(v, str) or not v:
+        raise ToolError(f"parameter '{name}' must be a non-empty string")
+    return v
+
+
+@dataclass
+class Kind:
+    """One generic operation: the names and words a prompt may show for it, and the code that runs it.
+    params: role -> (JSON type, readable names, descriptions); run(world, args by role) -> result fields."""
+    names: list
+    descriptions: list
+    params: dict
+    run: object
+    purpose: str  # a few words for the thinking text: "I use X to {purpose}"
+
+
+def _record(world, a):
+    key = _str(a["id"], "id")
+    if key not in world["records"]:
+        raise ToolError(f"no record with id '{key}'; known ids: {', '.join(sorted(world['records']))}")
+    return {"record": world["records"][key]}
+
+
+def _document(world, a):
+    page = _str(a["page"], "page")
+    if page not in world["pages"]:
+        raise ToolError(f"no page named '{page}'; pages: {', '.join(sorted(world['pages']))}")
+    return {"lines": world["pages"][page]}
+
+
+def _locate(world, a):
+    place = _str(a["place"], "place")
+    return {"points": world["places"].get(place, [])}
+
+
+def _nearest(world, a):
+    (ox, oy), cands = _ints(a["origin"], "origin", 2), _points(a["candidates"], "candidates")
+    if not cands:
+        raise ToolError("parameter 'candidates' is empty: nothing to compare")
+    best = min(range(len(cands)), key=lambda i: (abs(cands[i][0] - ox) + abs(cands[i][1] - oy), i))
+    return {"nearest": cands[best], "index": best}
+
+
+def _inside(world, a):
+    pts, (x1, y1, x2, y2) = _points(a["points"], "points"), _ints(a["box"], "box", 4)
+    return {"inside": [p for p in pts if x1 <= p[0] <= x2 and y1 <= p[1] <= y2]}
+
+
+KINDS = {
+    "record": Kind(["get_record", "fetch_entry", "lookup", "read_row", "db_get"],
+                   ["Fetch the record stored under an id and return all of its fields.",
+                    "Looks up one entry of the database by its id; returns the entry's fields as a JSON object.",
+                    "Returns every field of the record whose identifier you give.",
+                    "Database reader: give an id, get back that record (field names and values)."],
+                   {"id": ("string", ["id", "key", "record_id", "entry"], ["the record's id", "identifier of the entry"])},
+                   _record, "look the record up"),
+    "document": Kind(["read_page", "open_doc", "page_text", "fetch_page"],
+                     ["Read a page of the document store; returns its lines in order, each a label or a value.",
+                      "Returns the text lines of a named page, top to bottom (a label line is followed by its value).",
+                      "Opens a page by name and lists its lines of text in reading order."],
+                     {"page": ("string", ["page", "name", "doc", "page_name"], ["which page to read", "the page's name"])},
+                     _document, "read that page"),
+    "sort": Kind(["sort_numbers", "order", "sort_list", "ascending"],
+                 ["Sort a list of integers from smallest to largest.", "Returns the given numbers in ascending order.",
+                  "Orders integers low to high."],
+                 {"values": ("array", ["values", "numbers", "items", "xs"], ["the integers to sort", "list of integers"])},
+                 lambda w, a: {"sorted": sorted(_ints(a["values"], "values"))}, "sort the numbers"),
+    "filter": Kind(["filter_above", "keep_greater", "above", "threshold_filter"],
+                   ["Keep only the integers strictly greater than a threshold, in their original order.",
+                    "Drops every number that is not above the threshold.",
+                    "Returns the values that exceed the given limit."],
+                   {"values": ("array", ["values", "numbers", "items", "data"], ["integers to filter", "the list"]),
+                    "threshold": ("integer", ["threshold", "limit", "above", "min"], ["keep values above this", "the cut-off"])},
+                   lambda w, a: {"kept": [x for x in _ints(a["values"], "values") if x > _int(a["threshold"], "threshold")]},
+                   "keep the numbers above the threshold"),
+    "sum": Kind(["sum_numbers", "total", "add_all", "summation"],
+                ["Add up a list of integers and return the total.", "Returns the sum of the numbers.",
+                 "Computes the total of a list of integers."],
+                {"values": ("array", ["values", "numbers", "terms", "items"], ["integers to add", "the list to sum"])},
+                lambda w, a: {"sum": sum(_ints(a["values"], "values"))}, "add the numbers up"),
+    "count": Kind(["count_items", "length", "how_many", "count"],
+                  ["Count how many entries a list has.", "Returns the number of items in a list.",
+                   "Tells the length of the given list."],
+                  {"items": ("array", ["items", "list", "entries", "values"], ["the list to count", "any JSON list"])},
+                  lambda w, a: {"count": len(a["items"]) if isinstance(a["items"], list) else _ints(a["items"], "items")},
+                  "count the entries"),
+    "shift": Kind(["shift_points", "translate", "move_points", "offset"],
+                  ["Move every [x, y] point by dx to the right and dy down.",
+                   "Translates a list of points: adds dx to each x and dy to each y.",
+                   "Returns the points shifted by an offset (dx, dy)."],
+                  {"points": ("array", ["points", "coords", "pts", "positions"], ["list of [x, y] points", "the points to move"]),
+                   "dx": ("integer", ["dx", "right", "shift_x", "x_offset"], ["pixels to add to x", "horizontal offset"]),
+                   "dy": ("integer", ["dy", "down", "shift_y", "y_offset"], ["pixels to add to y", "vertical offset"])},
+                  lambda w, a: {"points": [[x + _int(a["dx"], "dx"), y + _int(a["dy"], "dy")] for x, y in _points(a["points"], "points")]},
+                  "shift the points"),
+    "scale": Kind(["scale_points", "zoom_coords", "multiply_points", "scale"],
+                  ["Multiply both coordinates of every [x, y] point by an integer factor.",
+                   "Scales a list of points by a whole-number factor.", "Returns each point times the factor."],
+                  {"points": ("array", ["points", "coords", "pts", "xy"], ["list of [x, y] points", "points to scale"]),
+                   "factor": ("integer", ["factor", "k", "times", "scale"], ["the integer multiplier", "scale factor"])},
+                  lambda w, a: {"points": [[x * _int(a["factor"], "factor"), y * _int(a["factor"], "factor")] for x, y in _points(a["points"], "points")]},
+                  "scale the points"),
+    "inside": Kind(["inside_box", "clip_points", "in_region", "box_filter"],
+                   ["Keep the [x, y] points that lie inside a box [x1, y1, x2, y2] (edges included).",
+                    "Returns only the points within the given rectangle.",
+                    "Filters points to those inside a region given as [x1, y1, x2, y2]."],
+                   {"points": ("array", ["points", "coords", "pts", "candidates"], ["list of [x, y] points", "the points to test"]),
+                    "box": ("array", ["box", "region", "rect", "area"], ["[x1, y1, x2, y2]", "the rectangle"])},
+                   _inside, "keep the points inside the box"),
+    "nearest": Kind(["nearest_point", "closest", "find_nearest", "near"],
+                    ["Among candidate [x, y] points, return the one nearest to an origin (city-block distance).",
+                     "Finds which candidate point is closest to the origin point.",
+                     "Returns the candidate with the smallest |dx| + |dy| to the origin, and its index."],
+                    {"origin": ("array", ["origin", "from", "start", "ref"], ["[x, y] reference point", "the point to measure from"]),
+                     "candidates": ("array", ["candidates", "points", "options", "targets"], ["list of [x, y] points", "points to compare"])},
+                    _nearest, "find the nearest one"),
+    "locate": Kind(["locate", "find_place", "where_is", "map_search"],
+                   ["Look a named place up on the map; returns the [x, y] position of every place with that name.",
+                    "Returns the coordinates of all map locations called by the given name (empty when none).",
+                    "Map search: name a kind of place, get the [x, y] of each one."],
+                   {"place": ("string", ["place", "name", "what", "query"], ["the place to find", "name of the place"])},
+                   _locate, "find where that is"),
+}
+
+
+@dataclass
+class Toolset:
+    """The synthetic tools of one prompt: their schemas as shown, and `call`, the engine's way to run them."""
+    world: dict
+    tools: dict = field(default_factory=dict)    # shown name -> (kind key, {role: shown param name})
+    schemas: list = field(default_factory=list)
+
+    def add(self, kind_key, rng, random_names):
+        kind = KINDS[kind_key]
+        taken = set(self.tools)
+        name = rng.choice([n for n in kind.names if n not in taken] or [rand_name(rng)])
+        name = rand_name(rng) if random_names else name
+        params = {role: (rand_name(rng) if random_names and rng.random() < 0.5 else rng.choice(names))
+                  for role, (_, names, _) in kind.params.items()}
+        self.tools[name] = (kind_key, params)
+        props = {params[role]: {"type": typ, "description": rng.choice(descs)} for role, (typ, _, descs) in kind.params.items()}
+        self.schemas.append({"type": "function", "function": {
+            "name": name, "description": rng.choice(kind.descriptions),
+            "parameters": {"type": "object", "properties": props, "required": list(props)}}})
+        return name
+
+    def name_of(self, kind_key):
+        return next(n for n, (k, _) in self.tools.items() if k == kind_key)
+
+    def call_json(self, kind_key, args):
+        """The protocol's call for a kind with arguments by role, in this prompt's names."""
+        name = self.name_of(kind_key)
+        params = self.tools[name][1]
+        return {"name": name, "parameters": {params[role]: v for role, v in args.items()}}
+
+    def call(self, name, params, images=None, timeout=None):
+        """Run a call as the model wrote it -> ToolResult; every mistake becomes an error the model can read."""
+        if name not in self.tools:
+            return ToolResult("error", error=f"unknown tool '{name}'; available: {', '.join(self.tools)}")
+        kind_key, names = self.tools[name]
+        if not isinstance(params, dict):
+            return ToolResult("error", error="parameters must be a JSON object")
+        missing = [p for p in names.values() if p not in params]
+        unknown = [p for p in params if p not in names.values()]
+        if missing or unknown:
+            return ToolResult("error", error=f"missing parameters: {', '.join(missing) or 'none'}; unknown parameters: "
+                                             f"{', '.join(unknown) or 'none'}; {name} takes {', '.join(names.values())}")
+        try:
+            # role-named arguments, then the message (if any) in the names the prompt shows
+            return ToolResult("success", data=KINDS[kind_key].run(self.world, {r: params[p] for r, p in names.items()}))
+        except ToolError as e:
+            msg = str(e)
+            for role, shown in names.items():
+                msg = msg.replace(f"'{role}'", f"'{shown}'")
+            return ToolResult("error", error=msg)
+
+# -----------------------------------------------------------------------------
+# 3. the corpus: scenarios played in the protocol against the real synthetic tools
+
+
+def make_world(rng):
+    """The hidden state the synthetic tools read: records, document pages and a map of named places."""
+    # dict.fromkeys, not a set: a set's order changes with PYTHONHASHSEED and the corpus must not
+    ids = list(dict.fromkeys(f"{rng.choice(['item', 'user', 'order', 'P', 'node'])}-{rng.randint(10, 9999)}"
+                             for _ in range(rng.randint(3, 6))))
+    records = {i: {f: rand_value(rng) for f in rng.sample(FIELDS, rng.randint(4, 20))} for i in ids}
+    pages = {}
+    for _ in range(rng.randint(2, 4)):
+        labels = rng.sample(FIELDS, rng.randint(3, 8))
+        pages[f"{rng.choice(WORDS)}_{rng.randint(1, 99)}"] = [s for lab in labels for s in (f"{lab.title()}:", rand_value(rng))]
+    places = {p: rand_points(rng, rng.randint(1, 8)) for p in rng.sample(PLACES, rng.randint(3, 6))}
+    return {"records": records, "pages": pages, "places": places}
+
+
+def think_call(ts, kind_key, rng):
+    templates = ["I use {name} to {purpose}.", "To {purpose} I call {name}.", "{name} can {purpose}; I call it.",
+                 "The tool for this is {name}: it will {purpose}."]
+    return rng.choice(templates).format(name=ts.name_of(kind_key), purpose=KINDS[kind_key].purpose)
+
+
+def listed(rng, lists, target):
+    """Several labelled lists in random order, the one to use among them (copy at a random offset)."""
+    labels = rng.sample(["A", "B", "C", "D", "first", "second", "red", "blue", "north", "south"], len(lists))
+    order = rng.sample(range(len(lists)), len(lists))
+    lines = [f"{labels[i]}: {json.dumps(lists[i])}" for i in order]
+    return "\n".join(lines), labels[target]
+
+
+# Each scenario is a generator: it yields (thinking, kind, args by role) for every call it wants, receives the
+# real observation's data (or raises nothing: errors are retried by `play`), and returns (thinking, answer).
+# It gets the toolset so it can ask for the kinds it needs; `needs` lists them.
+
+
+def sc_record(rng, world):
+    rid = rng.choice(list(world["records"]))
+    fld = rng.choice(list(world["records"][rid]))
+    q = rng.choice(["What is the {f} of record {r}?", "Look up {r} and tell me its {f}.", "Record {r}: what is its '{f}' field?"])
+    data = yield "record", {"id": rid}, q.format(f=fld, r=rid)
+    return f"The record's {fld} is {data['record'][fld]}.", data["record"][fld]
+
+
+def sc_document(rng, world):
+    page = rng.choice(list(world["pages"]))
+    lines = world["pages"][page]
+    k = rng.randrange(0, len(lines), 2)
+    label = lines[k][:-1]
+    q = rng.choice(["On page {p}, what is written after '{l}'?", "What is the value of '{l}' on page {p}?",
+                    "Read page {p}: which value belongs to the label {l}?"])
+    data = yield "document", {"page": page}, q.format(p=page, l=label)
+    value = data["lines"][data["lines"].index(label + ":") + 1]
+    return f"The line after '{label}:' says {value}.", value
+
+
+def sc_numbers(rng, world):
+    kind = rng.choice(["sort", "filter", "sum", "count"])
+    lists = [[rng.randint(0, 999) for _ in range(rng.randint(2, 12))] for _ in range(rng.randint(1, 3))]
+    target = rng.randrange(len(lists))
+    text, label = listed(rng, lists, target)
+    args = {"values": lists[target]} if kind != "count" else {"items": lists[target]}
+    if kind == "filter":
+        args["threshold"] = rng.randint(0, 999)
+    ask = {"sort": "Sort list {l} in ascending order.", "filter": "Keep the numbers of list {l} that are above {t}.",
+           "sum": "What is the sum of list {l}?", "count": "How many numbers does list {l} have?"}[kind]
+    data = yield kind, args, f"{text}\n{ask.format(l=label, t=args.get('threshold'))}"
+    value = json.dumps(next(iter(data.values())))
+    return f"The tool returned {value}.", value
+
+
+def sc_points(rng, world):
+    kind = rng.choice(["shift", "scale", "inside"])
+    lists = [rand_points(rng, rng.randint(1, 16)) for _ in range(rng.randint(1, 3))]
+    target = rng.randrange(len(lists))
+    text, label = listed(rng, lists, target)
+    args = {"points": lists[target]}
+    if kind == "shift":
+        args.update(dx=rng.randint(-50, 50), dy=rng.randint(-50, 50))
+        ask = f"Shift the points of {label} by dx={args['dx']}, dy={args['dy']}."
+    elif kind == "scale":
+        args["factor"] = rng.randint(2, 4)
+        ask = f"Scale the points of {label} by {args['factor']}."
+    else:
+        x1, y1 = rng.randint(0, 500), rng.randint(0, 500)
+        args["box"] = [x1, y1, x1 + rng.randint(100, 499), y1 + rng.randint(100, 499)]
+        ask = f"Which points of {label} lie inside the box {json.dumps(args['box'])}?"
+    data = yield kind, args, f"Points:\n{text}\n{ask}"
+    value = json.dumps(next(iter(data.values())))
+    return f"The result is {value}.", value
+
+
+def sc_chain(rng, world):
+    """Two or three calls, each later one copying arguments out of earlier observations."""
+    places = world["places"]
+    a, b = rng.sample(list(places), 2)
+    mode = rng.choice(["nearest", "inside", "shift"])
+    if mode == "nearest":
+        q = f"Which {b} is nearest to the {a}? Give its [x, y]."
+        pa = yield "locate", {"place": a}, q
+        pb = yield "locate", {"place": b}, None
+        data = yield "nearest", {"origin": pa["points"][0], "candidates": pb["points"]}, None
+        return f"The nearest {b} is at {json.dumps(data['nearest'])}.", json.dumps(data["nearest"])
+    if mode == "inside":
+        px, py = rng.choice(places[a])  # a box around one of them, so the answer is seldom empty
+        x1, y1 = max(0, px - rng.randint(0, 300)), max(0, py - rng.randint(0, 300))
+        box = [x1, y1, px + rng.randint(0, 300), py + rng.randint(0, 300)]
+        pa = yield "locate", {"place": a}, f"Which {a} positions are inside the box {json.dumps(box)}?"
+        data = yield "inside", {"points": pa["points"], "box": box}, None
+        return f"These {a} positions are inside: {json.dumps(data['inside'])}.", json.dumps(data["inside"])
+    dx, dy = rng.randint(-50, 50), rng.randint(-50, 50)
+    pa = yield "locate", {"place": a}, f"Find every {a} and shift the positions by dx={dx}, dy={dy}."
+    data = yield "shift", {"points": pa["points"], "dx": dx, "dy": dy}, None
+    return f"Shifted: {json.dumps(data['points'])}.", json.dumps(data["points"])
+
+
+def sc_record_chain(rng, world):
+    """A record holds a number list; a second tool works on it."""
+    rid = rng.choice(list(world["records"]))
+    fld = rng.choice(list(world["records"][rid]))
+    world["records"][rid][fld] = [rng.randint(0, 999) for _ in range(rng.randint(2, 10))]
+    kind = rng.choice(["sort", "sum"])
+    data = yield "record", {"id": rid}, f"Take the '{fld}' list of record {rid} and {'sort it' if kind == 'sort' else 'add it up'}."
+    out = yield kind, {"values": data["record"][fld]}, None
+    value = json.dumps(next(iter(out.values())))
+    return f"The answer is {value}.", value
+
+
+SCENARIOS = {"record": (sc_record, ["record"]), "document": (sc_document, ["document"]),
+             "numbers": (sc_numbers, None), "points": (sc_points, None), "chain": (sc_chain, ["locate", "nearest", "inside", "shift"]),
+             "record_chain": (sc_record_chain, ["record", "sort", "sum"])}
+
+
+def corrupt(rng, call):
+    """A plausible mistake in a call: a parameter left out, or a list sent as a string."""
+    params = dict(call["parameters"])
+    key = rng.choice(list(params))
+    if isinstance(params[key], list) and rng.random() < 0.5:
+        params[key] = json.dumps(params[key])
+    else:
+        del params[key]
+    return {"name": call["name"], "parameters": params}
+
+
+def assistant(think, call=None, answer=None):
+    body = f"<think>{think}</think>"
+    if call is not None:
+        return {"role": "assistant", "content": body + f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>"}
+    return {"role": "assistant", "content": body + f"<response>\\boxed{{{answer}}}</response>"}
+
+
+def tool_scenario(rng, name=None, random_names=None, n_tools=None):
+    """One generic tool-use conversation -> (messages, toolset, expected calls, answer). Every observation is the
+    real result of the call before it."""
+    name = name or rng.choice(list(SCENARIOS))
+    fn, needs = SCENARIOS[name]
+    world = make_world(rng)
+    gen = fn(rng, world)
+    kind_key, args, question = next(gen)
+    needs = needs or [kind_key]
+    random_names = rng.random() < 0.5 if random_names is None else random_names
+    n_tools = n_tools or rng.randint(max(2, len(needs)), 6)
+    kinds = needs + rng.sample([k for k in KINDS if k not in needs], max(0, n_tools - len(needs)))
+    ts = Toolset(world)
+    for k in rng.sample(kinds, len(kinds)):  # the tool list in random order
+        ts.add(k, rng, random_names)
+    messages = [{"role": "system", "content": rollout.system_prompt(ts.schemas)},
+                {"role": "user", "content": question}]
+    calls = []
+    while True:
+        call = ts.call_json(kind_key, args)
+        if rng.random() < 0.12:  # a mistake, the tool's real error, and the fix
+            bad = corrupt(rng, call)
+            result = ts.call(bad["name"], bad["parameters"])
+            if result.status == "error":
+                messages += [assistant(think_call(ts, kind_key, rng), bad),
+                             rollout.observation_message(observation(bad["name"], result))]
+                think = f"The call failed ({result.error}). I fix the arguments and try again."
+                messages.append(assistant(think, call))
+            else:
+                messages.append(assistant(think_call(ts, kind_key, rng), call))
+        else:
+            messages.append(assistant(think_call(ts, kind_key, rng), call))
+        result = ts.call(call["name"], call["parameters"])
+        assert result.status == "success", result.error
+        messages.append(rollout.observation_message(observation(call["name"], result)))
+        calls.append(call)
+        try:
+            kind_key, args, _ = gen.send(result.data)
+        except StopIteration as stop:
+            think, answer = stop.value
+            break
+    messages.append(assistant(think, answer=answer))
+    return messages, ts, calls, answer
+
+
+def copy_item(rng):
+    """Copy a span, a number list, a point list or a JSON record out of the question; no tool is needed even
+    when some are offered."""
+    form = rng.randrange(4)
+    if form == 0:
+        lists = [" ".join(rng.sample(WORDS, rng.randint(2, 8))) for _ in range(rng.randint(2, 4))]
+    elif form == 1:
+        lists = [[rng.randint(0, 9999) for _ in range(rng.randint(1, 16))] for _ in range(rng.randint(2, 4))]
+    elif form == 2:
+        lists = [rand_points(rng, rng.randint(1, 16)) for _ in range(rng.randint(2, 4))]
+    else:
+        lists = [{f: rand_value(rng) for f in rng.sample(FIELDS, rng.randint(2, 6))} for _ in range(rng.randint(2, 4))]
+    target = rng.randrange(len(lists))
+    text, label = listed(rng, lists, target)
+    answer = lists[target] if isinstance(lists[target], str) else json.dumps(lists[target])
+    ask = rng.choice(["Repeat {l} exactly.", "Copy entry {l}.", "What does {l} say? Answer with it verbatim."])
+    tools = []
+    if rng.random() < 0.2:  # mostly short and dense: copies are what the loss should be about
+        ts = Toolset(make_world(rng))
+        for k in rng.sample(list(KINDS), rng.randint(2, 5)):
+            ts.add(k, rng, rng.random() < 0.5)
+        tools = ts.schemas
+    return [{"role": "system", "content": rollout.system_prompt(tools)},
+            {"role": "user", "content": f"{text}\n{ask.format(l=label)}"},
+            assistant(rng.choice(["No tool is needed: the answer is in the question.", "I copy it from the question.",
+                                  f"Entry {label} is right there; I repeat it."]), answer=answer)]
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), "yellow": (240, 210, 20),
+           "black": (20, 20, 20), "white": (250, 250, 250), "purple": (130, 40, 170), "orange": (245, 140, 20)}
+BACKGROUNDS = [(200, 200, 200), (170, 190, 210), (215, 200, 170), (160, 160, 160)]
+
+
+def draw_shape(d, shape, box, colour):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    else:
+        d.polygon([((x1 + x2) // 2, y1), (x2, y2), (x1, y2)], fill=colour)
+
+
+def vision_item(rng):
+    """A plain picture of 1-4 large shapes and a short question about colour, shape, count or position."""
+    size = rng.choice([112, 168, 224])
+    img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
+    d = ImageDraw.Draw(img)
+    cell = size // 2
+    slots = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], rng.randint(1, 4))
+    objs = []
+    for sx, sy in slots:
+        shape, colour = rng.choice(["circle", "square", "triangle"]), rng.choice(list(COLOURS))
+        m = rng.randint(4, cell // 6)
+        draw_shape(d, shape, (sx * cell + m, sy * cell + m, (sx + 1) * cell - m, (sy + 1) * cell - m), COLOURS[colour])
+        objs.append((shape, colour, sx, sy))
+    shape, colour, sx, sy = rng.choice(objs)
+    kinds = ["count"]
+    if sum(o[0] == shape for o in objs) == 1:
+        kinds += ["colour", "where"]
+    if sum(o[1] == colour for o in objs) == 1:
+        kinds.append("shape")
+    q = rng.choice(kinds)
+    if q == "colour":
+        question, answer = f"What colour is the {shape}?", colour
+    elif q == "shape":
+        question, answer = f"What shape is the {colour} object?", shape
+    elif q == "where":
+        axis = rng.choice(["x", "y"])
+        question = f"Is the {shape} on the {'left or right' if axis == 'x' else 'top or bottom'}?"
+        answer = ("left", "right")[sx] if axis == "x" else ("top", "bottom")[sy]
+    else:
+        question, answer = f"How many {shape}s are there?", str(sum(o[0] == shape for o in objs))
+    tools = []
+    if rng.random() < 0.3:  # irrelevant tools on offer: a picture question needs none of them
+        ts = Toolset(make_world(rng))
+        for k in rng.sample(list(KINDS), rng.randint(2, 4)):
+            ts.add(k, rng, rng.random() < 0.5)
+        tools = ts.schemas
+    return [{"role": "system", "content": rollout.system_prompt(tools)},
+            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]},
+            assistant(rng.choice(["I look at the picture.", "The shapes are large; I can see it directly."]), answer=answer)]
+
+
+def parse_mix(text):
+    """'copy=0.35,tools=0.5,vision=0.15' -> (("copy", 0.35), ...)"""
+    mix = tuple((k.strip(), float(v)) for k, v in (p.split("=") for p in text.split(",")))
+    unknown = [k for k, _ in mix if k not in ("copy", "tools", "vision")]
+    if unknown:
+        raise ValueError(f"--mix: unknown parts {unknown}; the parts are copy, tools, vision")
+    return mix
+
+
+def corpus_item(rng, mix=None, images=True):
+    """One training conversation of the pretraining corpus; mix: ((part, share), ...), default --mix's."""
+    mix = mix or parse_mix(parser.get_default("mix"))
+    part = rng.choices([p for p, _ in mix], [w for _, w in mix])[0]
+    if part == "vision" and images:
+        return vision_item(rng)
+    if part == "copy":
+        return copy_item(rng)
+    return tool_scenario(rng)[0]
+
+# -----------------------------------------------------------------------------
+# 4. pretraining: a plain loop over freshly generated, length-grouped batches
+
+
+def chunk_batches(seed, chunk, processor, batch_tokens, mix, steps_per_chunk=8):
+    """The batches of one chunk of steps, deterministic from (seed, chunk): draw conversations worth
+    `steps_per_chunk` batches, sort them by length, cut them into batches of at most `batch_tokens` padded
+    tokens, and shuffle the batches. A resumed run rebuilds the chunk and continues at the same batch."""
+    rng = random.Random(f"pretrain-{seed}-{chunk}")
+    items, total = [], 0
+    while total < steps_per_chunk * batch_tokens * 0.8:
+        ids, mask, images = rollout.encode_conversation(processor, corpus_item(rng, mix))
+        if len(ids) <= batch_tokens:
+            items.append((ids, mask, images))
+            total += len(ids)
+    items.sort(key=lambda it: len(it[0]))
+    batches, cur = [], []
+    for it in items:
+        if cur and (len(cur) + 1) * len(it[0]) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(it)
+    batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def pretrain(model, processor, out, steps, batch_tokens, lr, warmup, cooldown, weight_decay, clip, mix, seed,
+             ckpt_every, resume, stop_after, device):
+    """The loop; returns the finished state, or None when --stop-after stopped it early."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    ckpt = os.path.join(out, "ckpt")
+    state = {"step": 0, "chunk": 0, "pos": 0}
+    if resume and os.path.isdir(ckpt):
+        model.load_state_dict(rollout.load_policy(os.path.join(ckpt, "model"), device, torch.float32)[0].state_dict())
+        state = rollout.load_checkpoint(ckpt, optimizer)
+        print(f"resumed from {ckpt} at step {state['step']}")
+    log = open(os.path.join(out, "log.jsonl"), "a" if state["step"] else "w")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    batches, have = None, None
+    from tqdm import tqdm
+    bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
+    model.train()
+    while state["step"] < steps:
+        t0 = time.perf_counter()
+        if have != state["chunk"]:
+            batches, have = chunk_batches(seed, state["chunk"], processor, batch_tokens, mix), state["chunk"]
+        batch = batches[state["pos"]]
+        lr_now = rollout.lr_at(state["step"], steps, lr, warmup, "wsd", cooldown)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now
+        with autocast:
+            loss, n = rollout.masked_lm_loss(model, processor, batch, device)
+        (loss / max(1, n)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["pos"] += 1
+        if state["pos"] == len(batches):
+            state["chunk"], state["pos"] = state["chunk"] + 1, 0
+        dt = time.perf_counter() - t0
+        tokens = sum(len(ids) for ids, _, _ in batch)
+        rec = {"step": state["step"], "loss": loss.item() / max(1, n), "lr": lr_now, "grad_norm": float(grad_norm),
+               "tokens": tokens, "loss_tokens": n, "tokens_per_s": tokens / dt, "cpu_s": time.process_time()}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        stop = stop_after and state["step"] >= stop_after
+        if (ckpt_every and state["step"] % ckpt_every == 0) or stop or state["step"] == steps:
+            rollout.save_checkpoint(ckpt, model, processor, optimizer, state)
+        if stop and state["step"] < steps:
+            bar.close()
+            return None
+    bar.close()
+    log.close()
+    model.eval()
+    return state
+
+# -----------------------------------------------------------------------------
+# 5. held-out checks: greedy rollouts through the engine, on seeds the corpus never draws
+
+
+def check_examples(check, n):
+    """-> (examples, toolsets, expected first calls) for one check; seeds 'heldout-*' never occur in training."""
+    examples, toolsets, expected = [], [], []
+    for i in range(n):
+        rng = random.Random(f"heldout-{check}-{i}")
+        if check == "copy_list":  # a 1-16 pair list among distractors, copied into a call
+            messages, ts, calls, answer = tool_scenario(rng, "points", n_tools=rng.randint(2, 6))
+        elif check == "lookup":   # the value of a named key in a record of 4-20 fields
+            messages, ts, calls, answer = tool_scenario(rng, "record", n_tools=rng.randint(2, 6))
+        else:                     # tool choice by description among 2-6 randomly named tools
+            messages, ts, calls, answer = tool_scenario(rng, rng.choice(["numbers", "points", "record", "document"]),
+                                                        random_names=True, n_tools=rng.randint(2, 6))
+        question = next(m["content"] for m in messages if m["role"] == "user")
+        examples.append({"id": f"{check}-{i}", "task": "synthetic", "question": question, "images": [],
+                         "answer": answer, "meta": {}})
+        toolsets.append(ts)
+        expected.append(calls[0])
+    return examples, toolsets, expected
+
+
+def run_checks(model, processor, n, seed=0):
+    """Greedy rollouts on the three held-out checks -> {check: rate}, plus format validity over all."""
+    out, fmt = {}, []
+    for check in ("copy_list", "lookup", "tool_choice"):
+        examples, toolsets, expected = check_examples(check, n)
+        trajs = rollout.rollout(model, processor, examples, toolsets=toolsets, temperature=0, max_turns=4,
+                                max_new_tokens=256, max_total_tokens=3072, seed=seed)
+        first = [t.calls[0] if t.calls else None for t in trajs]
+        if check == "lookup":
+            ok = [t.answer is not None and t.answer.strip() == ex["answer"] for t, ex in zip(trajs, examples)]
+        elif check == "copy_list":  # the list argument, copied exactly
+            ok = [c is not None and c["name"] == e["name"] and _points_arg(c["params"]) == _points_arg(e["parameters"])
+                  for c, e in zip(first, expected)]
+        else:
+            ok = [c is not None and c["name"] == e["name"] and c["params"] == e["parameters"] for c, e in zip(first, expected)]
+        out[check] = sum(ok) / len(ok)
+        fmt += [t.format_valid for t in trajs]
+    out["format_valid"] = sum(fmt) / len(fmt)
+    vision = [vision_item(random.Random(f"heldout-vision-{i}")) for i in range(n)]
+    examples = [{"id": f"vision-{i}", "task": "synthetic", "question": m[1]["content"][1]["text"],
+                 "images": [m[1]["content"][0]["image"]], "answer": extract_answer(m[-1]["content"]), "meta": {}}
+                for i, m in enumerate(vision)]
+    trajs = rollout.rollout(model, processor, examples, tools=[], temperature=0, max_turns=2, max_new_tokens=64, seed=seed)
+    out["vision"] = sum(t.answer == ex["answer"] for t, ex in zip(trajs, examples)) / n
+    return out
+
+
+def _points_arg(params):
+    """The list-of-pairs argument of a call, whatever the prompt named it."""
+    return next((v for v in (params or {}).values() if isinstance(v, list) and v and isinstance(v[0], list)), None)
+
+
+def transfer_check(model, processor, data_dir, limit=100):
+    """Teacher-forced accuracy on the digits of AStar's `obstacles` in real vsp_nav TC trajectories, after the first
+    pair (the list is copied from the Point observation above it). The base never saw AStar nor these grids."""
+    records = read_jsonl(os.path.join(data_dir, "train.jsonl"), ["task", "messages"], lambda r: r)
+    records = [r for r in records if r["task"] == "vsp_nav" and r.get("kind") == "direct"
+               and any('"AStar"' in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
+    hits = total = 0
+    for r in records:
+        messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))} if p["type"] == "image" else p
+                                      for p in m["content"]]} if isinstance(m["content"], list) else m for m in r["messages"]]
+        k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and '"AStar"' in m["content"])
+        text = messages[k]["content"]
+        head = text[:text.index('"obstacles": [') + len('"obstacles": [')]
+        first_pair_end = text.index("]", len(head)) + 1
+        prefix_ids, _, images = rollout.encode_conversation(processor, messages[:k] + [{"role": "assistant", "content": ""}])
+        prefix_ids = prefix_ids[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
+        span_start = len(prefix_ids) + len(processor.encode_text(text[:first_pair_end]))
+        body = processor.encode_text(text[:text.index("]}}</tool_call>")])
+        ids = prefix_ids + body
+        logits = rollout.sequence_logits(model, processor, [ids], [images])[0]
+        pred = logits[:-1].argmax(-1).tolist()
+        for t in range(span_start, len(ids)):
+            if processor.decode([ids[t]]).strip().isdigit():
+                hits += int(pred[t - 1] == ids[t])
+                total += 1
+    return hits / max(1, total), len(records)
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    if args.quick:  # quick values replace the defaults; flags given explicitly still win
+        quick = copy.deepcopy(parser)
+        quick.set_defaults(**QUICK)
+        args = quick.parse_args(argv)
+    device = rollout.resolve_device(args.device)
+    if args.check:
+        model, processor = rollout.load_policy(args.model, device=device)
+        with torch.no_grad():
+            results = run_checks(model, processor, args.check_n, args.seed)
+            if args.tc_data:
+                results["transfer_obstacle_digits"], results["transfer_records"] = transfer_check(model, processor, args.tc_data)
+        print(json.dumps(results, indent=1))
+        return results
+    mix = parse_mix(args.mix)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    tok_dir = os.path.join(args.out, "tokenizer")
+    if not os.path.isdir(tok_dir):  # the fixed tokenizer, trained once per run directory
+        print("training the tokenizer on the fixed corpus ...")
+        build_tokenizer(tokenizer_corpus()).save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+    model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
+    model.to(device)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, {device}")
+    state = pretrain(model, processor, args.out, args.steps, args.batch_tokens, args.lr, args.warmup, args.cooldown,
+                     args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume, args.stop_after, device)
+    if state is None:
+        print(f"stopped after step {args.stop_after}; continue with --resume")
+        return None
+    save = args.save or os.path.join(args.out, "base")
+    rollout.save_policy(model, processor, save)
+    shutil.copy(os.path.join(args.out, "log.jsonl"), os.path.join(save, "log.jsonl"))
+    with open(os.path.join(save, "command.txt"), "w") as f:
+        f.write("python tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
+    model.eval()
+    with torch.no_grad():
+        results = run_checks(model, processor, args.check_n, args.seed)
+    results["wall_s"] = time.perf_counter() - t0
+    json.dump(results, open(os.path.join(save, "checks.json"), "w"), indent=1)
+    print(f"base saved to {save} ({results['wall_s']:.0f} s): {json.dumps(results)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
