@@ -45,15 +45,17 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, log.jsonl")
 parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
-parser.add_argument("--steps", type=int, default=5000, help="optimizer steps")
+parser.add_argument("--steps", type=int, default=4000, help="optimizer steps, the drill's included")
+parser.add_argument("--drill-steps", type=int, default=1000, help="first steps on copy drills only (short plain sequences, "
+                    "loss on the copy): the in-context copy circuit forms there, then the mix teaches the protocol")
 parser.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (sequences grouped by length)")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, held constant through the copy transition")
 parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
 parser.add_argument("--cooldown", type=float, default=0.15, help="share of the steps at the end that decay the lr to 10%%")
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
-parser.add_argument("--mix", default="copy=0.35,tools=0.5,vision=0.15", help="share of each corpus part "
-                    "(copy, tools, vision; the tokenizer corpus uses the default)")
+parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part after the "
+                    "drill steps (drill, copy, tools, vision; the tokenizer corpus uses the default)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data, optimizer and RNG)")
 parser.add_argument("--stop-after", type=int, default=0, help="stop after this many steps, checkpointing first (0: run to the end)")
@@ -66,7 +68,7 @@ parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
 
-QUICK = dict(out="runs/tiny_quick", save=None, steps=4, batch_tokens=1536, warmup=2, ckpt_every=2, check_n=4)
+QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tokens=1536, warmup=2, ckpt_every=2, check_n=4)
 
 # -----------------------------------------------------------------------------
 # 1. the model's shape and its fixed tokenizer
@@ -136,8 +138,9 @@ def tokenizer_corpus():
     for task in tasks.TASKS:
         corpus += [ex["question"] for ex in tasks.generate(task, 30, split="train", seed=12345)]
     for i in range(3000):
-        messages = corpus_item(random.Random(f"tokenizer-{i}"), images=False)
-        corpus.append("".join(p for m in messages for p in rollout.render(m) if isinstance(p, str)))
+        item = corpus_item(random.Random(f"tokenizer-{i}"), images=False)
+        corpus.append("".join(item) if isinstance(item, tuple) else
+                      "".join(p for m in item for p in rollout.render(m) if isinstance(p, str)))
     return corpus
 
 
@@ -674,19 +677,41 @@ def vision_item(rng):
             assistant(rng.choice(["I look at the picture.", "The shapes are large; I can see it directly."]), answer=answer)]
 
 
+def drill_item(rng):
+    """A plain copy drill, no chat template: 2-3 labelled lists (words, numbers or [x, y] pairs) and a cue; the
+    loss falls on the copy only. Short and dense, like the setting where induction heads are known to form
+    within about a thousand steps. -> (text before the copy, the copy)."""
+    form = rng.randrange(3)
+    n = rng.randint(2, 3)
+    if form == 0:  # unique words across all lists: plain induction (the token after the match) suffices
+        sizes = [rng.randint(3, 10) for _ in range(n)]
+        words = rng.sample(WORDS + FIELDS + PLACES, sum(sizes))
+        lists = [" ".join(words[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(n)]
+    elif form == 1:
+        lists = [json.dumps([rng.randint(0, 9999) for _ in range(rng.randint(2, 12))]) for _ in range(n)]
+    else:
+        lists = [json.dumps(rand_points(rng, rng.randint(1, 10))) for _ in range(n)]
+    labels = rng.sample(["A", "B", "C", "D", "E", "F"], n)
+    k = rng.randrange(n)
+    return "".join(f"{lab}: {x}\n" for lab, x in zip(labels, lists)) + f"copy {labels[k]}: ", lists[k]
+
+
 def parse_mix(text):
     """'copy=0.35,tools=0.5,vision=0.15' -> (("copy", 0.35), ...)"""
     mix = tuple((k.strip(), float(v)) for k, v in (p.split("=") for p in text.split(",")))
-    unknown = [k for k, _ in mix if k not in ("copy", "tools", "vision")]
+    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "vision")]
     if unknown:
-        raise ValueError(f"--mix: unknown parts {unknown}; the parts are copy, tools, vision")
+        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, vision")
     return mix
 
 
 def corpus_item(rng, mix=None, images=True):
-    """One training conversation of the pretraining corpus; mix: ((part, share), ...), default --mix's."""
+    """One item of the pretraining corpus: a conversation (list of messages), or a drill (text, copy).
+    mix: ((part, share), ...), default --mix's."""
     mix = mix or parse_mix(parser.get_default("mix"))
     part = rng.choices([p for p, _ in mix], [w for _, w in mix])[0]
+    if part == "drill":
+        return drill_item(rng)
     if part == "vision" and images:
         return vision_item(rng)
     if part == "copy":
@@ -697,14 +722,23 @@ def corpus_item(rng, mix=None, images=True):
 # 4. pretraining: a plain loop over freshly generated, length-grouped batches
 
 
-def chunk_batches(seed, chunk, processor, batch_tokens, mix, steps_per_chunk=8):
-    """The batches of one chunk of steps, deterministic from (seed, chunk): draw conversations worth
+def encode_item(processor, item):
+    """-> (ids, loss mask, images). A conversation as the engine sees it (loss on assistant turns); a drill as
+    plain text with the loss on the copy and the <|im_end|> that closes it."""
+    if isinstance(item, list):
+        return rollout.encode_conversation(processor, item)
+    head, copy = processor.encode_text(item[0]), processor.encode_text(item[1]) + [processor.im_end]
+    return head + copy, [0] * len(head) + [1] * len(copy), []
+
+
+def chunk_batches(seed, phase, chunk, processor, batch_tokens, mix, steps_per_chunk=8):
+    """The batches of one chunk of steps, deterministic from (seed, phase, chunk): draw items worth
     `steps_per_chunk` batches, sort them by length, cut them into batches of at most `batch_tokens` padded
     tokens, and shuffle the batches. A resumed run rebuilds the chunk and continues at the same batch."""
-    rng = random.Random(f"pretrain-{seed}-{chunk}")
+    rng = random.Random(f"pretrain-{seed}-{phase}-{chunk}")
     items, total = [], 0
     while total < steps_per_chunk * batch_tokens * 0.8:
-        ids, mask, images = rollout.encode_conversation(processor, corpus_item(rng, mix))
+        ids, mask, images = encode_item(processor, corpus_item(rng, mix))
         if len(ids) <= batch_tokens:
             items.append((ids, mask, images))
             total += len(ids)
@@ -720,18 +754,23 @@ def chunk_batches(seed, chunk, processor, batch_tokens, mix, steps_per_chunk=8):
     return batches
 
 
-def pretrain(model, processor, out, steps, batch_tokens, lr, warmup, cooldown, weight_decay, clip, mix, seed,
-             ckpt_every, resume, stop_after, device):
+def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup, cooldown, weight_decay, clip, mix,
+             seed, ckpt_every, resume, stop_after, device):
     """The loop; returns the finished state, or None when --stop-after stopped it early."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     ckpt = os.path.join(out, "ckpt")
-    state = {"step": 0, "chunk": 0, "pos": 0}
+    state = {"step": 0, "phase": "drill", "chunk": 0, "pos": 0}
     if resume and os.path.isdir(ckpt):
         model.load_state_dict(rollout.load_policy(os.path.join(ckpt, "model"), device, torch.float32)[0].state_dict())
         state = rollout.load_checkpoint(ckpt, optimizer)
         print(f"resumed from {ckpt} at step {state['step']}")
-    log = open(os.path.join(out, "log.jsonl"), "a" if state["step"] else "w")
+    log_path = os.path.join(out, "log.jsonl")
+    if state["step"] and os.path.exists(log_path):  # drop what a killed run logged after its last checkpoint
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(line for line in open(log_path) if json.loads(line)["step"] <= state["step"])
+        os.replace(log_path + ".tmp", log_path)
+    log = open(log_path, "a" if state["step"] else "w")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     batches, have = None, None
     from tqdm import tqdm
@@ -739,8 +778,13 @@ def pretrain(model, processor, out, steps, batch_tokens, lr, warmup, cooldown, w
     model.train()
     while state["step"] < steps:
         t0 = time.perf_counter()
-        if have != state["chunk"]:
-            batches, have = chunk_batches(seed, state["chunk"], processor, batch_tokens, mix), state["chunk"]
+        phase = "drill" if state["step"] < drill_steps else "mix"  # the curriculum: copy drills, then the mix
+        if phase != state["phase"]:
+            state.update(phase=phase, chunk=0, pos=0)
+        if have != (phase, state["chunk"]):
+            phase_mix = (("drill", 1.0),) if phase == "drill" else mix
+            batches = chunk_batches(seed, phase, state["chunk"], processor, batch_tokens, phase_mix)
+            have = (phase, state["chunk"])
         batch = batches[state["pos"]]
         lr_now = rollout.lr_at(state["step"], steps, lr, warmup, "wsd", cooldown)
         for g in optimizer.param_groups:
@@ -757,7 +801,7 @@ def pretrain(model, processor, out, steps, batch_tokens, lr, warmup, cooldown, w
             state["chunk"], state["pos"] = state["chunk"] + 1, 0
         dt = time.perf_counter() - t0
         tokens = sum(len(ids) for ids, _, _ in batch)
-        rec = {"step": state["step"], "loss": loss.item() / max(1, n), "lr": lr_now, "grad_norm": float(grad_norm),
+        rec = {"step": state["step"], "phase": phase, "loss": loss.item() / max(1, n), "lr": lr_now, "grad_norm": float(grad_norm),
                "tokens": tokens, "loss_tokens": n, "tokens_per_s": tokens / dt, "cpu_s": time.process_time()}
         log.write(json.dumps(rec) + "\n")
         log.flush()
@@ -887,8 +931,9 @@ def main(argv=None):
     model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
     model.to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, {device}")
-    state = pretrain(model, processor, args.out, args.steps, args.batch_tokens, args.lr, args.warmup, args.cooldown,
-                     args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume, args.stop_after, device)
+    state = pretrain(model, processor, args.out, args.steps, args.drill_steps, args.batch_tokens, args.lr, args.warmup,
+                     args.cooldown, args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume,
+                     args.stop_after, device)
     if state is None:
         print(f"stopped after step {args.stop_after}; continue with --resume")
         return None
