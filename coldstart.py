@@ -37,7 +37,7 @@ import tools
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
-parser.add_argument("--out", default="runs/tc", help="output directory (data/, base/, ckpt/, model/, log.jsonl, eval.json)")
+parser.add_argument("--out", default="runs/tc", help="output directory (data/, ckpt/, model/, log.jsonl, eval.json)")
 parser.add_argument("--model", default="tiny", help="'tiny': the shipped pretrained base (tiny.py); 'scratch': the same model "
                     "randomly initialised (ablation); otherwise a local Qwen2.5-VL model directory to fine-tune")
 parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks to curate and evaluate")
