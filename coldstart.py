@@ -683,7 +683,7 @@ def main(argv=None):
     resuming = args.resume and os.path.isdir(ckpt)
     model, processor = rollout.load_policy(os.path.join(ckpt, "model") if resuming else args.model, device=device,
                                            dtype=torch.float32)
-    freeze = args.freeze_vision if args.freeze_vision is not None else args.model not in ("tiny", "scratch")
+    freeze = args.freeze_vision if args.freeze_vision is not None else args.model not in rollout.BUILTIN_MODELS
     for p in model.model.visual.parameters():
         p.requires_grad_(not freeze)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import rollout
 from tasks import extract_answer, read_jsonl
@@ -773,7 +774,6 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
     log = open(log_path, "a" if state["step"] else "w")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     batches, have = None, None
-    from tqdm import tqdm
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     model.train()
     while state["step"] < steps:
@@ -942,8 +942,7 @@ def main(argv=None):
     shutil.copy(os.path.join(args.out, "log.jsonl"), os.path.join(save, "log.jsonl"))
     with open(os.path.join(save, "command.txt"), "w") as f:
         f.write("python tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # pretrain() left the model in eval mode
         results = run_checks(model, processor, args.check_n, args.seed)
     results["wall_s"] = time.perf_counter() - t0
     json.dump(results, open(os.path.join(save, "checks.json"), "w"), indent=1)
