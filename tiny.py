@@ -14,7 +14,8 @@ measure what they teach. What it shows, every observation computed by real code:
   3. generic vision: large shapes of named colours on plain backgrounds, with short questions (colour,
      shape, count, position), because the vision tower starts random.
 
-    python tiny.py                      # rebuild the shipped base (tiny_base/) from nothing
+    python tiny.py                      # rebuild the shipped base (tiny_base/) from nothing: 14 min on one H100
+                                        # (5,000 steps of 32k tokens; a 2-core CPU would need about 10 hours)
     python tiny.py --quick              # smoke test: a few steps, written under runs/tiny_quick
     python tiny.py --resume             # continue an interrupted pretraining from OUT/ckpt
     python tiny.py --check              # held-out skill checks of the shipped base (greedy, rollout.rollout)
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import random
 import shutil
 import string
@@ -46,10 +48,11 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, log.jsonl")
 parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
-parser.add_argument("--steps", type=int, default=4000, help="optimizer steps, the drill's included")
-parser.add_argument("--drill-steps", type=int, default=1000, help="first steps on copy drills only (short plain sequences, "
+parser.add_argument("--steps", type=int, default=5000, help="optimizer steps, the drill's included")
+parser.add_argument("--drill-steps", type=int, default=3500, help="first steps on copy drills only (short plain sequences, "
                     "loss on the copy): the in-context copy circuit forms there, then the mix teaches the protocol")
-parser.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (sequences grouped by length)")
+parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per step (sequences grouped by length); "
+                    "the copy transition takes a number of tokens that grows with the batch, but fewer steps")
 parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, held constant through the copy transition")
 parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
 parser.add_argument("--cooldown", type=float, default=0.15, help="share of the steps at the end that decay the lr to 10%%")
@@ -57,14 +60,18 @@ parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weig
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
 parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part after the "
                     "drill steps (drill, copy, tools, vision; the tokenizer corpus uses the default)")
+parser.add_argument("--workers", type=int, default=None, help="processes that build batches ahead of the GPU (default: "
+                    "none on a CPU, where the training process keeps up; up to 14 on a GPU)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data, optimizer and RNG)")
 parser.add_argument("--stop-after", type=int, default=0, help="stop after this many steps, checkpointing first (0: run to the end)")
+parser.add_argument("--stop-minutes", type=float, default=0, help="stop after this much wall time, checkpointing first "
+                    "(a machine lent for a while; 0: no limit)")
 parser.add_argument("--check", action="store_true", help="only run the held-out skill checks on --model")
 parser.add_argument("--model", default="tiny", help="model the checks read: tiny | scratch | PATH")
 parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check")
 parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the vsp_nav "
-                    "transfer check (teacher-forced digits of AStar's obstacles)")
+                    "transfer check (teacher-forced numbers of AStar's obstacles)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
@@ -75,7 +82,7 @@ QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tok
 # 1. the model's shape and its fixed tokenizer
 
 SPECIAL_TOKENS = rollout.SPECIAL_TOKENS
-TINY_VOCAB = 4096
+TINY_VOCAB = 6144
 TINY_TEXT = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
                  num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
@@ -105,11 +112,15 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
-    # description the corpus repeats becomes a token or two (ADL's paraphrases too). Digits and the commas of
-    # number and move lists stand alone, so a coordinate or a move list tokenizes the same wherever it is copied.
+    # description the corpus repeats becomes a token or two (ADL's paraphrases too). Numbers split into runs of
+    # at most three digits and every run 0-999 is one token (tokenizer_corpus lists them all), so a coordinate is
+    # one or two tokens that tokenize the same wherever they are copied; the separators of number, point and
+    # move lists (", " and "], [") stand alone. Copying a point list is then the plain induction pattern
+    # (find the previous token earlier, emit what followed it), which a small model learns far sooner than
+    # aligning digit by digit.
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n|[\[\]{}]|(?<=[0-9\]]),|(?<=\b[RLUD]),"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex(r"\n|\], \[|[\[\]{}]|(?<=[0-9\]]), ?|(?<=\b[RLUD]), ?"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -136,6 +147,7 @@ def tokenizer_corpus():
         corpus.append(rollout.system_prompt(adl.randomize(tools.schemas(), rng)[0]))
     corpus += [text for pool in adl.TOOL_POOL.values() for text in pool] + list(adl.IMAGE_POOL)
     corpus += [text for tool in adl.PARAM_POOL.values() for pool in tool.values() for text in pool]
+    corpus += [" ".join(str(i) for i in range(1000))] * 20  # enough for a merge for every number 0-999
     for task in tasks.TASKS:
         corpus += [ex["question"] for ex in tasks.generate(task, 30, split="train", seed=12345)]
     for i in range(3000):
@@ -755,9 +767,42 @@ def chunk_batches(seed, phase, chunk, processor, batch_tokens, mix, steps_per_ch
     return batches
 
 
+class Chunks(torch.utils.data.Dataset):
+    """Chunk i of one phase -> its batches, pickled (plain bytes cross process boundaries without holding a
+    shared-memory handle per image tensor). A Dataset so that DataLoader workers can build chunks ahead."""
+
+    def __init__(self, seed, phase, processor, batch_tokens, mix):
+        self.args = (seed, phase, processor, batch_tokens, mix)
+
+    def __len__(self):
+        return 1 << 40
+
+    def __getitem__(self, i):
+        seed, phase, processor, batch_tokens, mix = self.args
+        return pickle.dumps(chunk_batches(seed, phase, i, processor, batch_tokens, mix))
+
+
+def as_is(raw):
+    return raw
+
+
+def chunk_stream(seed, phase, start, processor, batch_tokens, mix, workers):
+    """Yields the batches of chunks start, start+1, ... of one phase, in order; with workers > 0 they are built
+    ahead in background processes."""
+    chunks = Chunks(seed, phase, processor, batch_tokens, mix)
+    if not workers:
+        yield from (pickle.loads(chunks[i]) for i in range(start, len(chunks)))
+        return
+    loader = torch.utils.data.DataLoader(chunks, sampler=range(start, len(chunks)), batch_size=None, num_workers=workers,
+                                         collate_fn=as_is, prefetch_factor=4)
+    for raw in loader:
+        yield pickle.loads(raw)
+
+
 def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup, cooldown, weight_decay, clip, mix,
-             seed, ckpt_every, resume, stop_after, device):
-    """The loop; returns the finished state, or None when --stop-after stopped it early."""
+             seed, ckpt_every, resume, stop_after, device, workers=0, stop_minutes=0):
+    """The loop; returns the finished state, or None when --stop-after or --stop-minutes stopped it early."""
+    deadline = time.time() + 60 * stop_minutes if stop_minutes else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     ckpt = os.path.join(out, "ckpt")
@@ -773,7 +818,7 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         os.replace(log_path + ".tmp", log_path)
     log = open(log_path, "a" if state["step"] else "w")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    batches, have = None, None
+    stream, batches, have = None, None, None
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     model.train()
     while state["step"] < steps:
@@ -781,9 +826,11 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         phase = "drill" if state["step"] < drill_steps else "mix"  # the curriculum: copy drills, then the mix
         if phase != state["phase"]:
             state.update(phase=phase, chunk=0, pos=0)
-        if have != (phase, state["chunk"]):
-            phase_mix = (("drill", 1.0),) if phase == "drill" else mix
-            batches = chunk_batches(seed, phase, state["chunk"], processor, batch_tokens, phase_mix)
+        if have != (phase, state["chunk"]):  # chunks advance one at a time, so the stream is always in step
+            if have is None or have[0] != phase:
+                phase_mix = (("drill", 1.0),) if phase == "drill" else mix
+                stream = chunk_stream(seed, phase, state["chunk"], processor, batch_tokens, phase_mix, workers)
+            batches = next(stream)
             have = (phase, state["chunk"])
         batch = batches[state["pos"]]
         lr_now = rollout.lr_at(state["step"], steps, lr, warmup, "wsd", cooldown)
@@ -807,7 +854,7 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         log.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        stop = stop_after and state["step"] >= stop_after
+        stop = (stop_after and state["step"] >= stop_after) or (deadline and time.time() > deadline)
         if (ckpt_every and state["step"] % ckpt_every == 0) or stop or state["step"] == steps:
             rollout.save_checkpoint(ckpt, model, processor, optimizer, state)
         if stop and state["step"] < steps:
@@ -875,7 +922,7 @@ def _points_arg(params):
 
 
 def transfer_check(model, processor, data_dir, limit=100):
-    """Teacher-forced accuracy on the digits of AStar's `obstacles` in real vsp_nav TC trajectories, after the first
+    """Teacher-forced accuracy on the numbers of AStar's `obstacles` in real vsp_nav TC trajectories, after the first
     pair (the list is copied from the Point observation above it). The base never saw AStar nor these grids."""
     records = read_jsonl(os.path.join(data_dir, "train.jsonl"), ["task", "messages"], lambda r: r)
     records = [r for r in records if r["task"] == "vsp_nav" and r.get("kind") == "direct"
@@ -904,6 +951,11 @@ def transfer_check(model, processor, data_dir, limit=100):
 # -----------------------------------------------------------------------------
 
 
+def default_workers(device):
+    """Batch builders: none on a CPU (they would take cores from training), most of the cores beside a GPU."""
+    return 0 if device == "cpu" else max(1, min(14, (os.cpu_count() or 2) - 2))
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -917,7 +969,7 @@ def main(argv=None):
         with torch.no_grad():
             results = run_checks(model, processor, args.check_n, args.seed)
             if args.tc_data:
-                results["transfer_obstacle_digits"], results["transfer_records"] = transfer_check(model, processor, args.tc_data)
+                results["transfer_obstacles"], results["transfer_records"] = transfer_check(model, processor, args.tc_data)
         print(json.dumps(results, indent=1))
         return results
     mix = parse_mix(args.mix)
@@ -933,9 +985,10 @@ def main(argv=None):
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, {device}")
     state = pretrain(model, processor, args.out, args.steps, args.drill_steps, args.batch_tokens, args.lr, args.warmup,
                      args.cooldown, args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume,
-                     args.stop_after, device)
+                     args.stop_after, device, default_workers(device) if args.workers is None else args.workers,
+                     args.stop_minutes)
     if state is None:
-        print(f"stopped after step {args.stop_after}; continue with --resume")
+        print("stopped early (--stop-after or --stop-minutes); continue with --resume")
         return None
     save = args.save or os.path.join(args.out, "base")
     rollout.save_policy(model, processor, save)
@@ -943,7 +996,7 @@ def main(argv=None):
     with open(os.path.join(save, "command.txt"), "w") as f:
         f.write("python tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     with torch.no_grad():  # pretrain() left the model in eval mode
-        results = run_checks(model, processor, args.check_n, args.seed)
+        results = run_checks(model, processor, args.check_n, args.seed) if args.check_n else {}
     results["wall_s"] = time.perf_counter() - t0
     json.dump(results, open(os.path.join(save, "checks.json"), "w"), indent=1)
     print(f"base saved to {save} ({results['wall_s']:.0f} s): {json.dumps(results)}")
