@@ -567,7 +567,7 @@ def train(args, model, processor, records, images, device, start_state=None, opt
     micro_per_epoch = math.ceil(len(keep) / args.batch_size)
     total = max(1, int(args.epochs * micro_per_epoch) // args.grad_accum)
     state = start_state or {"step": 0, "micro": 0}
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if start_state else "w")
+    log = rollout.open_log(os.path.join(args.out, "log.jsonl"), state["step"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
@@ -679,9 +679,8 @@ def main(argv=None):
     print(f"{len(records)} trajectories in {data_dir}/train.jsonl ({time.perf_counter() - t_start:.0f} s)")
 
     # 2. model: the shipped tiny base, the same model untrained (scratch), or a real checkpoint; all keep their tokenizer
-    ckpt = os.path.join(args.out, "ckpt")
-    resuming = args.resume and os.path.isdir(ckpt)
-    model, processor = rollout.load_policy(os.path.join(ckpt, "model") if resuming else args.model, device=device,
+    found = rollout.resume_from(os.path.join(args.out, "ckpt"), args.resume)
+    model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.model, device=device,
                                            dtype=torch.float32)
     freeze = args.freeze_vision if args.freeze_vision is not None else args.model not in rollout.BUILTIN_MODELS
     for p in model.model.visual.parameters():
@@ -691,9 +690,9 @@ def main(argv=None):
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), {device}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     state = None
-    if resuming:
-        state = rollout.load_checkpoint(ckpt, optimizer)
-        print(f"resumed from {ckpt} at step {state['step']}")
+    if found:
+        state = rollout.load_checkpoint(found, optimizer)
+        print(f"resumed at step {state['step']}")
 
     # 3. SFT
     images = [[shrink(im, processor) for m in with_pil(r["messages"], data_dir) if isinstance(m["content"], list)

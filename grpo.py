@@ -328,11 +328,9 @@ def main(argv=None):
                  "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the pretrained base, no TC).")
     os.makedirs(args.out, exist_ok=True)
     log_path, ckpt_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt")
-    resuming = args.resume and os.path.isdir(ckpt_dir)
-    if args.resume and not resuming:
-        print(f"--resume: no checkpoint in {ckpt_dir}, starting from step 0")
+    found = rollout.resume_from(ckpt_dir, args.resume)
     # fp32 weights (bf16 autocast on CUDA); a resumed run reads the checkpoint's weights
-    model, processor = rollout.load_policy(os.path.join(ckpt_dir, "model") if resuming else args.init, device,
+    model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.init, device,
                                            dtype=torch.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     task_list = args.tasks.split(",")
@@ -342,18 +340,15 @@ def main(argv=None):
         sys.exit(f"grpo.py: unknown tools or tasks {unknown}; tools: {list(TOOLS)}, tasks: {list(tasks.TASKS)}")
     ref_model = None
     if args.kl_coef:  # the frozen initial policy
-        ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if resuming else copy.deepcopy(model)
+        ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, pos, evals = 0, 0, {}
-    if resuming:
-        state = rollout.load_checkpoint(ckpt_dir, opt)
+    if found:
+        state = rollout.load_checkpoint(found, opt)
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
-        print(f"resumed from {ckpt_dir} at step {step}")
-    # keep the log consistent with the state we start from (a killed run may have logged past its checkpoint)
-    lines = open(log_path).read().splitlines() if os.path.exists(log_path) and step else []
-    with open(log_path, "w") as f:
-        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < step)
+        print(f"resumed at step {step}")
+    rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
 
     if args.eval_before and args.eval_n and step == 0:
         evals["before"] = evaluate(model, processor, args, offered, autocast, "before")

@@ -110,7 +110,8 @@ def run_steps(args, plan):
         if done.get(name, {}).get("command") == command:
             print(f"[{i}/{len(plan)}] {name}: done ({done[name]['seconds']:.0f} s), skipped")
             continue
-        resume = ["--resume"] if argv[0] != "evaluate.py" and os.path.isdir(os.path.join(args.out, name, "ckpt")) else []
+        ckpt = os.path.join(args.out, name, "ckpt")  # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
+        resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(ckpt + s) for s in ("", ".tmp", ".old")) else []
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()

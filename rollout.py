@@ -115,7 +115,8 @@ def save_policy(model, processor, out_dir):
 
 
 def replace_dir(tmp, final):
-    """Move a finished directory into place; the old one (if any) is removed only after the new one is there."""
+    """Move a finished directory into place; the old one (if any) is removed only after the new one is there. A
+    kill between the two renames leaves FINAL.old and FINAL.tmp, both complete; find_checkpoint looks there too."""
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
@@ -125,14 +126,36 @@ def replace_dir(tmp, final):
 
 
 def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
-    """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state."""
+    """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state. Its last file,
+    COMPLETE, says the checkpoint is whole; it is written into CKPT.tmp, which then replaces CKPT."""
     tmp = os.path.abspath(ckpt_dir) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "model"))
     processor.save_pretrained(os.path.join(tmp, "model"))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        json.dump({"step": state["step"]}, f)
     replace_dir(tmp, os.path.abspath(ckpt_dir))
+
+
+def find_checkpoint(ckpt_dir):
+    """The newest complete checkpoint -> its path, or None. Newest first: CKPT.tmp once its COMPLETE is written
+    (a kill came before it replaced CKPT), CKPT (only ever a finished CKPT.tmp renamed), CKPT.old (the one before)."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    if os.path.isfile(os.path.join(ckpt_dir + ".tmp", "COMPLETE")):
+        return ckpt_dir + ".tmp"
+    return next((p for p in (ckpt_dir, ckpt_dir + ".old") if os.path.isfile(os.path.join(p, "trainer.pt"))), None)
+
+
+def resume_from(ckpt_dir, resume):
+    """--resume: the checkpoint to continue from, saying which, or None (saying there is none, so the run starts
+    from step 0; its log is kept beside the new one, see open_log)."""
+    if not resume:
+        return None
+    path = find_checkpoint(ckpt_dir)
+    print(f"--resume: continuing from {path}" if path else f"--resume: no complete checkpoint at {ckpt_dir}; starting from step 0")
+    return path
 
 
 def load_checkpoint(ckpt_dir, optimizer):
@@ -143,6 +166,30 @@ def load_checkpoint(ckpt_dir, optimizer):
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])
     return blob["state"]
+
+
+def open_log(path, done, first=1):
+    """A run's JSONL log, opened for appending. Resumed after `done` steps (numbered from `first`), it keeps those
+    steps' lines and drops what a killed run wrote after its checkpoint, a torn last line included. A fresh run
+    (done=0) moves an existing log aside to LOG.1, LOG.2, ... instead of erasing it."""
+    if done and os.path.exists(path):
+        keep = []
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] < done + first:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    elif not done and os.path.exists(path) and os.path.getsize(path):
+        n = 1
+        while os.path.exists(f"{path}.{n}"):
+            n += 1
+        os.replace(path, f"{path}.{n}")
+        print(f"kept the previous log as {path}.{n}")
+    return open(path, "a")
 
 
 def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):

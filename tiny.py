@@ -692,8 +692,8 @@ def vision_item(rng):
 
 def drill_item(rng):
     """A plain copy drill, no chat template: 2-3 labelled lists (words, numbers or [x, y] pairs) and a cue; the
-    loss falls on the copy only. Short and dense, like the setting where induction heads are known to form
-    within about a thousand steps. -> (text before the copy, the copy)."""
+    loss falls on the copy only. Short and dense: the copy circuit forms here (for the shipped base, abruptly
+    at about step 2,050 of 32k-token batches). -> (text before the copy, the copy)."""
     form = rng.randrange(3)
     n = rng.randint(2, 3)
     if form == 0:  # unique words across all lists: plain induction (the token after the match) suffices
@@ -807,16 +807,12 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     ckpt = os.path.join(out, "ckpt")
     state = {"step": 0, "phase": "drill", "chunk": 0, "pos": 0}
-    if resume and os.path.isdir(ckpt):
-        model.load_state_dict(rollout.load_policy(os.path.join(ckpt, "model"), device, torch.float32)[0].state_dict())
-        state = rollout.load_checkpoint(ckpt, optimizer)
-        print(f"resumed from {ckpt} at step {state['step']}")
-    log_path = os.path.join(out, "log.jsonl")
-    if state["step"] and os.path.exists(log_path):  # drop what a killed run logged after its last checkpoint
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(line for line in open(log_path) if json.loads(line)["step"] <= state["step"])
-        os.replace(log_path + ".tmp", log_path)
-    log = open(log_path, "a" if state["step"] else "w")
+    found = rollout.resume_from(ckpt, resume)
+    if found:
+        model.load_state_dict(rollout.load_policy(os.path.join(found, "model"), device, torch.float32)[0].state_dict())
+        state = rollout.load_checkpoint(found, optimizer)
+        print(f"resumed at step {state['step']}")
+    log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     stream, batches, have = None, None, None
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)

@@ -1,0 +1,103 @@
+"""Kills at every write of a checkpoint: --resume always finds the newest complete checkpoint, finishes with the
+uninterrupted run's weights, and the log holds every step exactly once; a fresh run never erases an old log."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+import coldstart
+import rollout
+
+TC = ["--quick", "--tasks", "guiqa", "--n-per-task", "4", "--batch-size", "1", "--grad-accum", "2", "--epochs", "2",
+      "--ckpt-every", "1", "--device", "cpu", "--eval-n", "0"]
+
+
+class Killed(BaseException):
+    """Stands for the process dying: nothing after it runs (BaseException, so no `except Exception` swallows it)."""
+
+
+def tc(out, *extra):
+    return coldstart.main(TC + ["--out", str(out), *extra])
+
+
+def steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+# Each write a checkpoint makes, in order: (object, attribute, which call inside the save dies).
+WRITES = {
+    "model weights": (PreTrainedModel, "save_pretrained", 1),
+    "tokenizer and image processor": (rollout.Processor, "save_pretrained", 1),
+    "optimizer state": (torch, "save", 1),
+    "old checkpoint moved aside": (os, "rename", 1),
+    "new checkpoint moved in": (os, "rename", 2),
+    "old checkpoint removed": (shutil, "rmtree", 3),
+}
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    tc(out)
+    return out
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkeypatch, write):
+    owner, name, nth = WRITES[write]
+    out = tmp_path / "cut"
+    os.makedirs(out)
+    os.symlink(whole / "data", out / "data")  # the same curated data; only training is interrupted
+    real_save, real_fn = rollout.save_checkpoint, getattr(owner, name)
+    saves = calls = 0
+
+    def dying(*a, **kw):  # the nth call of this write inside the third checkpoint save never happens
+        nonlocal calls
+        calls += saves == 3
+        if saves == 3 and calls == nth:
+            raise Killed
+        return real_fn(*a, **kw)
+
+    def counting_save(*a, **kw):
+        nonlocal saves
+        saves += 1
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(owner, name, dying)
+    monkeypatch.setattr(rollout, "save_checkpoint", counting_save)
+    with pytest.raises(Killed):
+        tc(out)
+    monkeypatch.setattr(owner, name, real_fn)
+    monkeypatch.setattr(rollout, "save_checkpoint", real_save)
+    found = rollout.find_checkpoint(str(out / "ckpt"))
+    step = torch.load(os.path.join(found, "trainer.pt"), weights_only=False)["state"]["step"]
+    # killed before the new checkpoint was complete: step 2's is the newest; after its COMPLETE: step 3's
+    assert step == (3 if write.startswith(("old checkpoint", "new checkpoint")) else 2), (write, found)
+    tc(out, "--resume")
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert steps(out) == steps(whole) == [1, 2, 3, 4]
+
+
+def test_a_torn_log_line_is_dropped_and_a_fresh_run_keeps_the_old_log(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    rollout.open_log(str(log), 2).close()  # resumed after 2 steps
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+    with rollout.open_log(str(log), 0) as f:  # a fresh run in the same directory
+        f.write('{"step": 1}\n')
+    assert log.read_text() == '{"step": 1}\n' and (tmp_path / "log.jsonl.1").read_text() == '{"step": 1}\n{"step": 2}\n'
+    rollout.open_log(str(log), 0).close()
+    assert (tmp_path / "log.jsonl.2").read_text() == '{"step": 1}\n' and log.read_text() == ""
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    assert rollout.resume_from(str(tmp_path / "ckpt"), True) is None
+    assert "no complete checkpoint" in capsys.readouterr().out
+    os.makedirs(tmp_path / "ckpt.tmp")  # a save killed halfway: no COMPLETE, not a checkpoint
+    torch.save({}, tmp_path / "ckpt.tmp" / "trainer.pt")
+    assert rollout.find_checkpoint(str(tmp_path / "ckpt")) is None
