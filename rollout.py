@@ -512,6 +512,9 @@ def run_tool(call, images, timeout, offered, mapping, run=call_tool):
     return canonical["name"], result, time.perf_counter() - t0
 
 
+MAX_ASPECT = 200  # the Qwen2-VL image processor (smart_resize) raises for an image more elongated than this
+
+
 def tool_observation(row):
     """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
     t = row.traj
@@ -523,6 +526,11 @@ def tool_observation(row):
     else:
         name, result, seconds = fut.result()
         params = call["parameters"]
+    if result.image is not None and max(result.image.size) >= MAX_ASPECT * min(result.image.size):
+        # Qwen2.5-VL's image processor refuses such an image; the model reads why instead of the run crashing
+        w, h = result.image.size
+        result = ToolResult(status="error", error=f"{name} returned a {w}x{h} image, too elongated to be shown (the "
+                                                  f"longer side must be under {MAX_ASPECT} times the shorter); use a less thin region")
     t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
     image_name = None
     if result.image is not None:

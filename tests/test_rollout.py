@@ -78,6 +78,18 @@ def test_logprobs_equal_full_forward(policy, n, group):
         assert all(p == 0.0 for p, m in zip(t.logprobs, t.loss_mask) if not m)
 
 
+def test_a_too_elongated_tool_image_becomes_an_error_observation(policy):
+    """A Crop 410x2 px (zoomed, still 1:205) cannot go through the image processor: the call is an error the model
+    reads, and the rollout goes on."""
+    model, processor = policy
+    ex = {"id": "wide", "task": "vstar", "question": "Q?", "images": [Image.new("RGB", (420, 100), (9, 9, 9))],
+          "answer": "A", "meta": {}}
+    script = [CROP.format(img="img_1", box="[0, 0, 410, 2]"), "<think>done</think><response>\\boxed{A}</response>"]
+    t = rollout.rollout(model, processor, [ex], tools=["Crop"], temperature=0, forcer=scripted(processor, script, free=0))[0]
+    assert [c["status"] for c in t.calls] == ["error"] and "too elongated" in t.calls[0]["error"]
+    assert len(t.images) == 1 and t.answer == "A" and t.finish_reason == "response"
+
+
 def test_positions_match_get_rope_index(policy):
     model, processor = policy
     t = rollout.rollout(model, processor, make_examples(1), tools=["Crop"], temperature=0, forcer=scripted(processor))[0]
