@@ -790,8 +790,8 @@ def chunk_stream(seed, phase, start, processor, batch_tokens, mix, workers):
     """Yields the batches of chunks start, start+1, ... of one phase, in order; with workers > 0 they are built
     ahead in background processes."""
     chunks = Chunks(seed, phase, processor, batch_tokens, mix)
-    if not workers:
-        yield from (pickle.loads(chunks[i]) for i in range(start, len(chunks)))
+    if not workers:  # built here, nothing crosses a process boundary: no pickling
+        yield from (chunk_batches(seed, phase, i, processor, batch_tokens, mix) for i in range(start, len(chunks)))
         return
     loader = torch.utils.data.DataLoader(chunks, sampler=range(start, len(chunks)), batch_size=None, num_workers=workers,
                                          collate_fn=as_is, prefetch_factor=4)
@@ -855,6 +855,7 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
             rollout.save_checkpoint(ckpt, model, processor, optimizer, state)
         if stop and state["step"] < steps:
             bar.close()
+            log.close()
             return None
     bar.close()
     log.close()
