@@ -717,4 +717,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.cli(main)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import adl
 import tasks
-from rollout import level_key, load_policy, mean, metrics, model_exists, resolve_device, rollout
+from rollout import cli, level_key, load_policy, mean, metrics, model_exists, resolve_device, rollout
 from tools import TOOLS, schemas
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -619,4 +619,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -17,7 +17,6 @@ import copy
 import json
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 
@@ -96,6 +95,10 @@ def parse_args(argv=None):
     args.init = args.init or "runs/tc/model"
     if args.temperature <= 0:
         p.error("--temperature must be > 0 (GRPO samples; the loss uses the sampling temperature)")
+    offered = list(TOOLS) if args.tools == "all" else [] if args.tools == "none" else args.tools.split(",")
+    unknown = [t for t in offered if t not in TOOLS] + [t for t in args.tasks.split(",") if t not in tasks.TASKS]
+    if unknown:
+        p.error(f"unknown tools or tasks {unknown}; tools: {list(TOOLS)}, tasks: {list(tasks.TASKS)}")
     return args
 
 
@@ -324,8 +327,8 @@ def main(argv=None):
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
     if not rollout.model_exists(args.init):
-        sys.exit(f"grpo.py: the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
-                 "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the pretrained base, no TC).")
+        raise tasks.InputError(f"the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it writes "
+                               "runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the pretrained base, no TC).")
     os.makedirs(args.out, exist_ok=True)
     log_path, ckpt_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt")
     found = rollout.resume_from(ckpt_dir, args.resume)
@@ -335,9 +338,6 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     task_list = args.tasks.split(",")
     offered = list(TOOLS) if args.tools == "all" else [] if args.tools == "none" else args.tools.split(",")
-    unknown = [t for t in offered if t not in TOOLS] + [t for t in task_list if t not in tasks.TASKS]
-    if unknown:
-        sys.exit(f"grpo.py: unknown tools or tasks {unknown}; tools: {list(TOOLS)}, tasks: {list(tasks.TASKS)}")
     ref_model = None
     if args.kl_coef:  # the frozen initial policy
         ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
@@ -405,4 +405,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.cli(main)

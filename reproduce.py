@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+import rollout
 from rollout import mean
 from tasks import TASKS as TASK_NAMES
 from tools import TOOLS
@@ -308,4 +309,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.cli(main)

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tasks import extract_answer, is_format_valid, score
+from tasks import InputError, extract_answer, is_format_valid, score
 from tools import TOOLS, ToolResult, call_tool, observation, schemas
 
 # -----------------------------------------------------------------------------
@@ -81,6 +82,22 @@ def resolve_device(device="auto"):
 BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
 
 
+def cli(main):
+    """Run a stage's main() from the command line: bad input (InputError: a data file, a model directory, a
+    checkpoint) ends in one line naming the file and exit status 2, like a bad flag; nothing else is caught."""
+    try:
+        main()
+    except InputError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def reason(e):
+    """An exception as a short clause for a one-line error: its type and first sentence."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text.split('. ')[0][:200]}"
+
+
 def model_exists(path):
     return path in BUILTIN_MODELS or os.path.isdir(path)
 
@@ -97,10 +114,26 @@ def load_policy(path="tiny", device="auto", dtype=None):
         return model.to(device, dtype).eval(), processor
     path = tiny.BASE_DIR if path == "tiny" else path
     if not model_exists(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (pass 'tiny', 'scratch' or a local "
-                                "save_pretrained directory; nothing is downloaded)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval(), Processor.from_pretrained(path)
+        raise InputError(f"model directory {path!r} does not exist (pass 'tiny', 'scratch' or a local "
+                         "save_pretrained directory; nothing is downloaded)")
+    try:  # a broken file is the user's to fix: name it, in one line, instead of a traceback from deep inside
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{os.path.join(path, 'config.json')}: unreadable model config ({e})") from None
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as e:
+        raise InputError(f"{path}: cannot load the model weights ({reason(e)})") from None
+    try:
+        processor = Processor.from_pretrained(path)
+    except Exception as e:
+        raise InputError(f"{path}: cannot load the tokenizer or image processor ({reason(e)})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(processor.tokenizer) > rows:  # ids past the embedding table would fail deep inside the first forward
+        raise InputError(f"{path}: the tokenizer has {len(processor.tokenizer)} tokens but the model's embedding table "
+                         f"{rows} rows; the tokenizer does not belong to this model")
+    return model.to(device).eval(), processor
 
 
 def save_policy(model, processor, out_dir):
@@ -161,7 +194,12 @@ def resume_from(ckpt_dir, resume):
 def load_checkpoint(ckpt_dir, optimizer):
     """Restore optimizer and RNG state -> the saved loop state dict. The weights are the model directory
     `ckpt_dir/model`, loaded with load_policy like any other."""
-    blob = torch.load(os.path.join(ckpt_dir, "trainer.pt"), weights_only=False)
+    path = os.path.join(ckpt_dir, "trainer.pt")
+    try:
+        blob = torch.load(path, weights_only=False)
+    except Exception as e:  # a damaged checkpoint stops the run rather than silently restarting over its outputs
+        raise InputError(f"{path}: unreadable checkpoint ({reason(e)}); "
+                         "remove it to start over, or restore it") from None
     optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])

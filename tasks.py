@@ -485,8 +485,15 @@ def save(examples, dir):
             f.write(json.dumps({**ex, "images": paths}) + "\n")
 
 
+class InputError(ValueError):
+    """Input the user can fix (a data file, a model directory, a checkpoint): the message names the file and what is
+    wrong; a stage run from the command line prints it as one line and exits with status 2 (rollout.cli)."""
+
+
 def read_jsonl(path, keys, parse):
-    """parse(record) for every line of a JSONL file; a malformed line raises ValueError naming file and line."""
+    """parse(record) for every line of a JSONL file; a missing file or malformed line raises InputError naming both."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
     out = []
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -497,7 +504,7 @@ def read_jsonl(path, keys, parse):
                     raise ValueError(f"missing keys {sorted(missing)}")
                 out.append(parse(record))
             except (ValueError, KeyError, TypeError, OSError) as e:
-                raise ValueError(f"{path}, line {lineno}: malformed record: {e}") from None
+                raise InputError(f"{path}, line {lineno}: malformed record: {e}") from None
     return out
 
 

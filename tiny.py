@@ -48,6 +48,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, log.jsonl")
 parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
+parser.add_argument("--init", default=None, help="continue pretraining from this base (its weights and tokenizer; a fresh "
+                    "optimizer) instead of random weights, e.g. --init tiny --drill-steps 0 --seed 1")
 parser.add_argument("--steps", type=int, default=5000, help="optimizer steps, the drill's included")
 parser.add_argument("--drill-steps", type=int, default=3500, help="first steps on copy drills only (short plain sequences, "
                     "loss on the copy): the in-context copy circuit forms there, then the mix teaches the protocol")
@@ -972,13 +974,16 @@ def main(argv=None):
     mix = parse_mix(args.mix)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    tok_dir = os.path.join(args.out, "tokenizer")
-    if not os.path.isdir(tok_dir):  # the fixed tokenizer, trained once per run directory
-        print("training the tokenizer on the fixed corpus ...")
-        build_tokenizer(tokenizer_corpus()).save_pretrained(tok_dir)
-    from transformers import AutoTokenizer
-    model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
-    model.to(device)
+    if args.init:  # continued pretraining: the base's weights and tokenizer, the corpus drawn from --seed
+        model, processor = rollout.load_policy(args.init, device=device, dtype=torch.float32)
+    else:
+        tok_dir = os.path.join(args.out, "tokenizer")
+        if not os.path.isdir(tok_dir):  # the fixed tokenizer, trained once per run directory
+            print("training the tokenizer on the fixed corpus ...")
+            build_tokenizer(tokenizer_corpus()).save_pretrained(tok_dir)
+        from transformers import AutoTokenizer
+        model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
+        model.to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, {device}")
     state = pretrain(model, processor, args.out, args.steps, args.drill_steps, args.batch_tokens, args.lr, args.warmup,
                      args.cooldown, args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume,
@@ -1001,4 +1006,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    rollout.cli(main)

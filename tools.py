@@ -611,9 +611,16 @@ def _run(name, params, images):
     return impl(params, images)
 
 
+MAX_TOOL_THREADS = 16  # tool threads alive at once, those still running past their limit included
+TOOL_SLOTS = threading.BoundedSemaphore(MAX_TOOL_THREADS)
+
+
 def call_tool(name, params, images, timeout=5.0):
     """Run a tool on the trajectory's images (img_1 is images[0]). Never raises, never runs
-    past `timeout` seconds (a worker thread does the work; we stop waiting for it)."""
+    past `timeout` seconds (a worker thread does the work; we stop waiting for it).
+    Python cannot stop a thread, so a call past its limit keeps its thread until the tool returns; each thread holds
+    one of MAX_TOOL_THREADS slots until then, so hung tools can never pile up threads: with every slot held, a
+    call waits up to `timeout` for one and otherwise reports that the tools are busy."""
     box = {}
 
     def work():
@@ -623,9 +630,15 @@ def call_tool(name, params, images, timeout=5.0):
             box["result"] = ToolResult("error", error=str(e))
         except Exception as e:  # a bug or an input we did not foresee: still the model's turn to react
             box["result"] = ToolResult("error", error=f"tool {_short(name)} failed on these arguments: {type(e).__name__}: {e}"[:500])
+        finally:
+            TOOL_SLOTS.release()  # only now: a hung call holds its slot for as long as its thread lives
+    t0 = time.perf_counter()
+    if not TOOL_SLOTS.acquire(timeout=timeout):
+        return ToolResult("error", error=f"tool {_short(name)} timed out after {timeout} s: {MAX_TOOL_THREADS} earlier "
+                                         "tool calls are still running past their limit")
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    worker.join(timeout)
+    worker.join(max(0.0, timeout - (time.perf_counter() - t0)))
     result = box.get("result")
     if result is None:
         return ToolResult("error", error=f"tool {_short(name)} timed out after {timeout} s")

@@ -1,8 +1,12 @@
 """Kills at every write of a checkpoint: --resume always finds the newest complete checkpoint, finishes with the
-uninterrupted run's weights, and the log holds every step exactly once; a fresh run never erases an old log."""
+uninterrupted run's weights, and the log holds every step exactly once; a fresh run never erases an old log.
+Bad input (a model directory, TC data, a checkpoint) is one line naming the file, exit status 2, and no output
+written over."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from transformers import PreTrainedModel
 
 import coldstart
 import rollout
+from tasks import InputError
 
 TC = ["--quick", "--tasks", "guiqa", "--n-per-task", "4", "--batch-size", "1", "--grad-accum", "2", "--epochs", "2",
       "--ckpt-every", "1", "--device", "cpu", "--eval-n", "0"]
@@ -101,3 +106,75 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     os.makedirs(tmp_path / "ckpt.tmp")  # a save killed halfway: no COMPLETE, not a checkpoint
     torch.save({}, tmp_path / "ckpt.tmp" / "trainer.pt")
     assert rollout.find_checkpoint(str(tmp_path / "ckpt")) is None
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line, exit status 2, nothing written over
+
+
+def files(d):
+    """{relative path: bytes} of everything under d: what must come out of a failed run untouched."""
+    return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(d) for f in fs}
+
+
+def fails_cleanly(main, argv, monkeypatch, capsys):
+    """Run a stage as its __main__ does -> the one line it printed; asserts exit status 2."""
+    monkeypatch.setattr(sys, "argv", ["stage.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        rollout.cli(main)
+    err = [line for line in capsys.readouterr().err.split("\n") if "error" in line]  # not the loaders' progress bars
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("stage.py: error: "), err
+    return err[0]
+
+
+def test_bad_model_directories_name_the_file(scratch_dir, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        rollout.load_policy(str(tmp_path / "missing"))
+    broken = {
+        "config.json": (lambda p: open(p, "w").write("{"), r"config\.json: unreadable model config"),
+        "model.safetensors": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "cannot load the model weights"),
+    }
+    for name, (damage, message) in broken.items():
+        d = tmp_path / name
+        shutil.copytree(scratch_dir, d)
+        damage(str(d / name))
+        with pytest.raises(InputError, match=message) as e:
+            rollout.load_policy(str(d))
+        assert str(d) in str(e.value)
+    d = tmp_path / "tokenizer"  # a tokenizer with more tokens than the model has embeddings
+    shutil.copytree(scratch_dir, d)
+    processor = rollout.Processor.from_pretrained(str(d))
+    processor.tokenizer.add_tokens([f"<extra_{i}>" for i in range(10)])
+    processor.tokenizer.save_pretrained(str(d))
+    with pytest.raises(InputError, match=r"the tokenizer has 6154 tokens but the model's embedding table 6144 rows"):
+        rollout.load_policy(str(d))
+
+
+def test_a_missing_tc_image_stops_before_training(whole, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tc"
+    shutil.copytree(whole, out)
+    before = files(out / "model")
+    first = sorted(os.listdir(out / "data" / "images"))[0]
+    os.remove(out / "data" / "images" / first)
+    err = fails_cleanly(coldstart.main, TC + ["--out", str(out)], monkeypatch, capsys)
+    assert "train.jsonl, line " in err and f"missing image images/{first}" in err
+    assert files(out / "model") == before
+
+
+def test_an_unreadable_checkpoint_stops_the_resume(whole, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tc"
+    shutil.copytree(whole, out)
+    os.truncate(out / "ckpt" / "trainer.pt", 100)
+    before = files(out)
+    err = fails_cleanly(coldstart.main, TC + ["--out", str(out), "--resume"], monkeypatch, capsys)
+    assert f"{out / 'ckpt' / 'trainer.pt'}: unreadable checkpoint" in err
+    assert files(out) == before  # neither the log nor the model was touched
+
+
+def test_the_command_line_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "tg"
+    r = subprocess.run([sys.executable, "grpo.py", "--init", str(tmp_path / "nowhere"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and r.stderr.startswith("grpo.py: error: the initial policy") and r.stderr.count("\n") == 1
+    assert not out.exists()

@@ -216,5 +216,5 @@ def test_tiny_model_saves_and_loads(scratch_dir, tmp_path):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
             {"role": "assistant", "content": "<think>x</think><response>\\boxed{A}</response>"}]
     assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(rollout.InputError, match="does not exist"):
         rollout.load_policy(str(tmp_path / "missing"))
