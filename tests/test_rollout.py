@@ -218,3 +218,14 @@ def test_tiny_model_saves_and_loads(scratch_dir, tmp_path):
     assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
     with pytest.raises(rollout.InputError, match="does not exist"):
         rollout.load_policy(str(tmp_path / "missing"))
+
+
+def test_the_encoding_cache_is_bounded_and_exact():
+    processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)
+    cache = rollout.EncodedImages(budget=3 * 2**20)  # a 224x224 image is 1.2 MB of float32 patches: two fit
+    images = [Image.new("RGB", (224, 224), (40 * i, 0, 0)) for i in range(5)]
+    first = [cache(processor, im) for im in images]
+    assert len(cache.items) == 2 and cache.used == 2 * first[0][0].nbytes <= 3 * 2**20
+    assert cache(processor, images[-1])[0] is first[-1][0]  # a hit returns the kept tensor
+    again = cache(processor, images[0])  # evicted long ago: encoded anew, the same values
+    assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0]) and torch.equal(again[1], first[0][1])
