@@ -444,3 +444,13 @@ def apply(record, mapping):
     undoing = record.get("adl_mapping") == mapping.inverse().to_json()
     return {**record, "tools": [mapping.schema(s) for s in record["tools"]], "messages": messages,
             "adl_mapping": None if undoing else mapping.to_json()}
+
+
+def plan(examples, schemas, mode, seed):
+    """The ADL mappings of an evaluation, one per example, or None. mode: 'off' | 'per-sample' (a mapping seeded by
+    the example id, so every model sees the same names on the same example) | 'per-run' (one mapping for all)."""
+    if mode == "off" or not schemas:
+        return None
+    if mode == "per-run":
+        return [randomize(schemas, random.Random(seed))] * len(examples)
+    return [randomize(schemas, random.Random(f"{seed}:{ex['id']}")) for ex in examples]

@@ -4,6 +4,7 @@ Performance benchmarks, each against a naive baseline measured in the same run.
     python bench.py rollout                 # the KV-cache engine vs rebuild-and-generate every turn
     python bench.py rollout --config 7b     # the Qwen2.5-VL-7B shape, random weights, bf16 (a GPU)
     python bench.py train                   # SFT/GRPO update throughput: tokens/s forward + backward
+    python bench.py tools                   # median latency of each tool on a 512x512 scene
 
 `rollout` scripts the tool calls (a forcer writes them; the model writes its own thinking tokens greedily in
 between), so that a randomly initialised model makes 3 tool calls that return images, and checks that the
@@ -13,6 +14,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -22,7 +24,7 @@ import tiny
 import tools
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("what", choices=["rollout", "train"])
+parser.add_argument("what", choices=["rollout", "train", "tools"])
 parser.add_argument("--model", default="tiny", help="'tiny', a model directory, or with --config 7b: random weights")
 parser.add_argument("--config", default=None, choices=[None, "7b"], help="build a random model of this real shape")
 parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
@@ -31,7 +33,7 @@ parser.add_argument("--turns", type=int, default=3, help="tool calls per traject
 parser.add_argument("--free", type=int, default=24, help="tokens the model writes itself in each turn's thinking")
 parser.add_argument("--skip-baseline", action="store_true", help="time the engine only")
 parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-parser.add_argument("--device", default="auto")
+rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="append the result as a JSON line to this file")
 
@@ -168,7 +170,7 @@ def bench_rollout(args):
               "generated_tokens": generated, "engine_s": round(engine_s, 2),
               "engine_tokens_per_s": round(generated / engine_s, 1),
               "engine_split_s": {k: round(v, 2) for k, v in {**timings, "vision": engine_vision}.items()},
-              "finish": sorted({t.finish_reason for t in trajs})}
+              "finish_reasons": sorted({t.finish_reason for t in trajs})}
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     if not args.skip_baseline:
@@ -212,12 +214,49 @@ def bench_train(args):
             "s_per_step": round(s / steps, 3)}
 
 
+def bench_tools():
+    """Median latency of each tool over 50 calls on a 512x512 scene -> {"tool arguments": {"wall_ms", "cpu_ms"}};
+    cpu time is the figure to trust when other processes share the machine."""
+    grid = tasks.generate("vsp_nav", 1, sizes=(8,))[0]["images"][0]
+    jig = tasks.generate("jigsaw", 1)[0]["images"]
+    screen = tasks.generate("guiqa", 1, size=(512, 512))[0]["images"][0]
+    search = tasks.generate("vstar", 1)[0]["images"][0].resize((512, 512))
+    big_jig = jig[0].resize((512, 512))
+    cases = [
+        ("Point", {"image": "img_1", "description": "holes"}, [grid]),
+        ("Point", {"image": "img_1", "description": "red circle"}, [search]),
+        ("Draw2DPath", {"image": "img_1", "start_point": [32, 32], "directions": "R,R,R,D,D,D,L,D,D,R,R"}, [grid]),
+        ("AStar", {"start": [32, 32], "goal": [480, 480], "obstacles": [[96, 32], [224, 288], [352, 160]],
+                   "grid_size": 8}, []),
+        ("DetectBlackArea", {"image": "img_1"}, [big_jig]),
+        ("InsertImage", {"base_image": "img_1", "image_to_insert": "img_2", "coordinates": [256, 0, 512, 256]},
+         [big_jig, jig[1]]),
+        ("Crop", {"image": "img_1", "coordinates": [100, 100, 160, 160]}, [grid]),
+        ("OCR", {"image": "img_1"}, [screen]),
+    ]
+    out = {}
+    for name, params, images in cases:
+        wall, cpu = [], []
+        for _ in range(50):
+            t, c = time.perf_counter(), time.process_time()
+            r = tools.call_tool(name, params, images)
+            wall.append(1000 * (time.perf_counter() - t))
+            cpu.append(1000 * (time.process_time() - c))
+            assert r.status == "success", r.error
+        out[f"{name} {json.dumps(params)[:40]}"] = {"wall_ms": round(float(np.median(wall)), 1),
+                                                    "cpu_ms": round(float(np.median(cpu)), 1)}
+    return out
+
+
 if __name__ == "__main__":
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_rollout(args) if args.what == "rollout" else bench_train(args)
+    if args.what == "tools":
+        result = bench_tools()
+    else:
+        result = bench_rollout(args) if args.what == "rollout" else bench_train(args)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "a") as f:

@@ -17,7 +17,6 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
     python coldstart.py --model /path/to/Qwen2.5-VL-3B --device cuda --n-per-task 2000
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -72,7 +71,7 @@ parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token 
 parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant turns per evaluation trajectory")
 parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation trajectory "
                     "(a real one stays under 2000; the cap bounds the cost of a model that loops)")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that exercises every code path (tests)")
 
@@ -614,48 +613,21 @@ def train(args, model, processor, records, images, device, start_state=None, opt
     return state, total
 
 # -----------------------------------------------------------------------------
-# evaluation
-
-
-def evaluate(args, model, processor, task_names, offered):
-    """Greedy rollouts on held-out test examples -> per task accuracy, format-valid rate, calls per sample."""
-    results = {}
-    for task in task_names:
-        examples = tasks.generate(task, args.eval_n, split="test", seed=args.seed)
-        trajs = []
-        with tqdm(total=len(examples), desc=f"eval {task}", dynamic_ncols=True) as bar:
-            for s in range(0, len(examples), args.eval_batch):
-                chunk = examples[s:s + args.eval_batch]
-                mappings = None
-                if args.adl and not args.no_tools:
-                    rng = random.Random(f"{args.seed}-eval-{task}-{s}")
-                    mappings = [adl.randomize(tools.schemas(offered), rng) for _ in chunk]
-                trajs += rollout.rollout(model, processor, chunk, tools=offered, temperature=0,
-                                         max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
-                                         max_total_tokens=args.eval_max_total_tokens, seed=args.seed, adl=mappings, progress=bar)
-        r = results[task] = rollout.metrics(examples, trajs, by_level=False)
-        success = r["tool_success_rate"]  # None: no calls, so not applicable
-        print(f"{task:11s} accuracy {r['accuracy']:.3f}  format-valid {r['format_valid_rate']:.3f}  "
-              f"calls/sample {r['cps']:.2f}  tool success {'n/a' if success is None else f'{success:.3f}'}")
-    return results
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = rollout.parse_flags(parser, argv, QUICK)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a nohup log as they happen
-    if args.quick:  # quick values replace the defaults; flags given explicitly still win
-        quick = copy.deepcopy(parser)
-        quick.set_defaults(**QUICK)
-        args = quick.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
     task_names = [t for t in args.tasks.split(",") if t]
-    offered = list(tools.TOOLS) if args.tools == "all" else [t.strip() for t in args.tools.split(",") if t.strip()]
-    if not offered or set(offered) - set(tools.TOOLS):
-        parser.error(f"--tools: unknown tools {sorted(set(offered) - set(tools.TOOLS))}; known: {', '.join(tools.TOOLS)}")
+    try:
+        offered = tools.tool_list(args.tools)
+    except ValueError as e:
+        parser.error(f"--tools: {e}")
+    if not offered:
+        parser.error("--tools: TC data needs at least one tool (--no-tools makes direct-answer SFT data)")
     os.makedirs(args.out, exist_ok=True)
     data_dir = os.path.join(args.out, "data")
     t_start = time.perf_counter()
@@ -704,11 +676,18 @@ def main(argv=None):
     model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"))
     print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
 
-    # 4. evaluation
+    # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates
     results = {}
     if args.eval_n:
         model.to(torch.bfloat16 if device == "cuda" else torch.float32)
-        results = evaluate(args, model, processor, task_names, [] if args.no_tools else offered)
+        examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
+        shown = [] if args.no_tools else offered
+        plan = adl.plan(examples, tools.schemas(shown), "per-sample" if args.adl else "off", args.seed)
+        _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
+                                      max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
+                                      max_total_tokens=args.eval_max_total_tokens)
+        for task, m in results.items():
+            print(rollout.describe(task, m))
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),
                "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time(), "args": vars(args)}
     json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)

@@ -14,7 +14,6 @@ import html
 import io
 import json
 import os
-import random
 import re
 import shlex
 import sys
@@ -22,12 +21,12 @@ import time
 from collections import Counter
 
 from PIL import Image
-from tqdm import tqdm
 
 import adl
 import tasks
-from rollout import cli, level_key, load_policy, mean, metrics, model_exists, resolve_device, rollout
-from tools import TOOLS, schemas
+from rollout import (add_device_flag, cli, evaluate, level_key, load_policy, mean, metrics, model_exists, parse_flags,
+                     resolve_device)
+from tools import TOOLS, schemas, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | scratch | PATH | LABEL=PATH, each with an "
@@ -55,15 +54,14 @@ parser.add_argument("--tool-timeout", type=float, default=5.0, help="seconds a t
 parser.add_argument("--curves", default="", help="training logs to plot: comma-separated LABEL=path/log.jsonl")
 parser.add_argument("--show", type=int, default=20, help="trajectories per model and task in the report")
 parser.add_argument("--out", default="runs/eval", help="output directory")
-parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
+add_device_flag(parser, "the models run")
 parser.add_argument("--seed", type=int, default=0, help="seed of the generated test set, the sampler and ADL")
 parser.add_argument("--quick", action="store_true", help="smoke test: 2 examples per task, short turns")
+QUICK = dict(n=2, max_new_tokens=24, max_turns=2, show=2)
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-# keys read from training logs (grpo.py writes reward, accuracy, format_rate, tool_success, cps, cps_tool)
-CURVE_SCALARS = ["reward", "accuracy", "format_rate", "tool_success", "tool_success_rate", "loss"]
-CURVE_PER_TOOL = ["cps_tool", "calls_per_sample", "calls_per_sample_per_tool", "cps_per_tool"]  # dict tool -> value
-CURVE_CPS = ["cps", "calls_per_sample"]  # a scalar, plotted as "all tools" when a log has no per-tool dict
+# keys read from training logs: rollout.metrics' vocabulary (grpo.py logs it per step) plus reward and loss
+CURVE_SCALARS = ["reward", "accuracy", "format_valid_rate", "tool_success_rate", "loss"]
 
 # -----------------------------------------------------------------------------
 # models and tool modes
@@ -71,11 +69,8 @@ CURVE_CPS = ["cps", "calls_per_sample"]  # a scalar, plotted as "all tools" when
 
 def tool_names(mode, add=()):
     """A tool mode -> canonical tool names offered ([] = the direct-answer prompt), extra tools appended."""
-    names = list(TOOLS) if mode == "all" else [] if mode == "none" else [t for t in re.split(r"[,+]", mode) if t]
-    unknown = [t for t in list(names) + list(add) if t not in TOOLS]
-    if unknown:
-        raise ValueError(f"unknown tools {unknown}; tools are {list(TOOLS)}")
-    return names + [t for t in add if t not in names]
+    names = tool_list(mode)
+    return names + [t for t in tool_list(",".join(add)) if t not in names]
 
 
 def is_tool_mode(s):
@@ -98,16 +93,6 @@ def parse_models(spec, default_mode):
         raise ValueError(f"two models share a label in {labels}; name them LABEL=PATH")
     return out
 
-
-def adl_plan(examples, offered, mode, seed):
-    """Per example (randomized schemas, Mapping), or None. A per-sample mapping is seeded by the example id, so
-    every model sees the same names on the same example."""
-    if mode == "off" or not offered:
-        return None
-    base = schemas(offered)
-    if mode == "per-run":
-        return [adl.randomize(base, random.Random(seed))] * len(examples)
-    return [adl.randomize(base, random.Random(f"{seed}:{ex['id']}")) for ex in examples]
 
 def fmt(v, pct=False):
     if v is None:
@@ -208,10 +193,8 @@ def curve_charts(runs):
     for label, recs in runs.items():
         steps = []  # (step, {tool: value}) of the records that report tool use
         for i, r in enumerate(recs):
-            per_tool = next((r[k] for k in CURVE_PER_TOOL if isinstance(r.get(k), dict)), None)
-            if per_tool is None:
-                per_tool = next(({"all tools": r[k]} for k in CURVE_CPS if number(r.get(k))), None)
-            if per_tool is not None and number(r.get("step", i)):
+            per_tool = r.get("calls_per_sample_per_tool")
+            if isinstance(per_tool, dict) and number(r.get("step", i)):
                 steps.append((r.get("step", i), {str(k): v for k, v in per_tool.items() if number(v)}))
         # a log lists only the tools called at a step: a tool seen at some step was called 0 times at the others
         seen = {k for _, d in steps for k in d}
@@ -559,9 +542,7 @@ def load_examples(args, task_list):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.n, args.max_new_tokens, args.max_turns, args.show = 2, 24, 2, 2
+    args = parse_flags(parser, argv, QUICK)
     task_list = [t for t in args.tasks.split(",") if t]
     bad = [t for t in task_list if t not in tasks.TASKS]
     if bad:
@@ -588,21 +569,16 @@ def main(argv=None):
     for label, path, mode in models:
         model, processor = load_policy(path, device=device)
         offered = modes[mode]
-        plan = adl_plan(examples, offered, args.adl, args.seed)
-        trajs, t0 = [], time.perf_counter()
-        with tqdm(total=len(examples), desc=f"eval {label}", dynamic_ncols=True) as bar:
-            for i in range(0, len(examples), args.batch_size):
-                trajs += rollout(model, processor, examples[i:i + args.batch_size], tools=offered,
-                                 max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                 max_total_tokens=args.max_total_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed + i, tool_timeout=args.tool_timeout,
-                                 adl=plan[i:i + args.batch_size] if plan else None, progress=bar)
+        plan = adl.plan(examples, schemas(offered), args.adl, args.seed)
+        t0 = time.perf_counter()
+        trajs, per_task = evaluate(model, processor, examples, offered, plan, args.batch_size, f"eval {label}",
+                                   args.seed, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                                   max_total_tokens=args.max_total_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, top_k=args.top_k, tool_timeout=args.tool_timeout)
         seconds = time.perf_counter() - t0
         runs[label] = {"path": path, "tool_mode": mode, "tools": offered, "examples": examples,
                        "trajectories": trajs, "seconds": seconds}
-        for t in task_list:
-            idx = [i for i, ex in enumerate(examples) if ex["task"] == t]
-            m = metrics([examples[i] for i in idx], [trajs[i] for i in idx], by_level=False)
+        for t, m in per_task.items():
             log.write(json.dumps({"model": label, "task": t, **m}) + "\n")
         log.write(json.dumps({"model": label, "samples": len(examples), "seconds": seconds,
                               "samples_per_s": len(examples) / seconds}) + "\n")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import adl
 import rollout
 import tasks
-from tools import TOOLS, schemas
+from tools import schemas, tool_list
 
 
 # --quick: tiny sizes; a small KL and two PPO epochs so the reference copy and the old-log-prob recompute run
@@ -85,20 +85,20 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch", type=int, default=50, help="examples per greedy evaluation batch (tasks mixed)")
     g.add_argument("--ckpt-every", type=int, default=5, help="save a resumable checkpoint every N steps (0: never)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same flags)")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    rollout.add_device_flag(g)
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
     g.add_argument("--quick", action="store_true", help="smallest run that exercises every code path (< 1 minute on CPU)")
-    args = p.parse_args(argv)
-    if args.quick:  # quick values replace the defaults; flags given explicitly still win
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
+    args = rollout.parse_flags(p, argv, QUICK)
     args.init = args.init or "runs/tc/model"
     if args.temperature <= 0:
         p.error("--temperature must be > 0 (GRPO samples; the loss uses the sampling temperature)")
-    offered = list(TOOLS) if args.tools == "all" else [] if args.tools == "none" else args.tools.split(",")
-    unknown = [t for t in offered if t not in TOOLS] + [t for t in args.tasks.split(",") if t not in tasks.TASKS]
+    try:
+        tool_list(args.tools)
+    except ValueError as e:
+        p.error(f"--tools: {e}")
+    unknown = [t for t in args.tasks.split(",") if t not in tasks.TASKS]
     if unknown:
-        p.error(f"unknown tools or tasks {unknown}; tools: {list(TOOLS)}, tasks: {list(tasks.TASKS)}")
+        p.error(f"--tasks: unknown tasks {unknown}; tasks are {list(tasks.TASKS)}")
     return args
 
 
@@ -266,52 +266,13 @@ def adl_for(offered, pos, seed):
     return adl.randomize(schemas(offered), random.Random(f"adl-{seed}-{pos}"))
 
 
-def rollout_stats(trajs, infos):
-    """Tool use and shape of a batch: calls per sample (overall, per tool, per task and tool), success, lengths."""
-    n = len(trajs)
-    per_tool, per_task, task_n = {}, {}, {}
-    for t in trajs:
-        task_n[t.task] = task_n.get(t.task, 0) + 1
-        for c in t.calls:
-            name = c["name"] if c["name"] in TOOLS else "invalid"
-            per_tool[name] = per_tool.get(name, 0) + 1
-            per_task.setdefault(t.task, {})[name] = per_task.get(t.task, {}).get(name, 0) + 1
-    calls = [c for t in trajs for c in t.calls]
-    mean = lambda xs: sum(xs) / max(1, len(xs))
-    return {
-        "accuracy": mean([i["correct"] for i in infos]),
-        "format_rate": mean([i["format"] for i in infos]),
-        "cps": len(calls) / n,
-        "cps_tool": {k: v / n for k, v in sorted(per_tool.items())},
-        "cps_task": {task: {k: v / task_n[task] for k, v in sorted(d.items())} for task, d in sorted(per_task.items())},
-        "accuracy_task": {task: mean([i["correct"] for t, i in zip(trajs, infos) if t.task == task]) for task in sorted(task_n)},
-        "tool_success": mean([c["status"] == "success" for c in calls]) if calls else None,
-        "response_len": mean([sum(t.loss_mask) for t in trajs]),
-        "turns": mean([len(t.assistant_turns) for t in trajs]),
-        "finish": {r: sum(t.finish_reason == r for t in trajs) for r in sorted({t.finish_reason for t in trajs})},
-    }
-
-
-def evaluate(model, processor, args, offered, autocast, label):
-    """Greedy accuracy, format rate and tool use on --eval-n test examples of each task. Batches mix the tasks:
-    on CPU a decode step costs about the same for 10 rows or 50, so few large batches are fastest."""
+def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_size, autocast, label, **limits):
+    """rollout.evaluate on eval_n test examples per task -> {task: metrics, "mean_accuracy", "seconds"}."""
     t0 = time.perf_counter()
-    examples = [ex for task in args.tasks.split(",") for ex in tasks.generate(task, args.eval_n, split="test", seed=0)]
-    trajs = []
-    with tqdm(total=len(examples), desc=f"eval {label}", leave=False) as bar:
-        for k in range(0, len(examples), args.eval_batch):
-            batch = examples[k:k + args.eval_batch]
-            # ADL in evaluation: a mapping per sample, from positions the RL stream never reaches
-            mappings = [adl_for(offered, -1 - k - j, args.seed) for j in range(len(batch))] if args.adl else None
-            with autocast:
-                trajs += rollout.rollout(model, processor, batch, tools=offered, temperature=0.0,
-                                         max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                         max_total_tokens=args.max_total_tokens, tool_timeout=args.tool_timeout,
-                                         adl=mappings, progress=bar)
-    results = {}
-    for task in args.tasks.split(","):
-        pick = [k for k, ex in enumerate(examples) if ex["task"] == task]
-        results[task] = rollout.metrics([examples[k] for k in pick], [trajs[k] for k in pick], by_level=False)
+    examples = [ex for task in task_list for ex in tasks.generate(task, eval_n, split="test", seed=0)]
+    plan = adl.plan(examples, schemas(offered), "per-sample" if use_adl else "off", seed)
+    with autocast:
+        _, results = rollout.evaluate(model, processor, examples, offered, plan, batch_size, f"eval {label}", **limits)
     results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
     results["seconds"] = time.perf_counter() - t0
     return results
@@ -337,7 +298,7 @@ def main(argv=None):
                                            dtype=torch.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     task_list = args.tasks.split(",")
-    offered = list(TOOLS) if args.tools == "all" else [] if args.tools == "none" else args.tools.split(",")
+    offered = tool_list(args.tools)
     ref_model = None
     if args.kl_coef:  # the frozen initial policy
         ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
@@ -350,8 +311,11 @@ def main(argv=None):
         print(f"resumed at step {step}")
     rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
 
+    limits = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
+                  tool_timeout=args.tool_timeout)
     if args.eval_before and args.eval_n and step == 0:
-        evals["before"] = evaluate(model, processor, args, offered, autocast, "before")
+        evals["before"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
+                                   args.eval_batch, autocast, "before", **limits)
 
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
     for step in bar:
@@ -376,13 +340,17 @@ def main(argv=None):
         upd = update(model, processor, trajs, adv, opt, args, ref_model, autocast, seed=args.seed * 1_000_003 + step)
         t2 = time.perf_counter()
 
-        mean = lambda key: sum(i[key] for i in infos) / len(infos)
+        # the log: reward terms, then rollout.metrics' vocabulary over the batch and per task, then the update
+        sampled = [examples[t.example_index] for t in trajs]  # the example each trajectory answers
         record = {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
-                  "reward": mean("reward"), "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
-                  "tool_quality": mean("tool_quality"), "tool_term": mean("tool_term"),  # accuracy, format_rate below
+                  "reward": rollout.mean(i["reward"] for i in infos),
+                  "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
+                  "tool_quality": rollout.mean(i["tool_quality"] for i in infos),
+                  "tool_term": rollout.mean(i["tool_term"] for i in infos),
                   "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, args.group_size).abs().sum(1)),
-                  **rollout_stats(trajs, infos), **upd,
-                  "time_rollout": t1 - t0, "time_update": t2 - t1, "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
+                  **rollout.metrics(sampled, trajs, by_level=False), "by_task": rollout.metrics_by_task(sampled, trajs),
+                  **upd, "time_rollout": t1 - t0, "time_update": t2 - t1,
+                  "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
@@ -394,12 +362,15 @@ def main(argv=None):
     model.eval()
     rollout.save_policy(model, processor, os.path.join(args.out, "model"))
     if args.eval_n:
-        evals["after"] = evaluate(model, processor, args, offered, autocast, "after")
+        evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
+                                  args.eval_batch, autocast, "after", **limits)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
         json.dump(evals, f, indent=1)
     for label, res in evals.items():
-        print(f"{label:7s} " + "  ".join(f"{k}={v['accuracy']:.3f}" for k, v in res.items() if isinstance(v, dict))
-              + f"  mean={res['mean_accuracy']:.3f}")
+        print(f"{label}: mean accuracy {res['mean_accuracy']:.3f}")
+        for task, m in res.items():
+            if isinstance(m, dict):
+                print(rollout.describe(task, m))
     print(f"policy saved to {os.path.join(args.out, 'model')}")
     return evals
 

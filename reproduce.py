@@ -43,7 +43,7 @@ from tools import TOOLS
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="runs/repro", help="output directory (one subdirectory per step)")
 parser.add_argument("--eval-n", type=int, default=20, help="test examples per task in every evaluation")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda, passed to every stage")
+rollout.add_device_flag(parser, "every stage runs")
 parser.add_argument("--seed", type=int, default=0, help="passed to every stage")
 parser.add_argument("--quick", action="store_true", help="every stage with its own --quick: minutes, for tests")
 parser.add_argument("--report-only", action="store_true", help="rewrite summary.md and report.html from finished steps")
@@ -161,14 +161,14 @@ def main_table(args):
 
 def adopt_tables(args):
     log = [json.loads(line) for line in open(os.path.join(args.out, "tg_adopt", "log.jsonl"))]
-    log = [rec for rec in log if "cps_task" in rec]
+    log = [rec for rec in log if "by_task" in rec]
     chunks = max(1, min(5, len(log)))
     size = -(-len(log) // chunks)
     rows = []
     for k in range(0, len(log), size):
         part = log[k:k + size]
         rows.append([f"{part[0]['step']}-{part[-1]['step']}",
-                     num(mean(rec["cps_task"].get("vsp_nav", {}).get("AStar", 0.0) for rec in part)),
+                     num(mean(calls(rec["by_task"]["vsp_nav"], "AStar") for rec in part)),
                      pct(mean(rec["accuracy"] for rec in part))])
     r = results(args, "eval_adopt")
     before_after = [[label, pct(r[label]["vsp_nav"]["accuracy"]), num(calls(r[label]["vsp_nav"], "AStar")),

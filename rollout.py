@@ -6,6 +6,7 @@ rollout engine with a KV cache that lives across turns.
 Everything here works the same on the tiny default and on a real Qwen2.5-VL checkpoint. The training
 stages share its checkpoint and schedule helpers (save_policy, save_checkpoint, load_checkpoint, lr_at).
 """
+import copy
 import json
 import math
 import os
@@ -91,6 +92,22 @@ def cli(main):
     except InputError as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def parse_flags(parser, argv, quick):
+    """parser.parse_args(argv); with --quick the `quick` values replace the defaults, so flags given explicitly
+    still win (every stage's --quick works this way)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser = copy.deepcopy(parser)
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
+def add_device_flag(parser, what="the model runs"):
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help=f"where {what}: auto picks cuda when it is available")
 
 
 def reason(e):
@@ -778,6 +795,26 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
 # metrics: a pure function of (examples, trajectories); every stage reports these
 
 
+def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="eval", seed=0, **sampling):
+    """The one evaluation every stage runs: rollouts over `examples` (greedy unless `sampling` says otherwise) in
+    batches that mix the tasks (on a CPU a decode step costs about the same for 10 rows as for 50, so few large
+    batches are fastest) -> (trajectories, {task: metrics}). adl: one Mapping per example (adl.plan) or None."""
+    from tqdm import tqdm
+    trajs = []
+    with tqdm(total=len(examples), desc=desc, dynamic_ncols=True, leave=False) as bar:
+        for i in range(0, len(examples), batch_size):
+            trajs += rollout(model, processor, examples[i:i + batch_size], tools=tools, seed=seed + i,
+                             adl=adl[i:i + batch_size] if adl else None, progress=bar, **{"temperature": 0.0, **sampling})
+    return trajs, metrics_by_task(examples, trajs)
+
+
+def describe(label, m):
+    """One line of metrics for a console: accuracy, format validity, calls per sample, tool success."""
+    success = "n/a" if m["tool_success_rate"] is None else f"{m['tool_success_rate']:.3f}"  # n/a: no calls
+    return (f"{label:11s} accuracy {m['accuracy']:.3f}  format-valid {m['format_valid_rate']:.3f}  "
+            f"calls/sample {m['cps']:.2f}  tool success {success}")
+
+
 def mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
@@ -815,3 +852,10 @@ def metrics(examples, trajectories, by_level=True):
             idx = [i for i, ex in enumerate(examples) if ex.get("meta", {}).get("level") == lv]
             out["by_level"][str(lv)] = metrics([examples[i] for i in idx], [trajectories[i] for i in idx], False)
     return out
+
+
+def metrics_by_task(examples, trajectories):
+    """{task: metrics} over aligned examples and trajectories, tasks in the order they first appear."""
+    tasks_seen = list(dict.fromkeys(ex["task"] for ex in examples))
+    return {task: metrics(*zip(*[(ex, t) for ex, t in zip(examples, trajectories) if ex["task"] == task]), by_level=False)
+            for task in tasks_seen}

@@ -22,7 +22,6 @@ measure what they teach. What it shows, every observation computed by real code:
     python tiny.py --check --model runs/tc/model --tc-data runs/tc/data   # ... plus the vsp_nav transfer check
 """
 import argparse
-import copy
 import json
 import os
 import pickle
@@ -74,7 +73,7 @@ parser.add_argument("--model", default="tiny", help="model the checks read: tiny
 parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check")
 parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the vsp_nav "
                     "transfer check (teacher-forced numbers of AStar's obstacles)")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
 
@@ -956,12 +955,8 @@ def default_workers(device):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
+    args = rollout.parse_flags(parser, argv, QUICK)
     sys.stdout.reconfigure(line_buffering=True)
-    if args.quick:  # quick values replace the defaults; flags given explicitly still win
-        quick = copy.deepcopy(parser)
-        quick.set_defaults(**QUICK)
-        args = quick.parse_args(argv)
     device = rollout.resolve_device(args.device)
     if args.check:
         model, processor = rollout.load_policy(args.model, device=device)

@@ -4,7 +4,7 @@ The seven visual tools of AdaReasoner, their JSON schemas, argument validation a
 Every tool computes from the pixels of the images it is given and from its arguments,
 never from a task's hidden metadata. A tool call never raises and never hangs: everything
 that goes wrong becomes a ToolResult(status="error") whose message names (in single
-quotes) the argument or tool to fix. Run `python tools.py` for the latency table.
+quotes) the argument or tool to fix. `python bench.py tools` prints each tool's latency.
 """
 import copy
 import heapq
@@ -583,6 +583,16 @@ TOOLS = {
 }
 
 
+def tool_list(spec):
+    """--tools and every tool mode: 'all' | 'none' (the direct-answer prompt) | names joined by ',' or '+' -> the
+    canonical names offered, in the order given. An unknown name raises ValueError listing the known ones."""
+    names = list(TOOLS) if spec == "all" else [] if spec == "none" else [t.strip() for t in re.split(r"[,+]", spec) if t.strip()]
+    unknown = [t for t in names if t not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tools {unknown}; tools are {list(TOOLS)}")
+    return names
+
+
 def schemas(names=None):
     """The JSON function schemas of the named tools (all by default), in registry order."""
     return [copy.deepcopy(s) for n, (s, _) in TOOLS.items() if names is None or n in names]
@@ -660,33 +670,3 @@ def observation(name, result, image_name=None):
         text += "\nNew image generated and saved as: " + image_name
     return text
 
-
-if __name__ == "__main__":
-    # median latency of each tool on a 512x512 scene (python tools.py); cpu time is the
-    # figure to trust when other processes share the machine
-    import tasks
-    grid = tasks.generate("vsp_nav", 1, sizes=(8,))[0]["images"][0]
-    jig = tasks.generate("jigsaw", 1)[0]["images"]
-    screen = tasks.generate("guiqa", 1, size=(512, 512))[0]["images"][0]
-    search = tasks.generate("vstar", 1)[0]["images"][0].resize((512, 512))
-    big_jig = jig[0].resize((512, 512))
-    cases = [
-        ("Point", {"image": "img_1", "description": "holes"}, [grid]),
-        ("Point", {"image": "img_1", "description": "red circle"}, [search]),
-        ("Draw2DPath", {"image": "img_1", "start_point": [32, 32], "directions": "R,R,R,D,D,D,L,D,D,R,R"}, [grid]),
-        ("AStar", {"start": [32, 32], "goal": [480, 480], "obstacles": [[96, 32], [224, 288], [352, 160]], "grid_size": 8}, []),
-        ("DetectBlackArea", {"image": "img_1"}, [big_jig]),
-        ("InsertImage", {"base_image": "img_1", "image_to_insert": "img_2", "coordinates": [256, 0, 512, 256]}, [big_jig, jig[1]]),
-        ("Crop", {"image": "img_1", "coordinates": [100, 100, 160, 160]}, [grid]),
-        ("OCR", {"image": "img_1"}, [screen]),
-    ]
-    print(f"{'tool':16s} {'arguments':40s} median ms over 50 calls: wall, cpu")
-    for name, params, imgs in cases:
-        wall, cpu = [], []
-        for _ in range(50):
-            t, c = time.perf_counter(), time.process_time()
-            r = call_tool(name, params, imgs)
-            wall.append(1000 * (time.perf_counter() - t))
-            cpu.append(1000 * (time.process_time() - c))
-            assert r.status == "success", r.error
-        print(f"{name:16s} {json.dumps(params)[:40]:40s} {np.median(wall):6.1f} {np.median(cpu):6.1f}")

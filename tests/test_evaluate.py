@@ -6,9 +6,11 @@ import subprocess
 import pytest
 from PIL import Image, ImageDraw
 
+import adl
 import evaluate
 import rollout
 import tasks
+import tools
 from rollout import Trajectory
 
 EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""",
@@ -100,33 +102,35 @@ def test_model_specs_tool_modes_and_adl_plans():
     with pytest.raises(ValueError):
         evaluate.tool_names("Pointy")
     exs = tasks.generate("vsp_verify", 3)
-    assert evaluate.adl_plan(exs, ["Point"], "off", 0) is None and evaluate.adl_plan(exs, [], "per-sample", 0) is None
-    run = evaluate.adl_plan(exs, ["Point", "AStar"], "per-run", 0)
+    two = tools.schemas(["Point", "AStar"])
+    assert adl.plan(exs, tools.schemas(["Point"]), "off", 0) is None and adl.plan(exs, [], "per-sample", 0) is None
+    run = adl.plan(exs, two, "per-run", 0)
     assert len({json.dumps(m.to_json()) for _, m in run}) == 1
-    per = evaluate.adl_plan(exs, ["Point", "AStar"], "per-sample", 0)
+    per = adl.plan(exs, two, "per-sample", 0)
     assert len({json.dumps(m.to_json()) for _, m in per}) == 3
-    again = evaluate.adl_plan(exs, ["Point", "AStar"], "per-sample", 0)
+    again = adl.plan(exs, two, "per-sample", 0)
     assert [m.to_json() for _, m in per] == [m.to_json() for _, m in again]
     assert {s["function"]["name"] for s in per[0][0]} == set(per[0][1].names.values())
 
 
 def test_curves_read_defensively(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text('{"step": 0, "reward": 0.1, "accuracy": 0.0, "calls_per_sample": {"Point": 1.0}}\nnot json\n'
+    log.write_text('{"step": 0, "reward": 0.1, "accuracy": 0.0, "calls_per_sample_per_tool": {"Point": 1.0}}\nnot json\n'
                    '{"step": 1, "reward": null, "loss": 2.0}\n[1, 2]\n'
-                   '{"step": 2, "reward": 0.5, "calls_per_sample": {"Point": 2.0, "AStar": 0.5}}\n')
+                   '{"step": 2, "reward": 0.5, "calls_per_sample_per_tool": {"Point": 2.0, "AStar": 0.5}}\n')
     runs = evaluate.read_curves(f"tg={log},gone={tmp_path / 'missing.jsonl'}")
     assert list(runs) == ["tg"] and len(runs["tg"]) == 3
     charts = dict(evaluate.curve_charts(runs))
     assert charts["reward"] == {"tg": [(0, 0.1), (2, 0.5)]}
     assert charts["loss"] == {"tg": [(1, 2.0)]}
     assert charts["calls per sample per tool: tg"] == {"Point": [(0, 1.0), (2, 2.0)], "AStar": [(0, 0), (2, 0.5)]}
-    # grpo.py's own keys: cps_tool per tool, tool_success (None before any call), format_rate
+    # rollout.metrics' keys, as grpo.py logs them: tool_success_rate is None before any call
     grpo = tmp_path / "grpo.jsonl"
-    grpo.write_text('{"step": 0, "reward": 0.0, "cps": 0, "cps_tool": {}, "tool_success": null, "format_rate": 0.5}\n'
-                    '{"step": 1, "reward": 0.4, "cps": 1.5, "cps_tool": {"Point": 1.5}, "tool_success": 0.9}\n')
+    grpo.write_text('{"step": 0, "reward": 0.0, "cps": 0, "calls_per_sample_per_tool": {}, "tool_success_rate": null, '
+                    '"format_valid_rate": 0.5}\n{"step": 1, "reward": 0.4, "cps": 1.5, "calls_per_sample_per_tool": '
+                    '{"Point": 1.5}, "tool_success_rate": 0.9}\n')
     charts = dict(evaluate.curve_charts(evaluate.read_curves(f"g={grpo}")))
-    assert charts["tool_success"] == {"g": [(1, 0.9)]} and charts["format_rate"] == {"g": [(0, 0.5)]}
+    assert charts["tool_success_rate"] == {"g": [(1, 0.9)]} and charts["format_valid_rate"] == {"g": [(0, 0.5)]}
     assert charts["calls per sample per tool: g"] == {"Point": [(0, 0), (1, 1.5)]}
 
 # -----------------------------------------------------------------------------
@@ -191,7 +195,7 @@ def hand_report(out):
     with open(log, "w") as f:
         for s in range(12):
             f.write(json.dumps({"step": s, "reward": 0.2 + 0.05 * s, "accuracy": 0.04 * s,
-                                "calls_per_sample": {"DetectBlackArea": 1 + 0.1 * s, "InsertImage": 2 - 0.1 * s}}) + "\n")
+                                "calls_per_sample_per_tool": {"DetectBlackArea": 1 + 0.1 * s, "InsertImage": 2 - 0.1 * s}}) + "\n")
     settings = {**vars(evaluate.parser.parse_args([])), "command": "python evaluate.py (hand-built)", "device": "cpu"}
     evaluate.write_outputs(out, settings, runs, evaluate.read_curves(f"tg={log}"))
     return os.path.join(out, "report.html")
