@@ -133,11 +133,8 @@ def baseline(model, processor, examples, group, turns, forcer):
                 r["done"] = True
                 continue
             result = tools.call_tool(call["name"], call["parameters"], r["images"])
-            name = None
-            if result.image is not None:
-                r["images"].append(result.image)
-                name = f"img_{len(r['images'])}"
-            msg = rollout.observation_message(tools.observation(call["name"], result, name), result.image)
+            text, _ = rollout.add_observation(r["images"], call["name"], result)
+            msg = rollout.observation_message(text, result.image)
             obs, _ = rollout.encode(processor, ["\n"] + rollout.render(msg) + ["<|im_start|>assistant\n"])
             r["ids"] += obs
     return [r["ids"] for r in rows], n_generated

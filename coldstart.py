@@ -208,11 +208,8 @@ class Builder:
             raise Skip(f"{name} gave {result.status}: {result.error}")
         call = json.dumps({"name": name, "parameters": params}, ensure_ascii=False)
         self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><tool_call>{call}</tool_call>"})
-        image_name = None
-        if result.image is not None:
-            self.images.append(result.image)
-            image_name = f"img_{len(self.images)}"
-        self.messages.append(rollout.observation_message(tools.observation(name, result, image_name), result.image))
+        text, _ = rollout.add_observation(self.images, name, result)
+        self.messages.append(rollout.observation_message(text, result.image))
         return result
 
     def retry(self, name, bad, good, thought, key="retry"):
@@ -297,17 +294,11 @@ def vsp_nav(b, kind):
 
 def verdict(meta):
     """What a careful look at the drawn path shows (the thinking text; the label itself is the example's)."""
-    n, (x, y), holes = meta["grid"], meta["start"], {tuple(h) for h in meta["holes"]}
-    for m in meta["moves"].split(","):
-        dx, dy = tools.MOVES[m]
-        if not (0 <= x + dx < n and 0 <= y + dy < n):
-            return f"The arrows leave the grid at cell {[x, y]}, so the path is not safe."
-        x, y = x + dx, y + dy
-        if (x, y) in holes:
-            return f"The arrows run into the ice hole at cell {[x, y]}, so the path is not safe."
-    if [x, y] != list(meta["goal"]):
-        return f"The arrows stop at cell {[x, y]}, short of the gift."
-    return "The arrows avoid every hole and end on the gift, so the path is safe."
+    end, cell = tasks.walk(meta, meta["moves"].split(","), off_grid="fail")
+    return {"off_grid": f"The arrows leave the grid at cell {cell}, so the path is not safe.",
+            "hole": f"The arrows run into the ice hole at cell {cell}, so the path is not safe.",
+            "short": f"The arrows stop at cell {cell}, short of the gift.",
+            "goal": "The arrows avoid every hole and end on the gift, so the path is safe."}[end]
 
 
 def vsp_verify(b, kind):
@@ -547,26 +538,28 @@ def encode_record(rec, processor, images, rng, use_adl):
     k = iter(images)
     messages = [{**m, "content": [{"type": "image", "image": next(k)} if p["type"] == "image" else p for p in m["content"]]}
                 if isinstance(m["content"], list) else m for m in rec["messages"]]
-    ids, mask, _ = rollout.encode_conversation(processor, messages)
-    # encode the pixels here rather than through the PIL-attached cache: thousands of cached tensors would not fit
-    encoded = [processor.encode_image(im) for im in images]
-    return ids, mask, encoded
+    return rollout.encode_conversation(processor, messages)
 
 
-def train(args, model, processor, records, images, device, start_state=None, optimizer=None):
-    """The SFT loop; returns the final loop state. `images[i]` holds record i's PIL images in order."""
+def text_only(message):
+    return message if isinstance(message["content"], str) else \
+        {**message, "content": [p for p in message["content"] if p["type"] == "text"]}
+
+
+def train(model, processor, records, images, device, optimizer, *, out, epochs, batch_size, grad_accum, lr, warmup,
+          clip, max_len, use_adl, seed, ckpt_every, stop_after=0, start_state=None):
+    """The SFT loop; returns (final loop state, total steps). `images[i]` holds record i's PIL images in order."""
     # sequence lengths without encoding pixels: text tokens plus each image's pad tokens (one per f x f pixels)
     f = processor.image_processor.patch_size * processor.merge
-    text_only = lambda m: m if isinstance(m["content"], str) else {**m, "content": [p for p in m["content"] if p["type"] == "text"]}
     lengths = [len(rollout.encode_conversation(processor, [text_only(m) for m in r["messages"]])[0])
                + sum((im.width // f) * (im.height // f) + 2 for im in images[i]) for i, r in enumerate(records)]
-    keep = [i for i, n in enumerate(lengths) if n <= args.max_len]
+    keep = [i for i, n in enumerate(lengths) if n <= max_len]
     if len(keep) < len(records):
-        print(f"dropping {len(records) - len(keep)} sequences longer than --max-len {args.max_len}")
-    micro_per_epoch = math.ceil(len(keep) / args.batch_size)
-    total = max(1, int(args.epochs * micro_per_epoch) // args.grad_accum)
+        print(f"dropping {len(records) - len(keep)} sequences longer than --max-len {max_len}")
+    micro_per_epoch = math.ceil(len(keep) / batch_size)
+    total = max(1, int(epochs * micro_per_epoch) // grad_accum)
     state = start_state or {"step": 0, "micro": 0}
-    log = rollout.open_log(os.path.join(args.out, "log.jsonl"), state["step"])
+    log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
@@ -574,37 +567,37 @@ def train(args, model, processor, records, images, device, start_state=None, opt
     while state["step"] < total:
         t0, loss_sum, n_tok, n_all = time.perf_counter(), 0.0, 0, 0
         micro = []
-        for _ in range(args.grad_accum):
+        for _ in range(grad_accum):
             epoch, pos = divmod(state["micro"], micro_per_epoch)
             if epoch not in plans:
-                plans = {epoch: batch_plan([lengths[i] for i in keep], args.batch_size, epoch, args.seed)}
-            rng = random.Random(f"{args.seed}-adl-{state['micro']}")
-            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, args.adl) for j in plans[epoch][pos]])
+                plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
+            rng = random.Random(f"{seed}-adl-{state['micro']}")
+            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, use_adl) for j in plans[epoch][pos]])
             state["micro"] += 1
         count = sum(int(sum(m[1:])) for b in micro for _, m, _ in b)  # loss tokens of the whole step: token-mean
-        lr = rollout.lr_at(state["step"], total, args.lr, args.warmup)
+        lr_now = rollout.lr_at(state["step"], total, lr, warmup)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_now
         for batch in micro:
             with autocast:
                 loss, n = rollout.masked_lm_loss(model, processor, batch, device)
             (loss / max(1, count)).backward()
             loss_sum, n_tok, n_all = loss_sum + loss.item(), n_tok + n, n_all + sum(len(ids) for ids, _, _ in batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         dt = time.perf_counter() - t0
-        rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr, "grad_norm": float(grad_norm),
+        rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr_now, "grad_norm": float(grad_norm),
                "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt, "epoch": state["micro"] / micro_per_epoch,
                "cpu_s": time.process_time()}  # CPU seconds so far: wall time on a shared machine says little
         log.write(json.dumps(rec) + "\n")
         log.flush()
         bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        stop = args.stop_after and state["step"] >= args.stop_after
-        if (args.ckpt_every and state["step"] % args.ckpt_every == 0) or stop:
-            rollout.save_checkpoint(os.path.join(args.out, "ckpt"), model, processor, optimizer, state)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        stop = stop_after and state["step"] >= stop_after
+        if (ckpt_every and state["step"] % ckpt_every == 0) or stop:
+            rollout.save_checkpoint(os.path.join(out, "ckpt"), model, processor, optimizer, state)
         if stop:
             break
     bar.close()
@@ -669,7 +662,10 @@ def main(argv=None):
     # 3. SFT
     images = [[shrink(im, processor) for m in with_pil(r["messages"], data_dir) if isinstance(m["content"], list)
                for p in m["content"] if p["type"] == "image" for im in [p["image"]]] for r in records]
-    state, total = train(args, model, processor, records, images, device, state, optimizer)
+    state, total = train(model, processor, records, images, device, optimizer, out=args.out, epochs=args.epochs,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                         clip=args.clip, max_len=args.max_len, use_adl=args.adl, seed=args.seed,
+                         ckpt_every=args.ckpt_every, stop_after=args.stop_after, start_state=state)
     if state["step"] < total:
         print(f"stopped after step {state['step']} of {total}; continue with --resume")
         return None

@@ -100,15 +100,26 @@ def fmt(v, pct=False):
     return f"{100 * v:.1f}" if pct else f"{v:.2f}"
 
 
+def md_table(header, rows):
+    """A Markdown table (this file's results and reproduce.py's summary)."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def html_table(header, rows):
+    """A plain HTML table, every cell escaped."""
+    return ("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+
 def markdown_table(results, task_list):
     """Models as rows, tasks as columns: 'accuracy % / CPS', and the macro mean over tasks."""
-    head = "| model | " + " | ".join(task_list) + " | mean |"
-    lines = [head, "|" + "---|" * (len(task_list) + 2)]
+    rows = []
     for label, per_task in results.items():
         cells = [f"{fmt(per_task[t]['accuracy'], True)} / {fmt(per_task[t]['cps'])}" for t in task_list]
         acc, cps = (mean(per_task[t][k] for t in task_list) for k in ("accuracy", "cps"))
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(acc, True)} / {fmt(cps)} |")
-    return "\n".join(lines) + "\n\ncells: accuracy % / CPS (tool calls per sample)"
+        rows.append([label, *cells, f"{fmt(acc, True)} / {fmt(cps)}"])
+    return md_table(["model", *task_list, "mean"], rows) + "\n\ncells: accuracy % / CPS (tool calls per sample)"
 
 # -----------------------------------------------------------------------------
 # trajectories on disk

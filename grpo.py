@@ -202,47 +202,54 @@ def padded(rows, value=0.0):
     return torch.tensor([list(r) + [value] * (n - len(r)) for r in rows], dtype=torch.float32)
 
 
-def update(model, processor, trajs, adv, opt, args, ref_model=None, autocast=nullcontext(), seed=0):
+def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast):
+    """{i: per-token log-probs of trajs[i]} under a model that is not being trained at this moment (the policy
+    before the update, or the reference policy), in micro-batches, without gradient."""
+    out = {}
+    with torch.no_grad():
+        for k in range(0, len(keep), micro_batch):
+            idx = keep[k:k + micro_batch]
+            logp, _ = forward_logprobs(model, processor, [trajs[i] for i in idx], temperature, autocast)
+            out.update({i: logp[j, :len(trajs[i].token_ids)].tolist() for j, i in enumerate(idx)})
+    return out
+
+
+def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo_epochs=1, minibatches=1,
+           loss_agg="token-mean", clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=1.0, ref_model=None,
+           autocast=nullcontext(), seed=0):
     """PPO-style epochs over one rollout batch. Groups with all-equal rewards have zero advantage and (without
     KL) no gradient, so they are left out. Returns stats averaged per sampled token."""
     device = next(model.parameters()).device
-    keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or args.kl_coef)]
+    keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or kl_coef)]
     totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"], 0.0)
-    chunks = lambda idx: [idx[k:k + args.micro_batch] for k in range(0, len(idx), args.micro_batch)]
+    # the ratio's denominator: the sampler's log-probs, unless later passes need the pre-update policy's own
     old = {i: trajs[i].logprobs for i in keep}
-    if args.ppo_epochs * args.minibatches > 1:  # later updates need the pre-update policy's log-probs, not the sampler's
-        with torch.no_grad():
-            for idx in chunks(keep):
-                logp, _ = forward_logprobs(model, processor, [trajs[i] for i in idx], args.temperature, autocast)
-                old.update({i: logp[k, :len(trajs[i].token_ids)].tolist() for k, i in enumerate(idx)})
-    ref = {}
-    if ref_model is not None:
-        with torch.no_grad():
-            for idx in chunks(keep):
-                logp, _ = forward_logprobs(ref_model, processor, [trajs[i] for i in idx], args.temperature, autocast)
-                ref.update({i: logp[k, :len(trajs[i].token_ids)].tolist() for k, i in enumerate(idx)})
+    if ppo_epochs * minibatches > 1:
+        old = frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast)
+    ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, keep, micro_batch, temperature, autocast)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(args.ppo_epochs):
+    for _ in range(ppo_epochs):
         order = [keep[k] for k in torch.randperm(len(keep), generator=gen).tolist()]
-        for mb in [order[k::args.minibatches] for k in range(args.minibatches)]:
+        for mb in [order[k::minibatches] for k in range(minibatches)]:
             if not mb:
                 continue
             mb.sort(key=lambda i: len(trajs[i].token_ids))  # similar lengths share a micro-batch: less padding
-            denom = sum(sum(trajs[i].loss_mask) for i in mb) if args.loss_agg == "token-mean" else len(mb)
+            denom = sum(sum(trajs[i].loss_mask) for i in mb) if loss_agg == "token-mean" else len(mb)
             opt.zero_grad(set_to_none=True)
-            for idx in chunks(mb):
+            for k in range(0, len(mb), micro_batch):  # gradient accumulation: the loss is already / denom
+                idx = mb[k:k + micro_batch]
                 batch = [trajs[i] for i in idx]
-                logp, entropy = forward_logprobs(model, processor, batch, args.temperature, autocast)
+                logp, entropy = forward_logprobs(model, processor, batch, temperature, autocast)
                 mask = padded([t.loss_mask for t in batch]).to(device)
                 loss, st = policy_loss(logp, padded([old[i] for i in idx]).to(device), adv[idx].to(device), mask,
-                                       args.clip_low, args.clip_high, args.loss_agg, denom,
-                                       padded([ref[i] for i in idx]).to(device) if ref else None, args.kl_coef)
+                                       clip_low, clip_high, loss_agg, denom,
+                                       padded([ref[i] for i in idx]).to(device) if ref else None, kl_coef)
                 loss.backward()
                 for k, v in st.items():
                     totals[k] += v
                 totals["entropy"] += (entropy * mask).sum().item()
                 totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
-            totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
             opt.step()
             totals["opt_steps"] += 1
     n = max(totals["tokens"], 1.0)
@@ -337,7 +344,10 @@ def main(argv=None):
         adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
         t1 = time.perf_counter()
         model.train()
-        upd = update(model, processor, trajs, adv, opt, args, ref_model, autocast, seed=args.seed * 1_000_003 + step)
+        upd = update(model, processor, trajs, adv, opt, temperature=args.temperature, micro_batch=args.micro_batch,
+                     ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, loss_agg=args.loss_agg,
+                     clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
+                     ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step)
         t2 = time.perf_counter()
 
         # the log: reward terms, then rollout.metrics' vocabulary over the batch and per task, then the update

@@ -36,6 +36,7 @@ import sys
 import time
 
 import rollout
+from evaluate import html_table, md_table
 from rollout import mean
 from tasks import TASKS as TASK_NAMES
 from tools import TOOLS
@@ -262,8 +263,7 @@ def timing_table(done):
 def markdown(sections, head):
     out = [head]
     for title, note, header, rows in sections:
-        out += [f"\n### {title}\n", note + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        out += [f"\n### {title}\n", note + "\n", md_table(header, rows)]
     return "\n".join(out) + "\n"
 
 
@@ -273,10 +273,8 @@ def report_html(sections, head, links):
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
          "code{font-size:12px}</style>", f"<h1>AdaReasoner: tiny reproduction</h1><p>{html.escape(head)}</p>"]
     for title, note, header, rows in sections:
-        h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><table><tr>"
-                 + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>")
-        h += ["<tr>" + "".join(f"<td>{html.escape(str(c).strip('`'))}</td>" for c in row) + "</tr>" for row in rows]
-        h.append("</table>")
+        h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>"
+                 + html_table(header, [[str(c).strip("`") for c in row] for row in rows]))
     h.append("<h2>Per-experiment reports</h2><p>Trajectories with their images, training curves:</p><ul>")
     h += [f"<li><a href='{name}/report.html'>{name}</a></li>" for name in links]
     return "\n".join(h) + "</ul>\n"

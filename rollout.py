@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from tasks import InputError, extract_answer, is_format_valid, score
 from tools import TOOLS, ToolResult, call_tool, observation, schemas
 
 # -----------------------------------------------------------------------------
-# loading a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
+# the command line, and loading a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
 
 # Qwen's special tokens: chat structure and image placeholders
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -174,92 +176,6 @@ def replace_dir(tmp, final):
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
-    """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state. Its last file,
-    COMPLETE, says the checkpoint is whole; it is written into CKPT.tmp, which then replaces CKPT."""
-    tmp = os.path.abspath(ckpt_dir) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"))
-    processor.save_pretrained(os.path.join(tmp, "model"))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-        json.dump({"step": state["step"]}, f)
-    replace_dir(tmp, os.path.abspath(ckpt_dir))
-
-
-def find_checkpoint(ckpt_dir):
-    """The newest complete checkpoint -> its path, or None. Newest first: CKPT.tmp once its COMPLETE is written
-    (a kill came before it replaced CKPT), CKPT (only ever a finished CKPT.tmp renamed), CKPT.old (the one before)."""
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    if os.path.isfile(os.path.join(ckpt_dir + ".tmp", "COMPLETE")):
-        return ckpt_dir + ".tmp"
-    return next((p for p in (ckpt_dir, ckpt_dir + ".old") if os.path.isfile(os.path.join(p, "trainer.pt"))), None)
-
-
-def resume_from(ckpt_dir, resume):
-    """--resume: the checkpoint to continue from, saying which, or None (saying there is none, so the run starts
-    from step 0; its log is kept beside the new one, see open_log)."""
-    if not resume:
-        return None
-    path = find_checkpoint(ckpt_dir)
-    print(f"--resume: continuing from {path}" if path else f"--resume: no complete checkpoint at {ckpt_dir}; starting from step 0")
-    return path
-
-
-def load_checkpoint(ckpt_dir, optimizer):
-    """Restore optimizer and RNG state -> the saved loop state dict. The weights are the model directory
-    `ckpt_dir/model`, loaded with load_policy like any other."""
-    path = os.path.join(ckpt_dir, "trainer.pt")
-    try:
-        blob = torch.load(path, weights_only=False)
-    except Exception as e:  # a damaged checkpoint stops the run rather than silently restarting over its outputs
-        raise InputError(f"{path}: unreadable checkpoint ({reason(e)}); "
-                         "remove it to start over, or restore it") from None
-    optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(blob["rng"]["python"])
-    return blob["state"]
-
-
-def open_log(path, done, first=1):
-    """A run's JSONL log, opened for appending. Resumed after `done` steps (numbered from `first`), it keeps those
-    steps' lines and drops what a killed run wrote after its checkpoint, a torn last line included. A fresh run
-    (done=0) moves an existing log aside to LOG.1, LOG.2, ... instead of erasing it."""
-    if done and os.path.exists(path):
-        keep = []
-        for line in open(path):
-            try:
-                if json.loads(line)["step"] < done + first:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                pass
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-    elif not done and os.path.exists(path) and os.path.getsize(path):
-        n = 1
-        while os.path.exists(f"{path}.{n}"):
-            n += 1
-        os.replace(path, f"{path}.{n}")
-        print(f"kept the previous log as {path}.{n}")
-    return open(path, "a")
-
-
-def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):
-    """Linear warmup, then cosine decay to 10%, or constant, or "wsd": constant, then a linear decay to 10% over
-    the last `cooldown` share of the steps (tiny.py: a constant lr carries the copy transition)."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "constant":
-        return base_lr
-    if schedule == "wsd":
-        start = total * (1 - cooldown)
-        return base_lr * (1 - 0.9 * min(1.0, max(0.0, step - start) / max(1.0, total - start)))
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 # -----------------------------------------------------------------------------
@@ -408,55 +324,63 @@ def mrope_positions(ids, grids, processor, start=0):
 # batched forward passes
 
 
+class GrowingLayer(DynamicLayer):
+    """One layer's KV cache in preallocated buffers. Hugging Face's DynamicLayer copies its whole cache on every
+    token (torch.cat); here a token costs one slice write and the buffer doubles when full, so decoding L tokens
+    copies O(L) memory instead of O(L^2). Rows can be repeated (a GRPO group shares its prompt's prefill) and
+    dropped (finished rows leave the batch)."""
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self.kbuf = self.vbuf = None  # [B, heads, capacity, head_dim]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self.kbuf is None or end > self.kbuf.shape[-2]:  # full: double the capacity, copy what is there
+            shape = (*key_states.shape[:2], max(2 * end, 256), key_states.shape[-1])
+            kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
+            if self.length:
+                kbuf[:, :, :self.length], vbuf[:, :, :self.length] = self.keys, self.values
+            self.kbuf, self.vbuf = kbuf, vbuf
+        self.kbuf[:, :, self.length:end] = key_states
+        self.vbuf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]  # views: no copy
+        return self.keys, self.values
+
+    def get_seq_length(self):
+        return self.length if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats):
+        self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
+        self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+    def batch_select_indices(self, indices):
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+
 def kv_cache(model):
-    """A Hugging Face cache whose layers write into preallocated buffers instead of concatenating each step."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        # DynamicLayer copies its whole cache on every token (torch.cat); here a token costs one slice write,
-        # and the buffer doubles when full, so decoding L tokens copies O(L) instead of O(L^2) memory.
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
-            self.length = 0
-            self.kbuf = self.vbuf = None
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            if self.kbuf is None or end > self.kbuf.shape[-2]:
-                shape = (*key_states.shape[:2], max(2 * end, 256), key_states.shape[-1])
-                kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
-                if self.length:
-                    kbuf[:, :, :self.length], vbuf[:, :, :self.length] = self.keys, self.values
-                self.kbuf, self.vbuf = kbuf, vbuf
-            self.kbuf[:, :, self.length:end] = key_states
-            self.vbuf[:, :, self.length:end] = value_states
-            self.length = end
-            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
-            return self.keys, self.values
-
-        def get_seq_length(self):
-            return self.length if self.is_initialized else 0
-
-        def batch_repeat_interleave(self, repeats):
-            self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
-            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
-
-        def batch_select_indices(self, indices):
-            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
-            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
-
+    """A Hugging Face cache made of GrowingLayers, one per decoder layer."""
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
 
 
-
 def pad_batch(seqs, pad_value, left):
     n = max(len(s) for s in seqs)
     return [([pad_value] * (n - len(s)) + s) if left else (s + [pad_value] * (n - len(s))) for s in seqs]
+
+
+def pixel_inputs(images, device, dtype):
+    """The model's image arguments for a list of (pixel_values, grid_thw), in token order; {} without images."""
+    if not images:
+        return {}
+    return dict(pixel_values=torch.cat([p for p, _ in images]).to(device, dtype),
+                image_grid_thw=torch.stack([g for _, g in images]).to(device))
 
 
 def forward_chunk(model, processor, chunks, cache, attn, device):
@@ -468,55 +392,9 @@ def forward_chunk(model, processor, chunks, cache, attn, device):
     pos = torch.stack([F.pad(c[2], (n - c[2].shape[1], 0)) for c in chunks], dim=1).to(device)
     new = torch.tensor(pad_batch([[1] * len(c[0]) for c in chunks], 0, left=True), device=device)
     attn = new if attn is None else torch.cat([attn, new], dim=1)
-    images = [im for c in chunks for im in c[1]]
-    kw = {}
-    if images:
-        kw = dict(pixel_values=torch.cat([p for p, _ in images]).to(device, model.dtype),
-                  image_grid_thw=torch.stack([g for _, g in images]).to(device))
     out = model(input_ids=ids, position_ids=pos, attention_mask=attn, past_key_values=cache, use_cache=True,
-                logits_to_keep=1, **kw)
+                logits_to_keep=1, **pixel_inputs([im for c in chunks for im in c[1]], device, model.dtype))
     return out.logits[:, -1].float(), attn
-
-
-def sequence_inputs(processor, seqs, images, device, dtype):
-    """Model inputs for whole sequences, right-padded: ids, attention mask, M-RoPE positions and pixels.
-    seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw)."""
-    ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)
-    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)
-    pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
-                       for s, im in zip(seqs, images)], dim=1).to(device)
-    kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos)
-    flat = [im for row in images for im in row]
-    if flat:
-        kw.update(pixel_values=torch.cat([p for p, _ in flat]).to(device, dtype),
-                  image_grid_thw=torch.stack([g for _, g in flat]).to(device))
-    return kw
-
-
-def sequence_logits(model, processor, seqs, images, device=None):
-    """One full, cache-free forward over whole sequences -> logits [B, L, V] (position t predicts token t+1)."""
-    device = device or next(model.parameters()).device
-    return model(**sequence_inputs(processor, seqs, images, device, model.dtype), use_cache=False).logits
-
-
-def masked_lm_loss(model, processor, batch, device):
-    """Summed cross-entropy over loss-masked tokens and their count, for SFT and pretraining. batch: list of
-    (ids, mask, images). The LM head runs only where a token carries loss (a minority of positions)."""
-    seqs = [ids for ids, _, _ in batch]
-    hidden = model.model(**sequence_inputs(processor, seqs, [im for _, _, im in batch], device, model.dtype),
-                         use_cache=False).last_hidden_state                       # [B, L, H]
-    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
-    mask = torch.tensor(pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
-    logits = model.lm_head(hidden[:, :-1][mask])                                   # [N, V], N = loss tokens
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
-
-
-def token_logprobs(logits, seqs, temperature=1.0):
-    """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=logits.device)[:, 1:]
-    out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return F.pad(out, (1, 0))
 
 
 # -----------------------------------------------------------------------------
@@ -590,6 +468,16 @@ def run_tool(call, images, timeout, offered, mapping, run=call_tool):
 MAX_ASPECT = 200  # the Qwen2-VL image processor (smart_resize) raises for an image more elongated than this
 
 
+def add_observation(images, name, result):
+    """A tool result joins a conversation: a returned image is appended to `images` and named img_k after its
+    position, the name the model uses to pass it to the next tool -> (observation text, image name or None)."""
+    image_name = None
+    if result.image is not None:
+        images.append(result.image)
+        image_name = f"img_{len(images)}"
+    return observation(name, result, image_name), image_name
+
+
 def tool_observation(row):
     """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
     t = row.traj
@@ -607,11 +495,7 @@ def tool_observation(row):
         result = ToolResult(status="error", error=f"{name} returned a {w}x{h} image, too elongated to be shown (the "
                                                   f"longer side must be under {MAX_ASPECT} times the shorter); use a less thin region")
     t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
-    image_name = None
-    if result.image is not None:
-        t.images.append(result.image)
-        image_name = f"img_{len(t.images)}"
-    text = observation(name, result, image_name)
+    text, image_name = add_observation(t.images, name, result)
     if row.mapping is not None:
         text = row.mapping.observation(text)
     t.messages.append(observation_message(text, image_name))
@@ -661,6 +545,23 @@ def timed(timings, key):
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
+@dataclass
+class LiveBatch:
+    """The rows still running, with what the model computed for them: the KV cache (one row per live row), the
+    attention mask over everything cached, and the logits of each row's next token."""
+    rows: list
+    cache: object
+    attn: torch.Tensor    # [B, cached length]: 0 on pads
+    logits: torch.Tensor  # [B, V]
+
+    def keep(self, keep):
+        """Only rows[k] for k in keep go on; finished rows leave the batch and the cache shrinks with them."""
+        if len(keep) < len(self.rows):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
+            self.cache.batch_select_indices(idx)
+            self.logits, self.attn, self.rows = self.logits[idx], self.attn[idx], [self.rows[k] for k in keep]
+
+
 @torch.no_grad()
 def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
             max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
@@ -675,6 +576,10 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
     progress: optional tqdm bar, advanced as trajectories finish.
     timings: optional dict that receives seconds spent in prefill, decode and waiting on tools.
+
+    The phases: 1. prefill every prompt once; then, while rows are live, 2. one token for every row that is
+    writing its turn (a row whose turn ends in a tool call starts the tool and waits), or, when every row waits,
+    3. prefill all the observations in one batch and let the rows write again.
     """
     device = next(model.parameters()).device
     offered = schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
@@ -696,35 +601,75 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
         ids, imgs = encode(processor, [p for m in msgs for p in render(m)] + ["<|im_start|>assistant\n"])
         pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)
         chunks.append((ids, imgs, pos))
-        saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"} for k in range(len(ex["images"]))]
+        # the saved conversation names images img_k instead of holding pixels
+        saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"}
+                                                       for k in range(len(ex["images"]))]
                            + [{"type": "text", "text": ex["question"]}]}]
         for _ in range(group_size):
-            t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids), logprobs=[0.0] * len(ids),
-                           images=list(ex["images"]), messages=[dict(m) for m in saved], example_index=i,
-                           adl_mapping=mapping.to_json() if mapping is not None else None)
+            t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids),
+                           logprobs=[0.0] * len(ids), images=list(ex["images"]), messages=[dict(m) for m in saved],
+                           example_index=i, adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
             rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run))
     cache = kv_cache(model)
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
-    if group_size > 1:
+    if group_size > 1:  # the group's copies of a prompt start from the same cache rows
         cache.batch_repeat_interleave(group_size)
         logits, attn = logits.repeat_interleave(group_size, 0), attn.repeat_interleave(group_size, 0)
+    batch = LiveBatch(rows, cache, attn, logits)
 
-    def keep_rows(keep):
-        nonlocal rows, logits, attn
-        if len(keep) < len(rows):  # finished rows leave the batch and the cache shrinks with them
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(idx)
-            logits, attn, rows = logits[idx], attn[idx], [rows[k] for k in keep]
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        while rows:
-            writing = [k for k, row in enumerate(rows) if row.pending is None]
-            if not writing:
+    with ThreadPoolExecutor(max_workers=8) as pool:  # tools run here while other rows keep decoding
+        while batch.rows:
+            if any(row.pending is None for row in batch.rows):
+                # 2. one token for every row writing its turn; rows waiting on a tool feed a masked pad
+                logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)
+                sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k, gen).tolist()
+                step, keep = [], []
+                for k, row in enumerate(batch.rows):
+                    t = row.traj
+                    if row.pending is not None:
+                        step.append((processor.pad, 0, 0))  # waits on a tool: a masked pad, nothing recomputed
+                        keep.append(k)
+                        continue
+                    forced = forcer(row.index, len(t.assistant_turns), row.turn) if forcer else None
+                    x = int(forced) if forced is not None else sampled[k]
+                    t.token_ids.append(x), t.loss_mask.append(1), t.logprobs.append(float(logp[k, x]))
+                    row.turn.append(x)
+                    step.append((x, 1, row.next_pos))
+                    row.next_pos += 1
+                    ended = x == processor.im_end
+                    if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
+                        keep.append(k)  # still writing
+                        continue
+                    # the turn is over: it answers, stops, or calls a tool
+                    text = processor.decode(row.turn[:-1] if ended else row.turn)
+                    t.messages.append({"role": "assistant", "content": text})
+                    if not ended:
+                        finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
+                    elif "<response>" in text:
+                        finish(t, "response")
+                    elif "<tool_call>" not in text:
+                        finish(t, "no_action")
+                    elif len(t.assistant_turns) >= max_turns:
+                        finish(t, "max_turns")
+                    else:  # the tool starts now, in parallel with the rows still writing
+                        call, err = parse_tool_call(text)
+                        fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout,
+                                                                    row.offered, row.mapping, row.run)
+                        row.pending = (call, err, fut)
+                        keep.append(k)
+                if progress is not None:
+                    progress.update(len(batch.rows) - len(keep))
+                step = [step[k] for k in keep]
+                batch.keep(keep)
+                if batch.rows:
+                    with timed(timings, "decode"):
+                        batch.logits, batch.attn = decode_step(model, cache, batch.attn, *zip(*step), device)
+            else:
                 # 3. every live row waits on its tool: prefill all observations (text and new images) in one batch
                 chunks, keep = [], []
-                for k, row in enumerate(rows):
+                for k, row in enumerate(batch.rows):
                     t = row.traj
                     with timed(timings, "tools"):
                         message = tool_observation(row)
@@ -732,6 +677,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     if len(t.token_ids) + len(ids) >= max_total_tokens:
                         finish(t, "max_total_tokens")
                         continue
+                    # positions continue from the row's own counter: an image advances M-RoPE by its grid, not its length
                     pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
                     t.token_ids += ids
                     t.loss_mask += [0] * len(ids)
@@ -740,56 +686,139 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     chunks.append((ids, imgs, pos))
                     keep.append(k)
                 if progress is not None:
-                    progress.update(len(rows) - len(keep))
-                keep_rows(keep)
+                    progress.update(len(batch.rows) - len(keep))
+                batch.keep(keep)
                 if chunks:
                     with timed(timings, "prefill"):
-                        logits, attn = forward_chunk(model, processor, chunks, cache, attn, device)
-                continue
-
-            # 2. one token for every row writing its turn
-            logp = torch.log_softmax(logits / logp_temp, dim=-1)
-            sampled = sample(logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k, gen).tolist()
-            step, keep = [], []
-            for k, row in enumerate(rows):
-                t = row.traj
-                if row.pending is not None:
-                    step.append((processor.pad, 0, 0))  # waits on a tool: a masked pad, nothing recomputed
-                    keep.append(k)
-                    continue
-                forced = forcer(row.index, len(t.assistant_turns), row.turn) if forcer else None
-                x = int(forced) if forced is not None else sampled[k]
-                t.token_ids.append(x), t.loss_mask.append(1), t.logprobs.append(float(logp[k, x]))
-                row.turn.append(x)
-                step.append((x, 1, row.next_pos))
-                row.next_pos += 1
-                ended = x == processor.im_end
-                if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
-                    keep.append(k)
-                    continue
-                text = processor.decode(row.turn[:-1] if ended else row.turn)
-                t.messages.append({"role": "assistant", "content": text})
-                if not ended:
-                    finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
-                elif "<response>" in text:
-                    finish(t, "response")
-                elif "<tool_call>" not in text:
-                    finish(t, "no_action")
-                elif len(t.assistant_turns) >= max_turns:
-                    finish(t, "max_turns")
-                else:  # the tool starts now, in parallel with the rows still writing
-                    call, err = parse_tool_call(text)
-                    fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered, row.mapping, row.run)
-                    row.pending = (call, err, fut)
-                    keep.append(k)
-            if progress is not None:
-                progress.update(len(rows) - len(keep))
-            step = [step[k] for k in keep]
-            keep_rows(keep)
-            if rows:
-                with timed(timings, "decode"):
-                    logits, attn = decode_step(model, cache, attn, *zip(*step), device)
+                        batch.logits, batch.attn = forward_chunk(model, processor, chunks, cache, batch.attn, device)
     return trajs
+
+# -----------------------------------------------------------------------------
+# training helpers: whole-sequence forward passes (SFT, pretraining, the GRPO update), the learning-rate
+# schedule, checkpoints and logs
+
+
+def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
+    """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state. Its last file,
+    COMPLETE, says the checkpoint is whole; it is written into CKPT.tmp, which then replaces CKPT."""
+    tmp = os.path.abspath(ckpt_dir) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))
+    processor.save_pretrained(os.path.join(tmp, "model"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+        json.dump({"step": state["step"]}, f)
+    replace_dir(tmp, os.path.abspath(ckpt_dir))
+
+
+def find_checkpoint(ckpt_dir):
+    """The newest complete checkpoint -> its path, or None. Newest first: CKPT.tmp once its COMPLETE is written
+    (a kill came before it replaced CKPT), CKPT (only ever a finished CKPT.tmp renamed), CKPT.old (the one before)."""
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    if os.path.isfile(os.path.join(ckpt_dir + ".tmp", "COMPLETE")):
+        return ckpt_dir + ".tmp"
+    return next((p for p in (ckpt_dir, ckpt_dir + ".old") if os.path.isfile(os.path.join(p, "trainer.pt"))), None)
+
+
+def resume_from(ckpt_dir, resume):
+    """--resume: the checkpoint to continue from, saying which, or None (saying there is none, so the run starts
+    from step 0; its log is kept beside the new one, see open_log)."""
+    if not resume:
+        return None
+    path = find_checkpoint(ckpt_dir)
+    print(f"--resume: continuing from {path}" if path else f"--resume: no complete checkpoint at {ckpt_dir}; starting from step 0")
+    return path
+
+
+def load_checkpoint(ckpt_dir, optimizer):
+    """Restore optimizer and RNG state -> the saved loop state dict. The weights are the model directory
+    `ckpt_dir/model`, loaded with load_policy like any other."""
+    path = os.path.join(ckpt_dir, "trainer.pt")
+    try:
+        blob = torch.load(path, weights_only=False)
+    except Exception as e:  # a damaged checkpoint stops the run rather than silently restarting over its outputs
+        raise InputError(f"{path}: unreadable checkpoint ({reason(e)}); "
+                         "remove it to start over, or restore it") from None
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    return blob["state"]
+
+
+def open_log(path, done, first=1):
+    """A run's JSONL log, opened for appending. Resumed after `done` steps (numbered from `first`), it keeps those
+    steps' lines and drops what a killed run wrote after its checkpoint, a torn last line included. A fresh run
+    (done=0) moves an existing log aside to LOG.1, LOG.2, ... instead of erasing it."""
+    if done and os.path.exists(path):
+        keep = []
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] < done + first:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    elif not done and os.path.exists(path) and os.path.getsize(path):
+        n = 1
+        while os.path.exists(f"{path}.{n}"):
+            n += 1
+        os.replace(path, f"{path}.{n}")
+        print(f"kept the previous log as {path}.{n}")
+    return open(path, "a")
+
+
+def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):
+    """Linear warmup, then cosine decay to 10%, or constant, or "wsd": constant, then a linear decay to 10% over
+    the last `cooldown` share of the steps (tiny.py: a constant lr carries the copy transition)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    if schedule == "wsd":
+        start = total * (1 - cooldown)
+        return base_lr * (1 - 0.9 * min(1.0, max(0.0, step - start) / max(1.0, total - start)))
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def sequence_inputs(processor, seqs, images, device, dtype):
+    """Model inputs for whole sequences, right-padded: ids, attention mask, M-RoPE positions and pixels.
+    seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw)."""
+    ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)
+    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)
+    pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
+                       for s, im in zip(seqs, images)], dim=1).to(device)
+    return dict(input_ids=ids, attention_mask=attn, position_ids=pos,
+                **pixel_inputs([im for row in images for im in row], device, dtype))
+
+
+def sequence_logits(model, processor, seqs, images, device=None):
+    """One full, cache-free forward over whole sequences -> logits [B, L, V] (position t predicts token t+1)."""
+    device = device or next(model.parameters()).device
+    return model(**sequence_inputs(processor, seqs, images, device, model.dtype), use_cache=False).logits
+
+
+def masked_lm_loss(model, processor, batch, device):
+    """Summed cross-entropy over loss-masked tokens and their count, for SFT and pretraining. batch: list of
+    (ids, mask, images). The LM head runs only where a token carries loss (a minority of positions)."""
+    seqs = [ids for ids, _, _ in batch]
+    hidden = model.model(**sequence_inputs(processor, seqs, [im for _, _, im in batch], device, model.dtype),
+                         use_cache=False).last_hidden_state                       # [B, L, H]
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
+    mask = torch.tensor(pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
+    logits = model.lm_head(hidden[:, :-1][mask])                                   # [N, V], N = loss tokens
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
+
+
+def token_logprobs(logits, seqs, temperature=1.0):
+    """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=logits.device)[:, 1:]
+    out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return F.pad(out, (1, 0))
 
 # -----------------------------------------------------------------------------
 # metrics: a pure function of (examples, trajectories); every stage reports these

@@ -119,20 +119,26 @@ def render_grid(rng, n, start, goal, holes):
     return img
 
 
-def replay(meta, moves, off_grid="stay"):
-    """Walk the elf; True iff it never enters a hole and ends on the gift. An off-grid move
-    leaves the elf in place (off_grid='stay', navigation scoring) or fails (verification)."""
+def walk(meta, moves, off_grid="stay"):
+    """Walk the elf -> (how the walk ends, the cell where): 'hole' (it stepped into one), 'off_grid' (a move left
+    the grid, with off_grid='fail', as verification judges), 'goal' or 'short' (it stopped elsewhere). With
+    off_grid='stay' (navigation scoring) an off-grid move leaves the elf in place."""
     n, (x, y), holes = meta["grid"], meta["start"], {tuple(h) for h in meta["holes"]}
     for m in moves:
         dx, dy = MOVES[m]
         if not (0 <= x + dx < n and 0 <= y + dy < n):
             if off_grid == "fail":
-                return False
+                return "off_grid", [x, y]
             continue
         x, y = x + dx, y + dy
         if (x, y) in holes:
-            return False
-    return [x, y] == list(meta["goal"])
+            return "hole", [x, y]
+    return ("goal" if [x, y] == list(meta["goal"]) else "short"), [x, y]
+
+
+def replay(meta, moves, off_grid="stay"):
+    """True iff the elf never enters a hole and ends on the gift (see walk)."""
+    return walk(meta, moves, off_grid)[0] == "goal"
 
 
 _NAV_Q = [

@@ -171,8 +171,7 @@ def test_grpo_raises_reward_on_a_toy(scratch_dir):
     (the 'correct answer'). The untrained tiny model starts near 1/4; GRPO must push it clearly up."""
     torch.manual_seed(0)
     model, processor = rollout.load_policy(scratch_dir, "cpu")
-    args = grpo.parse_args(["--init", "tiny", "--lr", "1e-2", "--micro-batch", "16"])
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     prompt = {"id": "toy", "task": "toy", "question": "Answer.", "images": [], "answer": None, "meta": {}}
     target = lambda x: x % 4 == 0 and x != processor.im_end
 
@@ -183,7 +182,8 @@ def test_grpo_raises_reward_on_a_toy(scratch_dir):
                                 max_turns=1, seed=step)
         rewards = [sum(target(x) for x, m in zip(t.token_ids, t.loss_mask) if m) / 3 for t in trajs]
         model.train()
-        grpo.update(model, processor, trajs, grpo.group_advantages(rewards, 8), opt, args, seed=step)
+        grpo.update(model, processor, trajs, grpo.group_advantages(rewards, 8), opt, temperature=1.0, micro_batch=16,
+                    seed=step)
         curve.append(sum(rewards) / len(rewards))
     start, end = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
     assert start < 0.4 and end > start + 0.4, curve
