@@ -337,7 +337,10 @@ class Mapping:
         ps = self.params.get(tool, {})
         # A kept description may still name tools; renaming them keeps the switches independent.
         new = {p: text for t, p, _, text in self.descriptions if t == tool}
-        describe = lambda p, old: new.get(p, self.rename_words(old, tool))
+
+        def describe(p, old):  # the paraphrase if there is one, else the old text with tool names renamed
+            return new.get(p, self.rename_words(old, tool))
+
         parameters = {**f["parameters"],
                       "properties": {ps.get(p, p): {**spec, "description": describe(p, spec["description"])}
                                      for p, spec in props.items()}}

@@ -307,7 +307,10 @@ def vsp_verify(b, kind):
         if m["grid"] != 3:
             raise Skip("no_tool is for 3x3 grids")
         return b.answer(b.think("verify_small") + " " + verdict(m), b.ex["answer"])
-    draw = lambda start: {"image": "img_1", "start_point": start, "directions": m["moves"]}
+
+    def draw(start):  # Draw2DPath of the example's moves from `start`
+        return {"image": "img_1", "start_point": start, "directions": m["moves"]}
+
     if kind == "reflect":
         wrong = centre([0, 0]) if list(m["start"]) != [0, 0] else centre([m["grid"] - 1, m["grid"] - 1])
         b.call(b.think("verify_wrongstart"), "Draw2DPath", draw(wrong))
@@ -336,7 +339,10 @@ def jigsaw(b, kind):
         boxes = b.call(b.think("jig_detect"), "DetectBlackArea", {"image": "img_1"}).data["bounding_boxes"]
     if boxes != [m["hole"]]:
         raise Skip(f"DetectBlackArea found {boxes}, the hole is {m['hole']}")
-    insert = lambda letter: {"base_image": "img_1", "image_to_insert": f"img_{letters.index(letter) + 2}", "coordinates": boxes[0]}
+
+    def insert(letter):  # InsertImage of candidate `letter` into the hole
+        return {"base_image": "img_1", "image_to_insert": f"img_{letters.index(letter) + 2}", "coordinates": boxes[0]}
+
     thought = b.think("jig_insert", letter=right)
     if kind == "reflect":
         wrong = b.rng.choice([c for c in letters if c != right])
@@ -362,7 +368,11 @@ def vstar(b, kind):
     if m["level"] == "count":
         return b.answer(b.think("vstar_count", n=len(points)), b.ex["answer"])
     w, h = b.ex["images"][0].size
-    box = lambda r: [max(0, points[0][0] - r), max(0, points[0][1] - r), min(w, points[0][0] + r), min(h, points[0][1] + r)]
+
+    def box(r):  # a square of half-side r around the first point, clipped to the image
+        (x, y) = points[0]
+        return [max(0, x - r), max(0, y - r), min(w, x + r), min(h, y + r)]
+
     if kind == "reflect":
         b.call(b.think("vstar_toobig"), "Crop", {"image": "img_1", "coordinates": box(256)})
         b.call(b.think("vstar_closer"), "Crop", {"image": "img_1", "coordinates": box(32)})

@@ -235,8 +235,13 @@ def svg_lines(title, lines, width=420, height=240):
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys + [0]), max(ys)
     y1 = y1 if y1 > y0 else y0 + 1
-    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
-    sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    def sx(x):  # data to pixel coordinates
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<text x="{left}" y="16" class="title">{esc(title)}</text>',
            f'<line x1="{left}" y1="{sy(y0)}" x2="{width - right}" y2="{sy(y0)}" class="axis"/>',

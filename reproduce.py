@@ -64,15 +64,25 @@ MAIN = [("direct", "Direct-SFT"), ("tc", "TC"), ("tg", "TG"), ("tctg", "TC+TG")]
 
 def steps(args):
     """[(name, argv)] in run order; every path is under args.out."""
-    o = lambda *p: os.path.join(args.out, *p)
-    model = lambda step: o(step, "model")
     common = ["--device", args.device, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
-    n = ["--n", str(args.eval_n)]
     small_tc, small_rl = ([], []) if args.quick else (SMALL_TC, SMALL_RL)  # --quick sizes win over SMALL
-    coldstart = lambda name, *a: (name, ["coldstart.py", "--out", o(name), "--eval-n", "0", *a, *common])
-    grpo = lambda name, init, *a: (name, ["grpo.py", "--init", model(init), "--out", o(name), "--eval-n", "0", *a, *common])
-    evaluate = lambda name, models, *a: (name, ["evaluate.py", "--models", ",".join(f"{k}={v}" for k, v in models),
-                                                "--out", o(name), *n, *a, *common])
+
+    def o(*parts):
+        return os.path.join(args.out, *parts)
+
+    def model(step):
+        return o(step, "model")
+
+    def coldstart(name, *a):
+        return name, ["coldstart.py", "--out", o(name), "--eval-n", "0", *a, *common]
+
+    def grpo(name, init, *a):
+        return name, ["grpo.py", "--init", model(init), "--out", o(name), "--eval-n", "0", *a, *common]
+
+    def evaluate(name, models, *a):
+        return name, ["evaluate.py", "--models", ",".join(f"{k}={v}" for k, v in models), "--out", o(name),
+                      "--n", str(args.eval_n), *a, *common]
+
     return [
         # 1. main table (stage defaults) and 4. modulate, 6. tool statistics
         coldstart("direct", "--no-tools"),
@@ -230,7 +240,10 @@ def tool_table(args):
 def targets(args):
     """The issue's targets that carry the paper's shape to the tiny scale, each with the measured figure."""
     r, a = results(args, "eval_main"), results(args, "eval_adopt")
-    acc = lambda key, t: r[key][t]["accuracy"]
+
+    def acc(key, t):
+        return r[key][t]["accuracy"]
+
     checks = [("TC+TG >= 95% on vsp_nav", pct(acc("tctg", "vsp_nav")), acc("tctg", "vsp_nav") >= 0.95)]
     for t in ("jigsaw", "guiqa", "vsp_verify"):
         checks.append((f"TC+TG >= 90% on {t}", pct(acc("tctg", t)), acc("tctg", t) >= 0.90))
