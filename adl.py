@@ -26,74 +26,147 @@ NAME_LENGTH = 6
 
 TOOL_POOL = {
     "Point": [
-        "Finds every object in an image that matches a short text description and returns the pixel centre [x, y] of each match; an empty list means nothing matched. Knows the scene words elf/player/start, gift/goal/present, hole/ice hole/obstacle, and colour and shape words.",
-        "Object locator: give it an image and a phrase such as 'gift', 'ice hole' or 'red triangle', and it lists the [x, y] pixel centres of all matching objects (none found gives an empty list). Synonyms understood: elf = player = start, gift = goal = present, hole = ice hole = obstacle; colours and shapes too.",
-        "Looks for objects described in words and reports where they are: a list of [x, y] centres in pixels, one per object found, or [] if there are none. It understands the game vocabulary (elf, player, start; gift, goal, present; hole, ice hole, obstacle) as well as colour and shape names.",
-        "Use this to get the positions of things you can name. Returns the centre pixel [x, y] of each object that fits the description, possibly an empty list. Recognized terms: elf/player/start, gift/goal/present, hole/ice hole/obstacle, plus colours (red, green, blue, ...) and shapes (circle, square, triangle, ...).",
-        "Returns pixel coordinates [[x, y], ...] of the centres of all objects in the image fitting a textual description. Vocabulary: the player (elf, start), the target (gift, goal, present), hazards (hole, ice hole, obstacle), and any colour or shape word. No match yields an empty list.",
-        "Text-to-location search. Describe an object ('elf', 'present', 'obstacle', 'blue square') and receive the centre of every instance as [x, y] pixels; nothing matching gives []. Treats elf/player/start, gift/goal/present and hole/ice hole/obstacle as synonyms and understands colours and shapes.",
-        "Given a picture and a description, marks where the described objects are by returning their centre positions in pixels ([x, y] each). Understands: elf, player, start; gift, goal, present; hole, ice hole, obstacle; colour words; shape words. Empty result when nothing fits.",
-        "Where is it? This function answers that for any object you can describe: it returns the [x, y] pixel centre of each matching object, or an empty list. Scene words it knows: elf/player/start, gift/goal/present, hole/ice hole/obstacle; it also matches by colour and by shape.",
+        "Finds every object in an image that matches a short text description and returns the pixel centre [x, y] of "
+        "each match; an empty list means nothing matched. Knows the scene words elf/player/start, gift/goal/present, "
+        "hole/ice hole/obstacle, and colour and shape words.",
+        "Object locator: give it an image and a phrase such as 'gift', 'ice hole' or 'red triangle', and it lists the "
+        "[x, y] pixel centres of all matching objects (none found gives an empty list). Synonyms understood: elf = "
+        "player = start, gift = goal = present, hole = ice hole = obstacle; colours and shapes too.",
+        "Looks for objects described in words and reports where they are: a list of [x, y] centres in pixels, one per "
+        "object found, or [] if there are none. It understands the game vocabulary (elf, player, start; gift, goal, "
+        "present; hole, ice hole, obstacle) as well as colour and shape names.",
+        "Use this to get the positions of things you can name. Returns the centre pixel [x, y] of each object that "
+        "fits the description, possibly an empty list. Recognized terms: elf/player/start, gift/goal/present, hole/ice "
+        "hole/obstacle, plus colours (red, green, blue, ...) and shapes (circle, square, triangle, ...).",
+        "Returns pixel coordinates [[x, y], ...] of the centres of all objects in the image fitting a textual "
+        "description. Vocabulary: the player (elf, start), the target (gift, goal, present), hazards (hole, ice hole, "
+        "obstacle), and any colour or shape word. No match yields an empty list.",
+        "Text-to-location search. Describe an object ('elf', 'present', 'obstacle', 'blue square') and receive the "
+        "centre of every instance as [x, y] pixels; nothing matching gives []. Treats elf/player/start, "
+        "gift/goal/present and hole/ice hole/obstacle as synonyms and understands colours and shapes.",
+        "Given a picture and a description, marks where the described objects are by returning their centre positions "
+        "in pixels ([x, y] each). Understands: elf, player, start; gift, goal, present; hole, ice hole, obstacle; "
+        "colour words; shape words. Empty result when nothing fits.",
+        "Where is it? This function answers that for any object you can describe: it returns the [x, y] pixel centre "
+        "of each matching object, or an empty list. Scene words it knows: elf/player/start, gift/goal/present, "
+        "hole/ice hole/obstacle; it also matches by colour and by shape.",
     ],
     "Draw2DPath": [
-        "Draws a route on an image as arrows: starting from a pixel position it follows comma-separated moves (L, R, U, D), each a fixed number of pixels long, and returns a new image so the route can be checked visually.",
-        "Visualizes a sequence of moves. Give a start position [x, y], moves like 'R,R,D' and optionally the step length and colour; you get back a copy of the image with the path drawn as arrows.",
-        "Renders a path onto a picture. Each move (L = left, R = right, U = up, D = down) advances the pen by one step of pixels from the given start position; the result is a new image showing the arrows.",
-        "Sketches a move sequence on top of an image and returns the annotated copy, useful to see whether a planned route crosses a hazard or reaches the target. Moves are comma-separated letters L/R/U/D starting at an [x, y] pixel position.",
-        "Produces a new image with arrows drawn from a starting pixel along the listed moves (left, right, up, down as L, R, U, D), one step length per move. Use it to inspect a route before committing to it.",
-        "Path overlay: starting at [x, y], draw one arrow per move in the comma-separated list 'L,R,U,D,...', each arrow as long as the step size, on a copy of the image, and return that copy.",
-        "Draws arrows on a copy of an image tracing moves from a start location. Moves are given as text such as 'D,D,R', the distance per move in pixels is configurable, and so is the line colour. Returns the new image.",
-        "Turns a list of moves into a picture: the image is copied, a chain of arrows is drawn from the start pixel following each L/R/U/D move with a fixed stride, and the copy is returned for visual checking.",
+        "Draws a route on an image as arrows: starting from a pixel position it follows comma-separated moves (L, R, "
+        "U, D), each a fixed number of pixels long, and returns a new image so the route can be checked visually.",
+        "Visualizes a sequence of moves. Give a start position [x, y], moves like 'R,R,D' and optionally the step "
+        "length and colour; you get back a copy of the image with the path drawn as arrows.",
+        "Renders a path onto a picture. Each move (L = left, R = right, U = up, D = down) advances the pen by one step "
+        "of pixels from the given start position; the result is a new image showing the arrows.",
+        "Sketches a move sequence on top of an image and returns the annotated copy, useful to see whether a planned "
+        "route crosses a hazard or reaches the target. Moves are comma-separated letters L/R/U/D starting at an [x, y] "
+        "pixel position.",
+        "Produces a new image with arrows drawn from a starting pixel along the listed moves (left, right, up, down as "
+        "L, R, U, D), one step length per move. Use it to inspect a route before committing to it.",
+        "Path overlay: starting at [x, y], draw one arrow per move in the comma-separated list 'L,R,U,D,...', each "
+        "arrow as long as the step size, on a copy of the image, and return that copy.",
+        "Draws arrows on a copy of an image tracing moves from a start location. Moves are given as text such as "
+        "'D,D,R', the distance per move in pixels is configurable, and so is the line colour. Returns the new image.",
+        "Turns a list of moves into a picture: the image is copied, a chain of arrows is drawn from the start pixel "
+        "following each L/R/U/D move with a fixed stride, and the copy is returned for visual checking.",
     ],
     "AStar": [
-        "Plans the shortest route on a grid from a start to a goal while avoiding obstacles. Positions are pixels and are converted to grid cells; the answer is a move string like 'R,R,D' (4-connected moves), or an error if the goal cannot be reached.",
-        "Shortest-path planner: give the start and goal pixel positions and the pixel positions of cells to avoid; it returns the moves (L, R, U, D, comma-separated) of a shortest obstacle-free route through the grid, or reports that no route exists.",
-        "Computes a minimal sequence of left/right/up/down moves between two grid cells, never entering an obstacle cell. Inputs are [x, y] pixel positions; output is a path such as 'D,R,R'. Errors out when the goal is unreachable.",
-        "Route finder for grid worlds. Converts start, goal and obstacle pixel positions to cells, searches for the fewest 4-connected moves from start to goal around the obstacles, and returns them as text ('U,U,L', ...). An unreachable goal gives an error.",
-        "Returns the shortest obstacle-avoiding path between two positions on a grid, as comma-separated moves L, R, U, D. Positions and obstacles are given in image pixels; cell size and grid size can be set. Fails with a message if no path exists.",
-        "Finds how to get from a start cell to a goal cell in as few steps as possible, moving only horizontally or vertically and skipping blocked cells. Give it pixel positions; it gives back the moves like 'R,D,D' or an error when the goal is cut off.",
-        "Grid path search: from the start position to the goal, avoiding every listed obstacle, using up/down/left/right steps only. The result is the shortest such path written as moves ('L,L,D'); if the goal is enclosed it reports that it is unreachable.",
-        "Given where you are, where you want to go and what to avoid (all in pixel coordinates), this returns an optimal move string over the grid cells, e.g. 'R,R,U'. Moves are 4-connected; when no route exists it returns an error instead.",
+        "Plans the shortest route on a grid from a start to a goal while avoiding obstacles. Positions are pixels and "
+        "are converted to grid cells; the answer is a move string like 'R,R,D' (4-connected moves), or an error if the "
+        "goal cannot be reached.",
+        "Shortest-path planner: give the start and goal pixel positions and the pixel positions of cells to avoid; it "
+        "returns the moves (L, R, U, D, comma-separated) of a shortest obstacle-free route through the grid, or "
+        "reports that no route exists.",
+        "Computes a minimal sequence of left/right/up/down moves between two grid cells, never entering an obstacle "
+        "cell. Inputs are [x, y] pixel positions; output is a path such as 'D,R,R'. Errors out when the goal is "
+        "unreachable.",
+        "Route finder for grid worlds. Converts start, goal and obstacle pixel positions to cells, searches for the "
+        "fewest 4-connected moves from start to goal around the obstacles, and returns them as text ('U,U,L', ...). An "
+        "unreachable goal gives an error.",
+        "Returns the shortest obstacle-avoiding path between two positions on a grid, as comma-separated moves L, R, "
+        "U, D. Positions and obstacles are given in image pixels; cell size and grid size can be set. Fails with a "
+        "message if no path exists.",
+        "Finds how to get from a start cell to a goal cell in as few steps as possible, moving only horizontally or "
+        "vertically and skipping blocked cells. Give it pixel positions; it gives back the moves like 'R,D,D' or an "
+        "error when the goal is cut off.",
+        "Grid path search: from the start position to the goal, avoiding every listed obstacle, using "
+        "up/down/left/right steps only. The result is the shortest such path written as moves ('L,L,D'); if the goal "
+        "is enclosed it reports that it is unreachable.",
+        "Given where you are, where you want to go and what to avoid (all in pixel coordinates), this returns an "
+        "optimal move string over the grid cells, e.g. 'R,R,U'. Moves are 4-connected; when no route exists it returns "
+        "an error instead.",
     ],
     "DetectBlackArea": [
-        "Finds uniform black regions in an image (for example a blacked-out missing piece) and returns their bounding boxes [x1, y1, x2, y2] in pixels.",
-        "Detects solid black areas and lists their boxes as [x1, y1, x2, y2]. Useful for locating a hole or blank slot in a picture.",
-        "Scans an image for connected regions of near-black pixels and reports each region's bounding box in pixel coordinates; small specks below a minimum area are ignored.",
-        "Returns the bounding boxes of all dark, uniform patches in the image, e.g. the empty cell of a puzzle, as a list of [x1, y1, x2, y2].",
-        "Black-region detector: pixels darker than a threshold are grouped into regions, and the box [x1, y1, x2, y2] of every sufficiently large region is returned.",
-        "Locates blacked-out parts of a picture. The output is a list of rectangles, each [left, top, right, bottom] in pixels, one per black area found.",
-        "Which parts of this image are solid black? This answers with one bounding box [x1, y1, x2, y2] per black region, ignoring regions smaller than a set area.",
-        "Gives the pixel rectangles that enclose uniform black areas of an image, such as a missing tile. Sensitivity (darkness threshold, minimum size) is adjustable.",
+        "Finds uniform black regions in an image (for example a blacked-out missing piece) and returns their bounding "
+        "boxes [x1, y1, x2, y2] in pixels.",
+        "Detects solid black areas and lists their boxes as [x1, y1, x2, y2]. Useful for locating a hole or blank slot "
+        "in a picture.",
+        "Scans an image for connected regions of near-black pixels and reports each region's bounding box in pixel "
+        "coordinates; small specks below a minimum area are ignored.",
+        "Returns the bounding boxes of all dark, uniform patches in the image, e.g. the empty cell of a puzzle, as a "
+        "list of [x1, y1, x2, y2].",
+        "Black-region detector: pixels darker than a threshold are grouped into regions, and the box [x1, y1, x2, y2] "
+        "of every sufficiently large region is returned.",
+        "Locates blacked-out parts of a picture. The output is a list of rectangles, each [left, top, right, bottom] "
+        "in pixels, one per black area found.",
+        "Which parts of this image are solid black? This answers with one bounding box [x1, y1, x2, y2] per black "
+        "region, ignoring regions smaller than a set area.",
+        "Gives the pixel rectangles that enclose uniform black areas of an image, such as a missing tile. Sensitivity "
+        "(darkness threshold, minimum size) is adjustable.",
     ],
     "InsertImage": [
-        "Pastes one image into another: the inserted image is resized to fill the box [x1, y1, x2, y2] of the base image, and the result is returned as a new image (for example to test whether a candidate piece fits a hole).",
-        "Composites an image onto a base image inside a given rectangle, scaling it to fit the rectangle exactly. Returns the combined picture.",
-        "Places a second picture into a region of the first one. The region is a pixel box [x1, y1, x2, y2]; the inserted picture is stretched to that box; a new image comes back.",
-        "Fills a rectangular area of a base image with another image (resized to the area) and returns the composite, so you can see how a piece looks in place.",
-        "Image paste tool: resize the image to insert to the target box on the base image, paste it there, and return the new composed image.",
-        "Try a piece in a slot: this puts the given image into the box [x1, y1, x2, y2] of the base image, resizing it to match, and gives back the result.",
-        "Returns a copy of the base image in which the box [x1, y1, x2, y2] has been covered by another image scaled to the box size.",
-        "Overlays one image on another at a chosen rectangle (pixel coordinates of the base image); the overlay is resized to fill the rectangle. Output: the new image.",
+        "Pastes one image into another: the inserted image is resized to fill the box [x1, y1, x2, y2] of the base "
+        "image, and the result is returned as a new image (for example to test whether a candidate piece fits a hole).",
+        "Composites an image onto a base image inside a given rectangle, scaling it to fit the rectangle exactly. "
+        "Returns the combined picture.",
+        "Places a second picture into a region of the first one. The region is a pixel box [x1, y1, x2, y2]; the "
+        "inserted picture is stretched to that box; a new image comes back.",
+        "Fills a rectangular area of a base image with another image (resized to the area) and returns the composite, "
+        "so you can see how a piece looks in place.",
+        "Image paste tool: resize the image to insert to the target box on the base image, paste it there, and return "
+        "the new composed image.",
+        "Try a piece in a slot: this puts the given image into the box [x1, y1, x2, y2] of the base image, resizing it "
+        "to match, and gives back the result.",
+        "Returns a copy of the base image in which the box [x1, y1, x2, y2] has been covered by another image scaled "
+        "to the box size.",
+        "Overlays one image on another at a chosen rectangle (pixel coordinates of the base image); the overlay is "
+        "resized to fill the rectangle. Output: the new image.",
     ],
     "Crop": [
-        "Cuts out the rectangle [x1, y1, x2, y2] of an image and enlarges it so small details become readable; returns the zoomed region as a new image.",
-        "Zooms into a region: extracts the pixel box [x1, y1, x2, y2] and upscales it, giving a new, larger image of just that area.",
-        "Extracts part of a picture given by a bounding box in pixels and magnifies it. Use it when objects or text are too small to see at full-image scale.",
-        "Returns a new image containing only the selected box of the original, scaled up so its shorter side reaches a minimum size.",
-        "Region magnifier. Specify a rectangle (left, top, right, bottom in pixels); the tool cuts it out, upsamples it and returns the result for a closer look.",
-        "Take a closer look at one area: the box [x1, y1, x2, y2] is trimmed out of the image and resized upward, producing a new image.",
-        "Keeps only the pixels inside a given box, then enlarges that piece so fine details are visible. The output is a new image.",
-        "Gives a zoomed-in view of a rectangular sub-region of an image, specified by its corner pixels [x1, y1, x2, y2].",
+        "Cuts out the rectangle [x1, y1, x2, y2] of an image and enlarges it so small details become readable; returns "
+        "the zoomed region as a new image.",
+        "Zooms into a region: extracts the pixel box [x1, y1, x2, y2] and upscales it, giving a new, larger image of "
+        "just that area.",
+        "Extracts part of a picture given by a bounding box in pixels and magnifies it. Use it when objects or text "
+        "are too small to see at full-image scale.",
+        "Returns a new image containing only the selected box of the original, scaled up so its shorter side reaches a "
+        "minimum size.",
+        "Region magnifier. Specify a rectangle (left, top, right, bottom in pixels); the tool cuts it out, upsamples "
+        "it and returns the result for a closer look.",
+        "Take a closer look at one area: the box [x1, y1, x2, y2] is trimmed out of the image and resized upward, "
+        "producing a new image.",
+        "Keeps only the pixels inside a given box, then enlarges that piece so fine details are visible. The output is "
+        "a new image.",
+        "Gives a zoomed-in view of a rectangular sub-region of an image, specified by its corner pixels "
+        "[x1, y1, x2, y2].",
     ],
     "OCR": [
-        "Reads the text in an image (the synthetic app screens' font) and returns each detected piece of text with its bounding box [x1, y1, x2, y2].",
-        "Text recognition: finds all written words and labels in a screen image and returns a list of {text, bbox} entries.",
-        "Extracts printed text from a picture of an app screen, reporting what each text line says and where it is (pixel box).",
-        "Returns the strings visible in an image together with their positions; it understands the font used by the rendered app screens.",
-        "Transcribes text from an image. Output: a list of detections, each with the recognized text and its box in pixels.",
-        "Use this to read labels and values in a screenshot-like image: every piece of text is returned with the rectangle that encloses it.",
-        "Converts rendered text in the image into strings, one detection per text segment, each with the segment's bounding box.",
-        "What does the screen say? This reads every text field of a synthetic app screen and returns the text plus its [x1, y1, x2, y2] location.",
+        "Reads the text in an image (the synthetic app screens' font) and returns each detected piece of text with its "
+        "bounding box [x1, y1, x2, y2].",
+        "Text recognition: finds all written words and labels in a screen image and returns a list of {text, bbox} "
+        "entries.",
+        "Extracts printed text from a picture of an app screen, reporting what each text line says and where it is "
+        "(pixel box).",
+        "Returns the strings visible in an image together with their positions; it understands the font used by the "
+        "rendered app screens.",
+        "Transcribes text from an image. Output: a list of detections, each with the recognized text and its box in "
+        "pixels.",
+        "Use this to read labels and values in a screenshot-like image: every piece of text is returned with the "
+        "rectangle that encloses it.",
+        "Converts rendered text in the image into strings, one detection per text segment, each with the segment's "
+        "bounding box.",
+        "What does the screen say? This reads every text field of a synthetic app screen and returns the text plus its "
+        "[x1, y1, x2, y2] location.",
     ],
 }
 
@@ -212,7 +285,8 @@ PARAM_POOL = {
             "How many cells the grid has across and down ([cols, rows]); a single number means square. Optional.",
             "Optional: grid dimensions in cells, normally the image size divided by the cell size.",
             "Number of columns and rows of cells, as [cols, rows] or one integer; may be omitted.",
-            "Optional: the board's extent in cells, which bounds the search so it is not guessed from the farthest position.",
+            "Optional: the board's extent in cells, which bounds the search so it is not guessed from the farthest "
+            "position.",
             "[cols, rows] of the map, counted in cells (an integer n means n by n). Optional.",
             "Optional size of the grid measured in cells: a pair [columns, rows] or a single side length.",
             "Cells per row and per column of the grid (optional); moves may not leave it.",

@@ -107,7 +107,8 @@ def baseline(model, processor, examples, group, turns, forcer):
     for ex in examples:
         msgs = rollout.build_messages(ex, tools.schemas())
         ids, _ = rollout.encode(processor, [p for m in msgs for p in rollout.render(m)] + ["<|im_start|>assistant\n"])
-        rows += [{"row": len(rows) + g, "ids": list(ids), "images": list(ex["images"]), "done": False} for g in range(group)]
+        rows += [{"row": len(rows) + g, "ids": list(ids), "images": list(ex["images"]), "done": False}
+                 for g in range(group)]
     n_generated = 0
     for turn in range(turns + 1):
         live = [r for r in rows if not r["done"]]
@@ -122,7 +123,8 @@ def baseline(model, processor, examples, group, turns, forcer):
             pixel_values=torch.cat([p for p, _ in encoded]).to(device, model.dtype),
             image_grid_thw=torch.stack([g for _, g in encoded]).to(device), do_sample=False, max_new_tokens=512,
             eos_token_id=processor.im_end, pad_token_id=processor.pad,
-            logits_processor=LogitsProcessorList([ForceLogits(forcer, [r["row"] for r in live], turn, input_ids.shape[1])]))
+            logits_processor=LogitsProcessorList([ForceLogits(forcer, [r["row"] for r in live], turn,
+                                                              input_ids.shape[1])]))
         for b, r in enumerate(live):
             new = out[b, input_ids.shape[1]:].tolist()
             new = new[:new.index(processor.im_end) + 1] if processor.im_end in new else new
@@ -147,7 +149,8 @@ def bench_rollout(args):
     forcer = script(processor, args.turns, args.free)
     vision = {"s": 0.0}
     hooks = [model.model.visual.register_forward_pre_hook(lambda m, a: vision.__setitem__("t0", time.perf_counter())),
-             model.model.visual.register_forward_hook(lambda m, a, o: vision.__setitem__("s", vision["s"] + time.perf_counter() - vision["t0"]))]
+             model.model.visual.register_forward_hook(
+                 lambda m, a, o: vision.__setitem__("s", vision["s"] + time.perf_counter() - vision["t0"]))]
     # warm up both paths once on a single prompt so neither pays first-call costs
     rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
     if device.type == "cuda":
@@ -161,7 +164,8 @@ def bench_rollout(args):
     engine_vision = vision["s"]
     generated = sum(sum(t.loss_mask) for t in trajs)
     calls = sum(len(t.calls) for t in trajs)
-    result = {"bench": "rollout", "device": str(device), "threads": torch.get_num_threads(), "model": args.config or args.model,
+    result = {"bench": "rollout", "device": str(device), "threads": torch.get_num_threads(),
+              "model": args.config or args.model,
               "prompts": args.prompts, "group": args.group, "turns": args.turns, "trajectories": len(trajs),
               "tool_calls": calls, "image_observations": sum(len(t.images) - 1 for t in trajs),
               "generated_tokens": generated, "engine_s": round(engine_s, 2),

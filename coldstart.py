@@ -37,22 +37,25 @@ import tools
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tc", help="output directory (data/, ckpt/, model/, log.jsonl, eval.json)")
-parser.add_argument("--model", default="tiny", help="'tiny': the shipped pretrained base (tiny.py); 'scratch': the same model "
-                    "randomly initialised (ablation); otherwise a local Qwen2.5-VL model directory to fine-tune")
+parser.add_argument("--model", default="tiny", help="'tiny': the shipped pretrained base (tiny.py); 'scratch': the "
+                    "same model randomly initialised (ablation); otherwise a local Qwen2.5-VL model directory to "
+                    "fine-tune")
 parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks to curate and evaluate")
 parser.add_argument("--n-per-task", type=int, default=300, help="trajectories curated per task (train split)")
 parser.add_argument("--kinds", default="direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1",
                     help="share of each trajectory kind, per task (normalized to sum to 1)")
-parser.add_argument("--tools", default="all", help="tools the TC data offers and uses: 'all' or comma-separated canonical "
-                    "names; a plan whose tool is missing falls back (vsp_nav without AStar: the expert plans the route "
-                    "itself), e.g. the adopt experiment's TC data without AStar")
+parser.add_argument("--tools", default="all", help="tools the TC data offers and uses: 'all' or comma-separated "
+                    "canonical names; a plan whose tool is missing falls back (vsp_nav without AStar: the expert plans "
+                    "the route itself), e.g. the adopt experiment's TC data without AStar")
 parser.add_argument("--no-tools", action="store_true", help="ablation: the same examples as one-turn direct-answer SFT "
                     "(system prompt without tools); evaluation offers no tools")
 parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
                     "mapping every time it is used; evaluation draws one mapping per example")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
-                    help="freeze the vision tower (default: on for a --model PATH, off for tiny and scratch, whose tower is small)")
-parser.add_argument("--epochs", type=float, default=2.0, help="passes over the data (sets the number of optimizer steps)")
+                    help="freeze the vision tower (default: on for a --model PATH, off for tiny and scratch, whose "
+                    "tower is small)")
+parser.add_argument("--epochs", type=float, default=2.0,
+                    help="passes over the data (sets the number of optimizer steps)")
 parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (use ~1e-5 for a real 3B/7B model)")
@@ -60,20 +63,23 @@ parser.add_argument("--warmup", type=int, default=30, help="warmup steps (linear
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
 parser.add_argument("--max-len", type=int, default=2048, help="drop training sequences longer than this many tokens")
-parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N optimizer steps (0: only at the end)")
+parser.add_argument("--ckpt-every", type=int, default=100,
+                    help="checkpoint every N optimizer steps (0: only at the end)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data order, optimizer, RNG)")
-parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps, checkpointing first "
-                    "(simulates a killed run; 0: run to the end)")
-parser.add_argument("--eval-n", type=int, default=100, help="held-out test examples per task for the final evaluation (0: skip)")
+parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps, checkpointing "
+                    "first (simulates a killed run; 0: run to the end)")
+parser.add_argument("--eval-n", type=int, default=100,
+                    help="held-out test examples per task for the final evaluation (0: skip)")
 parser.add_argument("--eval-batch", type=int, default=50, help="examples per rollout batch in the evaluation")
-parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token limit per assistant turn in the evaluation "
-                    "(an AStar call on an 8x8 grid with many holes needs about 250)")
+parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token limit per assistant turn in the "
+                    "evaluation (an AStar call on an 8x8 grid with many holes needs about 250)")
 parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant turns per evaluation trajectory")
-parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation trajectory "
-                    "(a real one stays under 2000; the cap bounds the cost of a model that loops)")
+parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation "
+                    "trajectory (a real one stays under 2000; the cap bounds the cost of a model that loops)")
 rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
-parser.add_argument("--quick", action="store_true", help="smallest configuration that exercises every code path (tests)")
+parser.add_argument("--quick", action="store_true",
+                    help="smallest configuration that exercises every code path (tests)")
 
 QUICK = dict(n_per_task=6, epochs=0.34, batch_size=2, warmup=2, ckpt_every=2, eval_n=1, eval_max_new_tokens=16,
              eval_max_turns=2)
@@ -92,33 +98,46 @@ THINK = {
     "nav_astar": ["I have the elf, the gift and the holes. A* search on 64-pixel cells gives a shortest safe path.",
                   "With start, goal and obstacles known, the A* tool can plan the route around the holes.",
                   "Everything is located; I let A* find the shortest path that avoids the holes."],
-    "nav_plan": ["I have the elf, the gift and the holes; counting 64-pixel cells, I trace a safe route around the holes.",
+    "nav_plan": ["I have the elf, the gift and the holes; counting 64-pixel cells, I trace a safe route around the "
+                 "holes.",
                  "With start, goal and holes located, I plan the moves cell by cell, stepping around every hole.",
                  "Everything is located; I work out a short route that never enters a hole."],
     "nav_answer": ["A* returned a path that avoids every hole and ends on the gift.",
-                   "The planner found a safe route; that is my answer.", "This path reaches the gift without touching a hole."],
+                   "The planner found a safe route; that is my answer.",
+                   "This path reaches the gift without touching a hole."],
     "nav_guess": ["Before planning properly, let me try the obvious route and draw it to check it.",
                   "I guess a route first and draw it on the grid to see whether it is safe.",
                   "Let me sketch a direct route from the elf and look at it."],
-    "nav_reject": ["The drawn arrows pass through the hole at {hole}: that route fails. I undo it and plan with A* instead.",
-                   "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; let me use A* around the holes.",
-                   "That guess walks into the hole at {hole}, so it is unsafe. I discard it and ask A* for a safe path."],
-    "nav_retrace": ["The drawn arrows pass through the hole at {hole}: that route fails. I plan again around the holes and draw it.",
-                    "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; I trace a route around it.",
+    "nav_reject": ["The drawn arrows pass through the hole at {hole}: that route fails. I undo it and plan with A* "
+                   "instead.",
+                   "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; let me use A* around the "
+                   "holes.",
+                   "That guess walks into the hole at {hole}, so it is unsafe. I discard it and ask A* for a safe "
+                   "path."],
+    "nav_retrace": ["The drawn arrows pass through the hole at {hole}: that route fails. I plan again around the holes "
+                    "and draw it.",
+                    "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; I trace a route around "
+                    "it.",
                     "That guess walks into the hole at {hole}, so it is unsafe. I discard it and draw a safe route."],
     "nav_check": ["Let me draw the A* path to check it.", "I draw the new path to confirm it is safe.",
                   "To be sure, I draw the planned route."],
-    "nav_ok": ["The new arrows avoid every hole and end on the gift.", "This time the path is safe and reaches the present.",
+    "nav_ok": ["The new arrows avoid every hole and end on the gift.",
+               "This time the path is safe and reaches the present.",
                "Confirmed: the route goes around the holes to the gift."],
     "nav_small": ["The grid is only 3x3 and the route is easy to see, so no tool is needed.",
-                  "A tiny grid: I can trace the way to the gift by eye.", "This small lake needs no tools; the path is obvious."],
-    "verify_elf": ["To check the path I first find where the elf starts.", "The moves start at the elf; let me locate it.",
+                  "A tiny grid: I can trace the way to the gift by eye.",
+                  "This small lake needs no tools; the path is obvious."],
+    "verify_elf": ["To check the path I first find where the elf starts.",
+                   "The moves start at the elf; let me locate it.",
                    "I need the elf's position to draw the path from it."],
     "verify_draw": ["Now I draw the given moves from the elf and look where they lead.",
-                    "Let me draw the path {moves} on the grid.", "Drawing the moves as arrows shows whether they are safe."],
-    "verify_small": ["The grid is small enough to follow the moves by eye.", "A 3x3 grid: I can trace the path without tools.",
+                    "Let me draw the path {moves} on the grid.",
+                    "Drawing the moves as arrows shows whether they are safe."],
+    "verify_small": ["The grid is small enough to follow the moves by eye.",
+                     "A 3x3 grid: I can trace the path without tools.",
                      "No tool needed; I follow the moves on the small grid."],
-    "verify_wrongstart": ["Let me draw the path from the top-left corner.", "I draw the moves starting at the first cell.",
+    "verify_wrongstart": ["Let me draw the path from the top-left corner.",
+                          "I draw the moves starting at the first cell.",
                           "Let me just draw the moves from the corner."],
     "verify_restart": ["The arrows start at {start}, but the elf is not there. I must locate the elf and draw again.",
                        "Wrong start: the drawing does not begin at the elf. Let me find the elf first.",
@@ -126,14 +145,18 @@ THINK = {
     "jig_detect": ["First I find the missing piece: the black square.", "Let me locate the black hole in the picture.",
                    "The gap is a black area; I detect it to get its box."],
     "jig_insert": ["I paste candidate {letter} into the gap to see whether it fits.",
-                   "Let me try piece {letter} in the black square.", "Insert candidate {letter} into the hole and compare the edges."],
-    "jig_reject": ["Candidate {letter} does not fit: its colours break at the edges of the gap. I remove it and try another.",
+                   "Let me try piece {letter} in the black square.",
+                   "Insert candidate {letter} into the hole and compare the edges."],
+    "jig_reject": ["Candidate {letter} does not fit: its colours break at the edges of the gap. I remove it and try "
+                   "another.",
                    "The edges do not line up with piece {letter}; wrong piece. Next candidate.",
                    "Piece {letter} leaves visible seams, so it is not the one."],
     "jig_accept": ["Piece {letter} continues the colours and shapes across every edge.",
-                   "With {letter} inserted the picture looks seamless.", "Candidate {letter} fits: no seams at the borders."],
+                   "With {letter} inserted the picture looks seamless.",
+                   "Candidate {letter} fits: no seams at the borders."],
     "jig_small": ["Comparing the pieces with the border of the gap directly, one clearly matches.",
-                  "I can see which piece continues the picture without tools.", "The matching piece is obvious from the colours."],
+                  "I can see which piece continues the picture without tools.",
+                  "The matching piece is obvious from the colours."],
     "vstar_point": ["The object is tiny; let me find it first.", "I locate the {what} in the large image.",
                     "The target is small, so I search for it with Point."],
     "vstar_crop": ["Found it. I zoom in on the object to see it clearly.", "Let me crop around it and look closer.",
@@ -144,19 +167,22 @@ THINK = {
                      "Too far away to be sure; a tighter crop is needed.", "Still tiny here. Let me crop tighter."],
     "vstar_count": ["Point found {n} matching objects.", "There are {n} of them according to Point.",
                     "The search returned {n} points, one per object."],
-    "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.", "In the crop the answer is plain."],
+    "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.",
+                     "In the crop the answer is plain."],
     "vstar_small": ["I can see it well enough without tools.", "The object is visible directly.",
                     "No zoom needed for this one."],
     "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
                 "OCR gives me every label and value on the screen."],
-    "gui_answer": ["The field '{field}' holds the value on the same row.", "Next to the label {field} I read the value.",
+    "gui_answer": ["The field '{field}' holds the value on the same row.",
+                   "Next to the label {field} I read the value.",
                    "The OCR line after '{field}:' is the answer."],
     "gui_header": ["Let me zoom into the top of the screen first.", "I crop the top bar to read it.",
                    "First a look at the top of the screen."],
     "gui_wrong": ["That is only the title bar, not the field I need. Let me read the whole screen.",
                   "The crop shows the header, not the field. I use OCR on the full screen instead.",
                   "Wrong region: no field there. OCR on everything."],
-    "gui_small": ["The field is readable directly.", "I can read the value without tools.", "The value is easy to read."],
+    "gui_small": ["The field is readable directly.", "I can read the value without tools.",
+                  "The value is easy to read."],
     "retry": ["The tool reported an error: {error} Let me fix the arguments and call it again.",
               "That call failed ({error}). I correct it and retry.", "Error from the tool: {error} I fix the call."],
     "empty": ["The tool found nothing with these settings. Let me retry with the default settings.",
@@ -242,7 +268,8 @@ def locate(b, key, description, count=1):
 
 def route(m):
     """The expert's own shortest safe route, from the example's ground truth (what a plan without A* answers)."""
-    return ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"], m["grid"]))
+    return ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"],
+                                m["grid"]))
 
 
 def vsp_nav(b, kind):
@@ -272,7 +299,8 @@ def vsp_nav(b, kind):
         if not into:
             raise Skip("hole not reachable")
         guess = into + (tools.astar(hole, tuple(m["goal"]), set(), m["grid"], m["grid"]) or [])
-        b.call(b.think("nav_guess"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": ",".join(guess)})
+        b.call(b.think("nav_guess"), "Draw2DPath",
+               {"image": "img_1", "start_point": elf, "directions": ",".join(guess)})
         hole_px = next(p for p in holes if cell_of(p) == list(hole))
         thought = b.think("nav_reject" if planner else "nav_retrace", hole=hole_px)
     else:
@@ -287,7 +315,8 @@ def vsp_nav(b, kind):
     else:  # no A*: the model must learn to trace the route from the points; the thought goes with the next turn
         path = route(m)
     if kind == "reflect":
-        b.call(thought or b.think("nav_check"), "Draw2DPath", {"image": "img_1", "start_point": elf, "directions": path})
+        b.call(thought or b.think("nav_check"), "Draw2DPath",
+               {"image": "img_1", "start_point": elf, "directions": path})
         return b.answer(b.think("nav_ok"), path)
     return b.answer(thought or b.think("nav_answer"), path)
 
@@ -314,7 +343,8 @@ def vsp_verify(b, kind):
     if kind == "reflect":
         wrong = centre([0, 0]) if list(m["start"]) != [0, 0] else centre([m["grid"] - 1, m["grid"] - 1])
         b.call(b.think("verify_wrongstart"), "Draw2DPath", draw(wrong))
-        elf = b.call(b.think("verify_restart", start=wrong), "Point", {"image": "img_1", "description": "elf"}).data["points"]
+        elf = b.call(b.think("verify_restart", start=wrong), "Point",
+                     {"image": "img_1", "description": "elf"}).data["points"]
         if len(elf) != 1:
             raise Skip("no elf")
         elf = elf[0]
@@ -361,9 +391,11 @@ def vstar(b, kind):
         points = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["tiny thing", "the object", "item"])},
                          {"image": "img_1", "description": what}, b.think("vstar_point", what=what)).data["points"]
     else:
-        points = b.call(b.think("vstar_point", what=what), "Point", {"image": "img_1", "description": what}).data["points"]
+        points = b.call(b.think("vstar_point", what=what), "Point",
+                        {"image": "img_1", "description": what}).data["points"]
     targets = sorted([round(t[0]), round(t[1])] for t in m["targets"])  # [x, y, size] centres
-    if len(points) != len(targets) or any(abs(p[0] - t[0]) > 3 or abs(p[1] - t[1]) > 3 for p, t in zip(sorted(points), targets)):
+    if len(points) != len(targets) or any(abs(p[0] - t[0]) > 3 or abs(p[1] - t[1]) > 3
+                                          for p, t in zip(sorted(points), targets)):
         raise Skip(f"Point found {points}, the targets are {targets}")
     if m["level"] == "count":
         return b.answer(b.think("vstar_count", n=len(points)), b.ex["answer"])
@@ -445,7 +477,8 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
             except Skip:
                 continue
             turns = [m["content"] for m in b.messages if m["role"] == "assistant"]
-            assert tasks.is_format_valid(turns) and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1, (ex["id"], kind)
+            assert (tasks.is_format_valid(turns)
+                    and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1), (ex["id"], kind)
             records.append({"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
                             "adl_mapping": None, "messages": b.messages, "answer": answer})
             left[kind] -= 1
@@ -477,7 +510,8 @@ def save_records(records, data_dir):
                         if p["type"] == "image":
                             k += 1
                             path = f"images/{rec['id']}_{k}.png"
-                            p["image"].save(os.path.join(data_dir, path), compress_level=1)  # lossless; level 1 is 10x faster
+                            # lossless; level 1 is 10x faster
+                            p["image"].save(os.path.join(data_dir, path), compress_level=1)
                             p = {"type": "image", "image": path}
                         parts.append(p)
                     m = {**m, "content": parts}
@@ -510,7 +544,8 @@ def with_pil(messages, data_dir, load=Image.open):
             return p
         with load(os.path.join(data_dir, p["image"])) as im:
             return {"type": "image", "image": im.convert("RGB")}
-    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m for m in messages]
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+            for m in messages]
 
 
 # -----------------------------------------------------------------------------
@@ -522,7 +557,8 @@ def shrink(image, processor):
     1024-px search canvas costs 150 kB of memory instead of 3 MB while the data sits in RAM."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     ip = processor.image_processor
-    h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])
+    h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
+                        ip.size["longest_edge"])
     return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
 
 
@@ -546,7 +582,8 @@ def encode_record(rec, processor, images, rng, use_adl):
     if use_adl:
         rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])
     k = iter(images)
-    messages = [{**m, "content": [{"type": "image", "image": next(k)} if p["type"] == "image" else p for p in m["content"]]}
+    messages = [{**m, "content": [{"type": "image", "image": next(k)} if p["type"] == "image" else p
+                                  for p in m["content"]]}
                 if isinstance(m["content"], list) else m for m in rec["messages"]]
     return rollout.encode_conversation(processor, messages)
 
@@ -570,7 +607,8 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     total = max(1, int(epochs * micro_per_epoch) // grad_accum)
     state = start_state or {"step": 0, "micro": 0}
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else torch.autocast("cpu", enabled=False))
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
     model.train()
@@ -582,7 +620,8 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
             if epoch not in plans:
                 plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
             rng = random.Random(f"{seed}-adl-{state['micro']}")
-            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, use_adl) for j in plans[epoch][pos]])
+            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, use_adl)
+                          for j in plans[epoch][pos]])
             state["micro"] += 1
         count = sum(int(sum(m[1:])) for b in micro for _, m, _ in b)  # loss tokens of the whole step: token-mean
         lr_now = rollout.lr_at(state["step"], total, lr, warmup)
@@ -599,7 +638,8 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         state["step"] += 1
         dt = time.perf_counter() - t0
         rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr_now, "grad_norm": float(grad_norm),
-               "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt, "epoch": state["micro"] / micro_per_epoch,
+               "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt,
+               "epoch": state["micro"] / micro_per_epoch,
                "cpu_s": time.process_time()}  # CPU seconds so far: wall time on a shared machine says little
         log.write(json.dumps(rec) + "\n")
         log.flush()
@@ -653,7 +693,8 @@ def main(argv=None):
     records = load_records(data_dir)
     print(f"{len(records)} trajectories in {data_dir}/train.jsonl ({time.perf_counter() - t_start:.0f} s)")
 
-    # 2. model: the shipped tiny base, the same model untrained (scratch), or a real checkpoint; all keep their tokenizer
+    # 2. model: the shipped tiny base, the same model untrained (scratch), or a real checkpoint;
+    # all keep their tokenizer
     found = rollout.resume_from(os.path.join(args.out, "ckpt"), args.resume)
     model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.model, device=device,
                                            dtype=torch.float32)
@@ -662,7 +703,8 @@ def main(argv=None):
         p.requires_grad_(not freeze)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), {device}")
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), "
+          f"{device}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     state = None
     if found:

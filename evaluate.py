@@ -29,8 +29,8 @@ from rollout import (add_device_flag, cli, evaluate, level_key, load_policy, mea
 from tools import TOOLS, schemas, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | scratch | PATH | LABEL=PATH, each with an "
-                    "optional tool-mode suffix :all | :none | :Tool+Tool (overrides --tools for that model)")
+parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | scratch | PATH | LABEL=PATH, each "
+                    "with an optional tool-mode suffix :all | :none | :Tool+Tool (overrides --tools for that model)")
 parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks (default: all five)")
 parser.add_argument("--n", type=int, default=None, help="examples per task (default 20; with --data: at most this "
                     "many per task, default all)")
@@ -196,7 +196,8 @@ def curve_charts(runs):
     for key in CURVE_SCALARS:
         lines = {}
         for label, recs in runs.items():
-            pts = [(r.get("step", i), r[key]) for i, r in enumerate(recs) if number(r.get(key)) and number(r.get("step", i))]
+            pts = [(r.get("step", i), r[key]) for i, r in enumerate(recs)
+                   if number(r.get(key)) and number(r.get("step", i))]
             if pts:
                 lines[label] = pts
         if lines:
@@ -319,7 +320,8 @@ def page_data(out, records, show):
                     parts.append({"text": p.get("text", "")})
             messages.append({"role": m["role"], "parts": parts})
         kept.append({"model": r["model"], "task": r["task"], "id": r["example_id"], "level": r["level"],
-                     "correct": r["score"] >= 1.0, "answer": r["answer"], "gold": r["gold"], "finish": r["finish_reason"],
+                     "correct": r["score"] >= 1.0, "answer": r["answer"], "gold": r["gold"],
+                     "finish": r["finish_reason"],
                      "calls": [f"{c['name']}: {c['status']}" for c in r["calls"]], "messages": messages})
     return kept, images
 
@@ -424,12 +426,13 @@ def report_html(out, results, records, curves, show=20):
     labels = list(results["results"])
     task_list = results["tasks"]
     R = results["results"]
-    legend = '<p class="legend">' + "".join(f'<span><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{esc(m)}</span>'
-                                             for i, m in enumerate(labels)) + "</p>"
+    legend = '<p class="legend">' + "".join(f'<span><i style="background:{PALETTE[i % len(PALETTE)]}"></i>'
+                                            f'{esc(m)}</span>' for i, m in enumerate(labels)) + "</p>"
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>AdaReasoner evaluation</title>"
          f"<style>{CSS}</style></head><body>",
          "<h1>AdaReasoner evaluation</h1>",
-         f'<p class="meta"><code>{esc(results["command"])}</code><br>{esc(results["date"])} · device {esc(results["device"])}'
+         f'<p class="meta"><code>{esc(results["command"])}</code><br>{esc(results["date"])}'
+         f' · device {esc(results["device"])}'
          f' · split {esc(results["settings"]["split"])} · tools {esc(results["settings"]["tools"])}'
          + (f' + {esc(results["settings"]["add_tools"])}' if results["settings"]["add_tools"] else "")
          + f' · ADL {esc(results["settings"]["adl"])} · temperature {results["settings"]["temperature"]}'
@@ -447,15 +450,16 @@ def report_html(out, results, records, curves, show=20):
     h.append("</table>")
 
     # details per model and task
-    h.append("<h2>Details</h2><table><tr><th>model</th><th class=\"l\">task</th><th>n</th><th>accuracy %</th><th>CPS</th>"
-             "<th>tool success %</th><th>turns</th><th>gen. tokens</th><th>format valid %</th><th>answered %</th>"
-             "<th class=\"l\">finish reasons</th><th>samples/s</th></tr>")
+    h.append("<h2>Details</h2><table><tr><th>model</th><th class=\"l\">task</th><th>n</th><th>accuracy %</th>"
+             "<th>CPS</th><th>tool success %</th><th>turns</th><th>gen. tokens</th><th>format valid %</th>"
+             "<th>answered %</th><th class=\"l\">finish reasons</th><th>samples/s</th></tr>")
     for m in labels:
         for t in task_list:
             r = R[m][t]
             reasons = ", ".join(f"{k} {v}" for k, v in r["finish_reasons"].items())
-            h.append(f"<tr><td>{esc(m)}</td><td class=\"l\">{esc(t)}</td><td>{r['n']}</td><td>{fmt(r['accuracy'], True)}</td>"
-                     f"<td>{fmt(r['cps'])}</td><td>{fmt(r['tool_success_rate'], True)}</td><td>{fmt(r['mean_turns'])}</td>"
+            h.append(f"<tr><td>{esc(m)}</td><td class=\"l\">{esc(t)}</td><td>{r['n']}</td>"
+                     f"<td>{fmt(r['accuracy'], True)}</td><td>{fmt(r['cps'])}</td>"
+                     f"<td>{fmt(r['tool_success_rate'], True)}</td><td>{fmt(r['mean_turns'])}</td>"
                      f"<td>{fmt(r['mean_generated_tokens'])}</td><td>{fmt(r['format_valid_rate'], True)}</td>"
                      f"<td>{fmt(r['answered_rate'], True)}</td><td class=\"l\">{esc(reasons)}</td>"
                      f"<td>{fmt(results['models'][m].get('samples_per_s'))}</td></tr>")
@@ -469,7 +473,8 @@ def report_html(out, results, records, curves, show=20):
                         key=lambda s: level_key(int(s) if s.lstrip("-").isdigit() else s))
         if not levels:
             continue
-        h.append(f"<h3>{esc(t)}</h3><table><tr><th>model</th>" + "".join(f"<th>{esc(lv)}</th>" for lv in levels) + "</tr>")
+        h.append(f"<h3>{esc(t)}</h3><table><tr><th>model</th>" + "".join(f"<th>{esc(lv)}</th>" for lv in levels)
+                 + "</tr>")
         for m in labels:
             bl = R[m][t].get("by_level", {})
             h.append(f"<tr><td>{esc(m)}</td>" + "".join(
@@ -493,17 +498,19 @@ def report_html(out, results, records, curves, show=20):
     # training curves
     if curves:
         charts = curve_charts(curves)
-        h.append("<h2>Training curves</h2>" + ('<div class="charts">' + "".join(svg_lines(*c) for c in charts) + "</div>"
-                                              if charts else "<p>the logs hold no plottable values</p>"))
+        h.append("<h2>Training curves</h2>"
+                 + ('<div class="charts">' + "".join(svg_lines(*c) for c in charts) + "</div>"
+                    if charts else "<p>the logs hold no plottable values</p>"))
 
     # trajectories
     kept, images = page_data(out, records, show)
-    h.append(f"<h2>Trajectories</h2><p class=\"meta\">the first {show} per model and task (click an image to enlarge it); all of them with full-size "
-             "images are in trajectories.jsonl and images/</p>"
+    h.append(f"<h2>Trajectories</h2><p class=\"meta\">the first {show} per model and task (click an image to enlarge "
+             "it); all of them with full-size images are in trajectories.jsonl and images/</p>"
              '<div class="filters">task <select id="f-task"><option value="">all</option></select>'
              'model <select id="f-model"><option value="">all</option></select>'
              'outcome <select id="f-outcome"><option value="">all</option><option value="correct">correct</option>'
-             '<option value="wrong">wrong</option></select><span id="count" class="meta"></span></div><div id="list"></div>')
+             '<option value="wrong">wrong</option></select><span id="count" class="meta"></span></div>'
+             '<div id="list"></div>')
     h.append(f'<script type="application/json" id="trajs">{script_json(kept)}</script>'
              f'<script type="application/json" id="imgs">{script_json(images)}</script><script>{JS}</script>')
     h.append("</body></html>")
@@ -521,8 +528,8 @@ def write_outputs(out, settings, runs, curves=None):
     results = {"command": settings.get("command", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "device": settings.get("device", ""), "settings": settings, "tasks": task_list,
                # the sampler of the batch starting at example i uses seed + i
-               "seeds": {"data": None if settings.get("data") else settings.get("seed"), "rollout": settings.get("seed"),
-                         "adl": settings.get("seed")},
+               "seeds": {"data": None if settings.get("data") else settings.get("seed"),
+                         "rollout": settings.get("seed"), "adl": settings.get("seed")},
                "models": {}, "results": {}}
     records = []
     for label, run in runs.items():

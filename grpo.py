@@ -31,17 +31,19 @@ from tools import schemas, tool_list
 
 # --quick: tiny sizes; a small KL and two PPO epochs so the reference copy and the old-log-prob recompute run
 # even when the untrained tiny model earns equal rewards everywhere (equal groups train only through the KL)
-QUICK = dict(init="tiny", steps=2, prompts_per_step=2, group_size=2, max_turns=2, max_new_tokens=16, max_total_tokens=1024,
+QUICK = dict(init="tiny", steps=2, prompts_per_step=2, group_size=2, max_turns=2, max_new_tokens=16,
+             max_total_tokens=1024,
              eval_n=1, eval_before=True, ckpt_every=1, tasks="vsp_nav,jigsaw", kl_coef=0.01, ppo_epochs=2)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--init", default=None, help="starting policy: a model directory, 'tiny' (the pretrained base) or 'scratch' (default runs/tc/model, "
-                   "the output of coldstart.py; 'tiny' under --quick)")
+    g.add_argument("--init", default=None, help="starting policy: a model directory, 'tiny' (the pretrained base) or "
+                   "'scratch' (default runs/tc/model, the output of coldstart.py; 'tiny' under --quick)")
     g.add_argument("--out", default="runs/tg", help="output directory: log.jsonl, eval.json, ckpt/, model/")
-    g.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated tasks the RL prompts mix over (round-robin)")
+    g.add_argument("--tasks", default=",".join(tasks.TASKS),
+                   help="comma-separated tasks the RL prompts mix over (round-robin)")
     g.add_argument("--tools", default="all", help="tools offered in RL and evaluation: 'all', 'none' (direct-answer "
                    "prompt) or a comma-separated subset, e.g. to offer a tool only in RL")
     g.add_argument("--adl", action="store_true", help="Adaptive Learning: a fresh random tool/parameter naming and "
@@ -72,22 +74,25 @@ def parse_args(argv=None):
                    "(0, as in the paper, keeps no reference copy)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
     g.add_argument("--minibatches", type=int, default=1, help="optimizer steps per pass (the batch is split)")
-    g.add_argument("--micro-batch", type=int, default=8, help="trajectories per forward/backward (gradient accumulation)")
-    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW; for the tiny default, whose SFT peak is 2e-3; "
-                   "~1e-6 for a 7B model)")
+    g.add_argument("--micro-batch", type=int, default=8,
+                   help="trajectories per forward/backward (gradient accumulation)")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW; for the tiny default, whose SFT "
+                   "peak is 2e-3; ~1e-6 for a 7B model)")
     g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="LR after warmup")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     g = p.add_argument_group("run")
-    g.add_argument("--eval-n", type=int, default=20, help="held-out test examples per task for the final greedy evaluation (0: skip)")
+    g.add_argument("--eval-n", type=int, default=20,
+                   help="held-out test examples per task for the final greedy evaluation (0: skip)")
     g.add_argument("--eval-before", action="store_true", help="also evaluate the initial policy before training")
     g.add_argument("--eval-batch", type=int, default=50, help="examples per greedy evaluation batch (tasks mixed)")
     g.add_argument("--ckpt-every", type=int, default=5, help="save a resumable checkpoint every N steps (0: never)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same flags)")
     rollout.add_device_flag(g)
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
-    g.add_argument("--quick", action="store_true", help="smallest run that exercises every code path (< 1 minute on CPU)")
+    g.add_argument("--quick", action="store_true",
+                   help="smallest run that exercises every code path (< 1 minute on CPU)")
     args = rollout.parse_flags(p, argv, QUICK)
     args.init = args.init or "runs/tc/model"
     if args.temperature <= 0:
@@ -149,7 +154,8 @@ def group_advantages(rewards, group_size, use_std=True, eps=1e-6):
 # the loss
 
 
-def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean", denom=None, ref_logp=None, kl_coef=0.0):
+def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean", denom=None, ref_logp=None,
+                kl_coef=0.0):
     """Clipped surrogate on masked tokens. logp, old_logp, mask, ref_logp: [B, L]; adv: [B].
     denom: the minibatch's token count (token-mean) or trajectory count (seq-mean), so that micro-batches
     accumulate to the minibatch loss; defaults to this batch's. Returns (loss, stats of detached sums)."""
@@ -221,12 +227,14 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
     KL) no gradient, so they are left out. Returns stats averaged per sampled token."""
     device = next(model.parameters()).device
     keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or kl_coef)]
-    totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"], 0.0)
+    totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"],
+                           0.0)
     # the ratio's denominator: the sampler's log-probs, unless later passes need the pre-update policy's own
     old = {i: trajs[i].logprobs for i in keep}
     if ppo_epochs * minibatches > 1:
         old = frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast)
-    ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, keep, micro_batch, temperature, autocast)
+    ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, keep, micro_batch, temperature,
+                                                       autocast)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(ppo_epochs):
         order = [keep[k] for k in torch.randperm(len(keep), generator=gen).tolist()]
@@ -253,7 +261,8 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
             opt.step()
             totals["opt_steps"] += 1
     n = max(totals["tokens"], 1.0)
-    return {"trained": len(keep), "opt_steps": int(totals["opt_steps"]), "tokens": totals["tokens"], "seq_tokens": totals["seq_tokens"],
+    return {"trained": len(keep), "opt_steps": int(totals["opt_steps"]), "tokens": totals["tokens"],
+            "seq_tokens": totals["seq_tokens"],
             "clip_frac": totals["clipped"] / n, "kl_old": totals["kl_old"] / n, "kl_ref": totals["kl_ref"] / n,
             "entropy": totals["entropy"] / n, "grad_norm": totals["grad_norm"] / max(1, totals["opt_steps"])}
 
@@ -295,8 +304,9 @@ def main(argv=None):
     random.seed(args.seed)
     device = rollout.resolve_device(args.device)
     if not rollout.model_exists(args.init):
-        raise tasks.InputError(f"the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it writes "
-                               "runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the pretrained base, no TC).")
+        raise tasks.InputError(f"the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
+                               "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the "
+                               "pretrained base, no TC).")
     os.makedirs(args.out, exist_ok=True)
     log_path, ckpt_dir = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "ckpt")
     found = rollout.resume_from(ckpt_dir, args.resume)
@@ -366,7 +376,8 @@ def main(argv=None):
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            rollout.save_checkpoint(ckpt_dir, model, processor, opt, {"step": step + 1, "data_pos": pos, "evals": evals})
+            rollout.save_checkpoint(ckpt_dir, model, processor, opt,
+                                    {"step": step + 1, "data_pos": pos, "evals": evals})
     bar.close()
 
     model.eval()

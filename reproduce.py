@@ -122,8 +122,10 @@ def run_steps(args, plan):
         if done.get(name, {}).get("command") == command:
             print(f"[{i}/{len(plan)}] {name}: done ({done[name]['seconds']:.0f} s), skipped")
             continue
-        ckpt = os.path.join(args.out, name, "ckpt")  # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
-        resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(ckpt + s) for s in ("", ".tmp", ".old")) else []
+        # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
+        ckpt = os.path.join(args.out, name, "ckpt")
+        resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(ckpt + s)
+                                                                  for s in ("", ".tmp", ".old")) else []
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()
@@ -260,7 +262,8 @@ def targets(args):
                    f"{num(calls(a['before']['vsp_nav'], 'AStar'))} -> {num(adopt)}", adopt >= 1))
     discard = calls(a["after"]["vsp_verify"], "AStar")
     checks.append(("discard: AStar calls per vsp_verify sample < 0.2 after RL", num(discard), discard < 0.2))
-    return ("Targets", "From the issue; met means the paper's shape holds at this scale.", ["target", "measured", "met"],
+    return ("Targets", "From the issue; met means the paper's shape holds at this scale.",
+            ["target", "measured", "met"],
             [[name, value, "yes" if ok else "no"] for name, value, ok in checks])
 
 

@@ -46,7 +46,8 @@ class Processor:
     def __post_init__(self):
         ids = self.tokenizer.convert_tokens_to_ids
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
-        self.vision_start, self.vision_end, self.image_pad = ids("<|vision_start|>"), ids("<|vision_end|>"), ids("<|image_pad|>")
+        self.vision_start, self.vision_end, self.image_pad = (
+            ids("<|vision_start|>"), ids("<|vision_end|>"), ids("<|image_pad|>"))
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ids("<|endoftext|>")
         self.merge = self.image_processor.merge_size
         # tokens a policy never writes: image placeholders and chat structure (only <|im_end|> closes a turn)
@@ -204,7 +205,8 @@ def system_prompt(tool_schemas):
 
 def build_messages(example, tool_schemas, system_prompt=system_prompt):
     """System and user messages for one example; images stay PIL objects in the content parts."""
-    user = [{"type": "image", "image": img} for img in example["images"]] + [{"type": "text", "text": example["question"]}]
+    user = ([{"type": "image", "image": img} for img in example["images"]]
+            + [{"type": "text", "text": example["question"]}])
     return [{"role": "system", "content": system_prompt(tool_schemas)}, {"role": "user", "content": user}]
 
 
@@ -239,7 +241,8 @@ def encode(processor, parts):
         ids += processor.encode_text(text) if text else []
         text = ""
         pixels, grid = encode_image_cached(processor, p)
-        ids += [processor.vision_start] + [processor.image_pad] * (int(grid.prod()) // processor.merge ** 2) + [processor.vision_end]
+        ids += ([processor.vision_start] + [processor.image_pad] * (int(grid.prod()) // processor.merge ** 2)
+                + [processor.vision_end])
         images.append((pixels, grid))
     ids += processor.encode_text(text) if text else []
     return ids, images
@@ -459,7 +462,8 @@ def run_tool(call, images, timeout, offered, mapping, run=call_tool):
     t0 = time.perf_counter()
     if call["name"] not in offered:
         listed = ", ".join(f"'{n}'" for n in offered) or "none"
-        return call["name"], ToolResult(status="error", error=f"unknown tool '{call['name']}'; available: {listed}"), 0.0
+        return call["name"], ToolResult(status="error",
+                                        error=f"unknown tool '{call['name']}'; available: {listed}"), 0.0
     canonical = mapping.to_canonical(call) if mapping is not None else call
     result = run(canonical["name"], canonical["parameters"], images, timeout=timeout)
     return canonical["name"], result, time.perf_counter() - t0
@@ -493,7 +497,8 @@ def tool_observation(row):
         # Qwen2.5-VL's image processor refuses such an image; the model reads why instead of the run crashing
         w, h = result.image.size
         result = ToolResult(status="error", error=f"{name} returned a {w}x{h} image, too elongated to be shown (the "
-                                                  f"longer side must be under {MAX_ASPECT} times the shorter); use a less thin region")
+                                                  f"longer side must be under {MAX_ASPECT} times the shorter); use a "
+                                                  "less thin region")
     t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
     text, image_name = add_observation(t.images, name, result)
     if row.mapping is not None:
@@ -624,7 +629,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
             if any(row.pending is None for row in batch.rows):
                 # 2. one token for every row writing its turn; rows waiting on a tool feed a masked pad
                 logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)
-                sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k, gen).tolist()
+                sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k,
+                                 gen).tolist()
                 step, keep = [], []
                 for k, row in enumerate(batch.rows):
                     t = row.traj
@@ -677,7 +683,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     if len(t.token_ids) + len(ids) >= max_total_tokens:
                         finish(t, "max_total_tokens")
                         continue
-                    # positions continue from the row's own counter: an image advances M-RoPE by its grid, not its length
+                    # positions continue from the row's own counter: an image advances M-RoPE by its grid,
+                    # not its length
                     pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
                     t.token_ids += ids
                     t.loss_mask += [0] * len(ids)
@@ -727,7 +734,8 @@ def resume_from(ckpt_dir, resume):
     if not resume:
         return None
     path = find_checkpoint(ckpt_dir)
-    print(f"--resume: continuing from {path}" if path else f"--resume: no complete checkpoint at {ckpt_dir}; starting from step 0")
+    print(f"--resume: continuing from {path}" if path
+          else f"--resume: no complete checkpoint at {ckpt_dir}; starting from step 0")
     return path
 
 
@@ -833,7 +841,8 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="e
     with tqdm(total=len(examples), desc=desc, dynamic_ncols=True, leave=False) as bar:
         for i in range(0, len(examples), batch_size):
             trajs += rollout(model, processor, examples[i:i + batch_size], tools=tools, seed=seed + i,
-                             adl=adl[i:i + batch_size] if adl else None, progress=bar, **{"temperature": 0.0, **sampling})
+                             adl=adl[i:i + batch_size] if adl else None, progress=bar,
+                             **{"temperature": 0.0, **sampling})
     return trajs, metrics_by_task(examples, trajs)
 
 
@@ -886,5 +895,6 @@ def metrics(examples, trajectories, by_level=True):
 def metrics_by_task(examples, trajectories):
     """{task: metrics} over aligned examples and trajectories, tasks in the order they first appear."""
     tasks_seen = list(dict.fromkeys(ex["task"] for ex in examples))
-    return {task: metrics(*zip(*[(ex, t) for ex, t in zip(examples, trajectories) if ex["task"] == task]), by_level=False)
+    return {task: metrics(*zip(*[(ex, t) for ex, t in zip(examples, trajectories) if ex["task"] == task]),
+                          by_level=False)
             for task in tasks_seen}

@@ -307,7 +307,8 @@ def _vstar(rng, split, canvas=1024, target_px=(14, 22), objects=(30, 45)):
     while len(specs) < n:  # distractors never share the target's identifying attribute(s)
         c = str(rng.choice(near if rng.random() < 0.5 else names))
         s = str(rng.choice(SHAPES))
-        if (kind == "color" and s == shape) or (kind == "shape" and c == colour) or (kind == "count" and (c, s) == (colour, shape)):
+        if ((kind == "color" and s == shape) or (kind == "shape" and c == colour)
+                or (kind == "count" and (c, s) == (colour, shape))):
             continue
         specs.append((c, s, False))
     img = _texture(rng, canvas, canvas, (236, 232, 224), 14, blobs=10)
@@ -342,7 +343,8 @@ def _vstar(rng, split, canvas=1024, target_px=(14, 22), objects=(30, 45)):
 # -----------------------------------------------------------------------------
 # guiqa: an app screen with labelled fields in the small bitmap font
 
-_FIRST = ["Ana", "Ben", "Carla", "Dmitri", "Eva", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena", "Mateo", "Nora"]
+_FIRST = ["Ana", "Ben", "Carla", "Dmitri", "Eva", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena", "Mateo",
+          "Nora"]
 _LAST = ["Lee", "Okafor", "Novak", "Silva", "Berg", "Tanaka", "Moreau", "Singh", "Kowalski", "Haddad", "Reyes"]
 _CITIES = ["Lisbon", "Osaka", "Nairobi", "Denver", "Krakow", "Quito", "Tallinn", "Perth", "Lyon", "Austin"]
 
@@ -354,7 +356,8 @@ def _digits(rng, k):
 _FIELDS = {
     "Order ID": lambda r: _digits(r, 5),
     "Customer": lambda r: f"{r.choice(_FIRST)} {r.choice(_LAST)}",
-    "Email": lambda r: f"{r.choice(_FIRST).lower()}.{r.choice(_LAST).lower()}@{r.choice(['mail.com', 'example.org', 'post.net'])}",
+    "Email": lambda r: f"{r.choice(_FIRST).lower()}.{r.choice(_LAST).lower()}"
+                       f"@{r.choice(['mail.com', 'example.org', 'post.net'])}",
     "Phone": lambda r: f"555-{_digits(r, 3)}-{_digits(r, 4)}",
     "City": lambda r: str(r.choice(_CITIES)),
     "Status": lambda r: str(r.choice(["Shipped", "Pending", "Delivered", "Cancelled", "On hold"])),
@@ -369,7 +372,8 @@ _FIELDS = {
     "Ticket": lambda r: f"#{_digits(r, 4)}",
 }
 _TITLES = ["Order Details", "Customer Profile", "Shipping Form", "Account Settings", "Support Ticket", "Invoice"]
-_GUI_Q = ["What is the value of the '{f}' field on this screen?", "Read the {f} shown in the form. Answer with the exact text.",
+_GUI_Q = ["What is the value of the '{f}' field on this screen?",
+          "Read the {f} shown in the form. Answer with the exact text.",
           "According to the app screen, what is the {f}?"]
 
 
@@ -448,7 +452,8 @@ def is_format_valid(assistant_turns):
             want = 1 if tag in ("think", action) else 0
             if turn.count(f"<{tag}>") != want or turn.count(f"</{tag}>") != want:
                 return False
-        if not (turn.index("<think>") < turn.index("</think>") <= turn.index(f"<{action}>") < turn.index(f"</{action}>")):
+        if not (turn.index("<think>") < turn.index("</think>") <= turn.index(f"<{action}>")
+                < turn.index(f"</{action}>")):
             return False
     return True
 
@@ -524,4 +529,5 @@ def load(dir):
             with Image.open(os.path.join(dir, p)) as im:
                 images.append(im.convert("RGB"))
         return {**ex, "images": images}
-    return read_jsonl(os.path.join(dir, "examples.jsonl"), ("id", "task", "question", "images", "answer", "meta"), parse)
+    return read_jsonl(os.path.join(dir, "examples.jsonl"), ("id", "task", "question", "images", "answer", "meta"),
+                      parse)

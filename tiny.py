@@ -47,25 +47,29 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
 parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, log.jsonl")
 parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
-parser.add_argument("--init", default=None, help="continue pretraining from this base (its weights and tokenizer; a fresh "
-                    "optimizer) instead of random weights, e.g. --init tiny --drill-steps 0 --seed 1")
+parser.add_argument("--init", default=None, help="continue pretraining from this base (its weights and tokenizer; a "
+                    "fresh optimizer) instead of random weights, e.g. --init tiny --drill-steps 0 --seed 1")
 parser.add_argument("--steps", type=int, default=5000, help="optimizer steps, the drill's included")
-parser.add_argument("--drill-steps", type=int, default=3500, help="first steps on copy drills only (short plain sequences, "
-                    "loss on the copy): the in-context copy circuit forms there, then the mix teaches the protocol")
-parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per step (sequences grouped by length); "
-                    "the copy transition takes a number of tokens that grows with the batch, but fewer steps")
-parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, held constant through the copy transition")
+parser.add_argument("--drill-steps", type=int, default=3500, help="first steps on copy drills only (short plain "
+                    "sequences, loss on the copy): the in-context copy circuit forms there, then the mix teaches the "
+                    "protocol")
+parser.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per step (sequences grouped by "
+                    "length); the copy transition takes a number of tokens that grows with the batch, but fewer steps")
+parser.add_argument("--lr", type=float, default=1e-3,
+                    help="peak learning rate, held constant through the copy transition")
 parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
-parser.add_argument("--cooldown", type=float, default=0.15, help="share of the steps at the end that decay the lr to 10%%")
+parser.add_argument("--cooldown", type=float, default=0.15,
+                    help="share of the steps at the end that decay the lr to 10%%")
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
-parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part after the "
-                    "drill steps (drill, copy, tools, vision; the tokenizer corpus uses the default)")
+parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part "
+                    "after the drill steps (drill, copy, tools, vision; the tokenizer corpus uses the default)")
 parser.add_argument("--workers", type=int, default=None, help="processes that build batches ahead of the GPU (default: "
                     "none on a CPU, where the training process keeps up; up to 14 on a GPU)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data, optimizer and RNG)")
-parser.add_argument("--stop-after", type=int, default=0, help="stop after this many steps, checkpointing first (0: run to the end)")
+parser.add_argument("--stop-after", type=int, default=0,
+                    help="stop after this many steps, checkpointing first (0: run to the end)")
 parser.add_argument("--stop-minutes", type=float, default=0, help="stop after this much wall time, checkpointing first "
                     "(a machine lent for a while; 0: no limit)")
 parser.add_argument("--check", action="store_true", help="only run the held-out skill checks on --model")
@@ -77,7 +81,8 @@ rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
 
-QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tokens=1536, warmup=2, ckpt_every=2, check_n=4)
+QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tokens=1536, warmup=2, ckpt_every=2,
+             check_n=4)
 
 # -----------------------------------------------------------------------------
 # 1. the model's shape and its fixed tokenizer
@@ -96,8 +101,8 @@ TINY_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=224 * 224)
 # Qwen2.5-VL's chat template (what its tokenizer ships), so checkpoints trained elsewhere read the same prompt.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content %}{% set image_count.value = image_count.value + 1 %}"
@@ -169,7 +174,8 @@ def build_scratch(tokenizer=None, seed=0):
     vocab = (len(tok) + 63) // 64 * 64
     text = dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                 pad_token_id=ids("<|endoftext|>"))
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+    config = Qwen2_5_VLConfig(text_config=text,
+                              vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
                               image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                               vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
                               tie_word_embeddings=True)
@@ -216,13 +222,15 @@ def rand_points(rng, n, hi=999):
 
 
 def _points(v, name):
-    if not (isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in v)):
+    if not (isinstance(v, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in v)):
         raise ToolError(f"parameter '{name}' must be a list of [x, y] integer pairs")
     return v
 
 
 def _ints(v, name, n=None):
-    if not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)) or (n and len(v) != n):
+    if not (isinstance(v, list)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)) or (n and len(v) != n):
         raise ToolError(f"parameter '{name}' must be a list of {n or 'some'} integers")
     return v
 
@@ -288,26 +296,31 @@ KINDS = {
                     "Looks up one entry of the database by its id; returns the entry's fields as a JSON object.",
                     "Returns every field of the record whose identifier you give.",
                     "Database reader: give an id, get back that record (field names and values)."],
-                   {"id": ("string", ["id", "key", "record_id", "entry"], ["the record's id", "identifier of the entry"])},
+                   {"id": ("string", ["id", "key", "record_id", "entry"],
+                           ["the record's id", "identifier of the entry"])},
                    _record, "look the record up"),
     "document": Kind(["read_page", "open_doc", "page_text", "fetch_page"],
                      ["Read a page of the document store; returns its lines in order, each a label or a value.",
                       "Returns the text lines of a named page, top to bottom (a label line is followed by its value).",
                       "Opens a page by name and lists its lines of text in reading order."],
-                     {"page": ("string", ["page", "name", "doc", "page_name"], ["which page to read", "the page's name"])},
+                     {"page": ("string", ["page", "name", "doc", "page_name"],
+                               ["which page to read", "the page's name"])},
                      _document, "read that page"),
     "sort": Kind(["sort_numbers", "order", "sort_list", "ascending"],
                  ["Sort a list of integers from smallest to largest.", "Returns the given numbers in ascending order.",
                   "Orders integers low to high."],
-                 {"values": ("array", ["values", "numbers", "items", "xs"], ["the integers to sort", "list of integers"])},
+                 {"values": ("array", ["values", "numbers", "items", "xs"],
+                             ["the integers to sort", "list of integers"])},
                  lambda w, a: {"sorted": sorted(_ints(a["values"], "values"))}, "sort the numbers"),
     "filter": Kind(["filter_above", "keep_greater", "above", "threshold_filter"],
                    ["Keep only the integers strictly greater than a threshold, in their original order.",
                     "Drops every number that is not above the threshold.",
                     "Returns the values that exceed the given limit."],
                    {"values": ("array", ["values", "numbers", "items", "data"], ["integers to filter", "the list"]),
-                    "threshold": ("integer", ["threshold", "limit", "above", "min"], ["keep values above this", "the cut-off"])},
-                   lambda w, a: {"kept": [x for x in _ints(a["values"], "values") if x > _int(a["threshold"], "threshold")]},
+                    "threshold": ("integer", ["threshold", "limit", "above", "min"],
+                                  ["keep values above this", "the cut-off"])},
+                   lambda w, a: {"kept": [x for x in _ints(a["values"], "values")
+                                          if x > _int(a["threshold"], "threshold")]},
                    "keep the numbers above the threshold"),
     "sum": Kind(["sum_numbers", "total", "add_all", "summation"],
                 ["Add up a list of integers and return the total.", "Returns the sum of the numbers.",
@@ -318,43 +331,53 @@ KINDS = {
                   ["Count how many entries a list has.", "Returns the number of items in a list.",
                    "Tells the length of the given list."],
                   {"items": ("array", ["items", "list", "entries", "values"], ["the list to count", "any JSON list"])},
-                  lambda w, a: {"count": len(a["items"]) if isinstance(a["items"], list) else _ints(a["items"], "items")},
+                  lambda w, a: {"count": len(a["items"]) if isinstance(a["items"], list)
+                                else _ints(a["items"], "items")},
                   "count the entries"),
     "shift": Kind(["shift_points", "translate", "move_points", "offset"],
                   ["Move every [x, y] point by dx to the right and dy down.",
                    "Translates a list of points: adds dx to each x and dy to each y.",
                    "Returns the points shifted by an offset (dx, dy)."],
-                  {"points": ("array", ["points", "coords", "pts", "positions"], ["list of [x, y] points", "the points to move"]),
-                   "dx": ("integer", ["dx", "right", "shift_x", "x_offset"], ["pixels to add to x", "horizontal offset"]),
+                  {"points": ("array", ["points", "coords", "pts", "positions"],
+                              ["list of [x, y] points", "the points to move"]),
+                   "dx": ("integer", ["dx", "right", "shift_x", "x_offset"],
+                          ["pixels to add to x", "horizontal offset"]),
                    "dy": ("integer", ["dy", "down", "shift_y", "y_offset"], ["pixels to add to y", "vertical offset"])},
-                  lambda w, a: {"points": [[x + _int(a["dx"], "dx"), y + _int(a["dy"], "dy")] for x, y in _points(a["points"], "points")]},
+                  lambda w, a: {"points": [[x + _int(a["dx"], "dx"), y + _int(a["dy"], "dy")]
+                                           for x, y in _points(a["points"], "points")]},
                   "shift the points"),
     "scale": Kind(["scale_points", "zoom_coords", "multiply_points", "scale"],
                   ["Multiply both coordinates of every [x, y] point by an integer factor.",
                    "Scales a list of points by a whole-number factor.", "Returns each point times the factor."],
                   {"points": ("array", ["points", "coords", "pts", "xy"], ["list of [x, y] points", "points to scale"]),
-                   "factor": ("integer", ["factor", "k", "times", "scale"], ["the integer multiplier", "scale factor"])},
-                  lambda w, a: {"points": [[x * _int(a["factor"], "factor"), y * _int(a["factor"], "factor")] for x, y in _points(a["points"], "points")]},
+                   "factor": ("integer", ["factor", "k", "times", "scale"],
+                              ["the integer multiplier", "scale factor"])},
+                  lambda w, a: {"points": [[x * _int(a["factor"], "factor"), y * _int(a["factor"], "factor")]
+                                           for x, y in _points(a["points"], "points")]},
                   "scale the points"),
     "inside": Kind(["inside_box", "clip_points", "in_region", "box_filter"],
                    ["Keep the [x, y] points that lie inside a box [x1, y1, x2, y2] (edges included).",
                     "Returns only the points within the given rectangle.",
                     "Filters points to those inside a region given as [x1, y1, x2, y2]."],
-                   {"points": ("array", ["points", "coords", "pts", "candidates"], ["list of [x, y] points", "the points to test"]),
+                   {"points": ("array", ["points", "coords", "pts", "candidates"],
+                               ["list of [x, y] points", "the points to test"]),
                     "box": ("array", ["box", "region", "rect", "area"], ["[x1, y1, x2, y2]", "the rectangle"])},
                    _inside, "keep the points inside the box"),
     "nearest": Kind(["nearest_point", "closest", "find_nearest", "near"],
                     ["Among candidate [x, y] points, return the one nearest to an origin (city-block distance).",
                      "Finds which candidate point is closest to the origin point.",
                      "Returns the candidate with the smallest |dx| + |dy| to the origin, and its index."],
-                    {"origin": ("array", ["origin", "from", "start", "ref"], ["[x, y] reference point", "the point to measure from"]),
-                     "candidates": ("array", ["candidates", "points", "options", "targets"], ["list of [x, y] points", "points to compare"])},
+                    {"origin": ("array", ["origin", "from", "start", "ref"],
+                                ["[x, y] reference point", "the point to measure from"]),
+                     "candidates": ("array", ["candidates", "points", "options", "targets"],
+                                    ["list of [x, y] points", "points to compare"])},
                     _nearest, "find the nearest one"),
     "locate": Kind(["locate", "find_place", "where_is", "map_search"],
                    ["Look a named place up on the map; returns the [x, y] position of every place with that name.",
                     "Returns the coordinates of all map locations called by the given name (empty when none).",
                     "Map search: name a kind of place, get the [x, y] of each one."],
-                   {"place": ("string", ["place", "name", "what", "query"], ["the place to find", "name of the place"])},
+                   {"place": ("string", ["place", "name", "what", "query"],
+                              ["the place to find", "name of the place"])},
                    _locate, "find where that is"),
 }
 
@@ -374,7 +397,8 @@ class Toolset:
         params = {role: (rand_name(rng) if random_names and rng.random() < 0.5 else rng.choice(names))
                   for role, (_, names, _) in kind.params.items()}
         self.tools[name] = (kind_key, params)
-        props = {params[role]: {"type": typ, "description": rng.choice(descs)} for role, (typ, _, descs) in kind.params.items()}
+        props = {params[role]: {"type": typ, "description": rng.choice(descs)}
+                 for role, (typ, _, descs) in kind.params.items()}
         self.schemas.append({"type": "function", "function": {
             "name": name, "description": rng.choice(kind.descriptions),
             "parameters": {"type": "object", "properties": props, "required": list(props)}}})
@@ -400,7 +424,8 @@ class Toolset:
         unknown = [p for p in params if p not in names.values()]
         if missing or unknown:
             return ToolResult("error", error=f"missing parameters: {', '.join(missing) or 'none'}; unknown parameters: "
-                                             f"{', '.join(unknown) or 'none'}; {name} takes {', '.join(names.values())}")
+                                             f"{', '.join(unknown) or 'none'}; {name} takes "
+                                             f"{', '.join(names.values())}")
         try:
             # role-named arguments, then the message (if any) in the names the prompt shows
             return ToolResult("success", data=KINDS[kind_key].run(self.world, {r: params[p] for r, p in names.items()}))
@@ -423,7 +448,8 @@ def make_world(rng):
     pages = {}
     for _ in range(rng.randint(2, 4)):
         labels = rng.sample(FIELDS, rng.randint(3, 8))
-        pages[f"{rng.choice(WORDS)}_{rng.randint(1, 99)}"] = [s for lab in labels for s in (f"{lab.title()}:", rand_value(rng))]
+        pages[f"{rng.choice(WORDS)}_{rng.randint(1, 99)}"] = [s for lab in labels
+                                                              for s in (f"{lab.title()}:", rand_value(rng))]
     places = {p: rand_points(rng, rng.randint(1, 8)) for p in rng.sample(PLACES, rng.randint(3, 6))}
     return {"records": records, "pages": pages, "places": places}
 
@@ -450,7 +476,8 @@ def listed(rng, lists, target):
 def sc_record(rng, world):
     rid = rng.choice(list(world["records"]))
     fld = rng.choice(list(world["records"][rid]))
-    q = rng.choice(["What is the {f} of record {r}?", "Look up {r} and tell me its {f}.", "Record {r}: what is its '{f}' field?"])
+    q = rng.choice(["What is the {f} of record {r}?", "Look up {r} and tell me its {f}.",
+                    "Record {r}: what is its '{f}' field?"])
     data = yield "record", {"id": rid}, q.format(f=fld, r=rid)
     return f"The record's {fld} is {data['record'][fld]}.", data["record"][fld]
 
@@ -533,14 +560,16 @@ def sc_record_chain(rng, world):
     fld = rng.choice(list(world["records"][rid]))
     world["records"][rid][fld] = [rng.randint(0, 999) for _ in range(rng.randint(2, 10))]
     kind = rng.choice(["sort", "sum"])
-    data = yield "record", {"id": rid}, f"Take the '{fld}' list of record {rid} and {'sort it' if kind == 'sort' else 'add it up'}."
+    data = yield "record", {"id": rid}, (f"Take the '{fld}' list of record {rid} and "
+                                         f"{'sort it' if kind == 'sort' else 'add it up'}.")
     out = yield kind, {"values": data["record"][fld]}, None
     value = json.dumps(next(iter(out.values())))
     return f"The answer is {value}.", value
 
 
 SCENARIOS = {"record": (sc_record, ["record"]), "document": (sc_document, ["document"]),
-             "numbers": (sc_numbers, None), "points": (sc_points, None), "chain": (sc_chain, ["locate", "nearest", "inside", "shift"]),
+             "numbers": (sc_numbers, None), "points": (sc_points, None),
+             "chain": (sc_chain, ["locate", "nearest", "inside", "shift"]),
              "record_chain": (sc_record_chain, ["record", "sort", "sum"])}
 
 
@@ -688,7 +717,8 @@ def vision_item(rng):
         tools = ts.schemas
     return [{"role": "system", "content": rollout.system_prompt(tools)},
             {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]},
-            assistant(rng.choice(["I look at the picture.", "The shapes are large; I can see it directly."]), answer=answer)]
+            assistant(rng.choice(["I look at the picture.", "The shapes are large; I can see it directly."]),
+                      answer=answer)]
 
 
 def drill_item(rng):
@@ -794,8 +824,8 @@ def chunk_stream(seed, phase, start, processor, batch_tokens, mix, workers):
     if not workers:  # built here, nothing crosses a process boundary: no pickling
         yield from (chunk_batches(seed, phase, i, processor, batch_tokens, mix) for i in range(start, len(chunks)))
         return
-    loader = torch.utils.data.DataLoader(chunks, sampler=range(start, len(chunks)), batch_size=None, num_workers=workers,
-                                         collate_fn=as_is, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(chunks, sampler=range(start, len(chunks)), batch_size=None,
+                                         num_workers=workers, collate_fn=as_is, prefetch_factor=4)
     for raw in loader:
         yield pickle.loads(raw)
 
@@ -814,7 +844,8 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         state = rollout.load_checkpoint(found, optimizer)
         print(f"resumed at step {state['step']}")
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else torch.autocast("cpu", enabled=False))
     stream, batches, have = None, None, None
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     model.train()
@@ -845,7 +876,8 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
             state["chunk"], state["pos"] = state["chunk"] + 1, 0
         dt = time.perf_counter() - t0
         tokens = sum(len(ids) for ids, _, _ in batch)
-        rec = {"step": state["step"], "phase": phase, "loss": loss.item() / max(1, n), "lr": lr_now, "grad_norm": float(grad_norm),
+        rec = {"step": state["step"], "phase": phase, "loss": loss.item() / max(1, n), "lr": lr_now,
+               "grad_norm": float(grad_norm),
                "tokens": tokens, "loss_tokens": n, "tokens_per_s": tokens / dt, "cpu_s": time.process_time()}
         log.write(json.dumps(rec) + "\n")
         log.flush()
@@ -901,7 +933,8 @@ def run_checks(model, processor, n, seed=0):
             ok = [c is not None and c["name"] == e["name"] and _points_arg(c["params"]) == _points_arg(e["parameters"])
                   for c, e in zip(first, expected)]
         else:
-            ok = [c is not None and c["name"] == e["name"] and c["params"] == e["parameters"] for c, e in zip(first, expected)]
+            ok = [c is not None and c["name"] == e["name"] and c["params"] == e["parameters"]
+                  for c, e in zip(first, expected)]
         out[check] = sum(ok) / len(ok)
         fmt += [t.format_valid for t in trajs]
     out["format_valid"] = sum(fmt) / len(fmt)
@@ -909,7 +942,8 @@ def run_checks(model, processor, n, seed=0):
     examples = [{"id": f"vision-{i}", "task": "synthetic", "question": m[1]["content"][1]["text"],
                  "images": [m[1]["content"][0]["image"]], "answer": extract_answer(m[-1]["content"]), "meta": {}}
                 for i, m in enumerate(vision)]
-    trajs = rollout.rollout(model, processor, examples, tools=[], temperature=0, max_turns=2, max_new_tokens=64, seed=seed)
+    trajs = rollout.rollout(model, processor, examples, tools=[], temperature=0, max_turns=2, max_new_tokens=64,
+                            seed=seed)
     out["vision"] = sum(t.answer == ex["answer"] for t, ex in zip(trajs, examples)) / n
     return out
 
@@ -927,13 +961,16 @@ def transfer_check(model, processor, data_dir, limit=100):
                and any('"AStar"' in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
     hits = total = 0
     for r in records:
-        messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))} if p["type"] == "image" else p
-                                      for p in m["content"]]} if isinstance(m["content"], list) else m for m in r["messages"]]
+        messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))}
+                                      if p["type"] == "image" else p
+                                      for p in m["content"]]} if isinstance(m["content"], list) else m
+                    for m in r["messages"]]
         k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and '"AStar"' in m["content"])
         text = messages[k]["content"]
         head = text[:text.index('"obstacles": [') + len('"obstacles": [')]
         first_pair_end = text.index("]", len(head)) + 1
-        prefix_ids, _, images = rollout.encode_conversation(processor, messages[:k] + [{"role": "assistant", "content": ""}])
+        prefix_ids, _, images = rollout.encode_conversation(processor,
+                                                            messages[:k] + [{"role": "assistant", "content": ""}])
         prefix_ids = prefix_ids[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
         span_start = len(prefix_ids) + len(processor.encode_text(text[:first_pair_end]))
         body = processor.encode_text(text[:text.index("]}}</tool_call>")])
@@ -963,7 +1000,8 @@ def main(argv=None):
         with torch.no_grad():
             results = run_checks(model, processor, args.check_n, args.seed)
             if args.tc_data:
-                results["transfer_obstacles"], results["transfer_records"] = transfer_check(model, processor, args.tc_data)
+                results["transfer_obstacles"], results["transfer_records"] = transfer_check(model, processor,
+                                                                                            args.tc_data)
         print(json.dumps(results, indent=1))
         return results
     mix = parse_mix(args.mix)
@@ -979,7 +1017,8 @@ def main(argv=None):
         from transformers import AutoTokenizer
         model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
         model.to(device)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {len(processor.tokenizer)}, {device}")
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
+          f"{len(processor.tokenizer)}, {device}")
     state = pretrain(model, processor, args.out, args.steps, args.drill_steps, args.batch_tokens, args.lr, args.warmup,
                      args.cooldown, args.weight_decay, args.clip, mix, args.seed, args.ckpt_every, args.resume,
                      args.stop_after, device, default_workers(device) if args.workers is None else args.workers,

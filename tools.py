@@ -222,7 +222,8 @@ def _int(args, name, default, lo, hi):
 def _text(args, name, default=None):
     v = args.get(name, default)
     if not isinstance(v, str) or not v.strip() or len(v) > MAX_TEXT:
-        raise ToolError(f"argument '{name}' must be a non-empty string of at most {MAX_TEXT} characters; got {_short(v)}")
+        raise ToolError(f"argument '{name}' must be a non-empty string of at most {MAX_TEXT} characters; got "
+                        f"{_short(v)}")
     return v
 
 
@@ -302,7 +303,8 @@ def point(args, images):
     # every colour Point knows is saturated, the ice and canvas backgrounds are not: measure
     # colour distances only where a pixel is saturated, a few percent of a large canvas
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    ys, xs = np.divmod(np.flatnonzero(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b) > 40), a.shape[1])
+    ys, xs = np.divmod(np.flatnonzero(np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b) > 40),
+                       a.shape[1])
     px = a[ys, xs].T.astype(np.int32)[:, :, None]                       # (3, pixels, 1)
 
     def dist2(colours):                                                  # (pixels, colours)
@@ -362,7 +364,8 @@ def astar_tool(args, images):
         except ValueError:
             pass
     if not isinstance(obstacles, list) or len(obstacles) > 4096:
-        raise ToolError(f"argument 'obstacles' must be a list of [x, y] pixel points (at most 4096); got {_short(args['obstacles'])}")
+        raise ToolError("argument 'obstacles' must be a list of [x, y] pixel points (at most 4096); got "
+                        f"{_short(args['obstacles'])}")
     blocked = set()
     for i, o in enumerate(obstacles):
         try:
@@ -374,12 +377,14 @@ def astar_tool(args, images):
         g = [g, g] if isinstance(g, (int, float)) and not isinstance(g, bool) else g
         cols, rows = _numbers({"grid_size": g}, "grid_size", 2) if isinstance(g, (list, str)) else (None, None)
         if not cols or not rows or cols > 256 or rows > 256:
-            raise ToolError(f"argument 'grid_size' must be an integer or [cols, rows] from 1 to 256 cells; got {_short(args['grid_size'])}")
+            raise ToolError("argument 'grid_size' must be an integer or [cols, rows] from 1 to 256 cells; got "
+                            f"{_short(args['grid_size'])}")
     else:
         cells = [start, goal, *blocked]
         cols, rows = max(c[0] for c in cells) + 1, max(c[1] for c in cells) + 1
         if cols > 256 or rows > 256:
-            raise ToolError(f"points span more than 256 cells of 'cell_size' {cell}; pass 'grid_size' or a larger 'cell_size'")
+            raise ToolError(f"points span more than 256 cells of 'cell_size' {cell}; pass 'grid_size' or a larger "
+                            "'cell_size'")
     for name, c in (("start", start), ("goal", goal)):
         if not (c[0] < cols and c[1] < rows):
             raise ToolError(f"argument '{name}' lies in cell {list(c)}, outside the {cols}x{rows} grid of 'grid_size'")
@@ -411,7 +416,8 @@ def _colour(v):
         return LINE_COLOURS[v.strip().lower()]
     m = re.fullmatch(r"#([0-9a-fA-F]{6})", v.strip())
     if not m:
-        raise ToolError(f"argument 'line_color' must be a colour name ({', '.join(LINE_COLOURS)}) or '#rrggbb'; got {_short(v)}")
+        raise ToolError(f"argument 'line_color' must be a colour name ({', '.join(LINE_COLOURS)}) or '#rrggbb'; got "
+                        f"{_short(v)}")
     return tuple(int(m.group(1)[i:i + 2], 16) for i in (0, 2, 4))
 
 
@@ -419,10 +425,12 @@ def draw_2d_path(args, images):
     img = _image(args, "image", images).copy()
     x, y = _numbers(args, "start_point", 2)
     if not (x < img.width and y < img.height):
-        raise ToolError(f"argument 'start_point' must lie inside {args['image']} ({img.width}x{img.height}); got {[x, y]}")
+        raise ToolError(f"argument 'start_point' must lie inside {args['image']} ({img.width}x{img.height}); got "
+                        f"{[x, y]}")
     moves = parse_moves(_text(args, "directions"))
     if not moves:
-        raise ToolError(f"argument 'directions' must be moves like 'R,R,D' (R right, L left, U up, D down); got {_short(args['directions'])}")
+        raise ToolError("argument 'directions' must be moves like 'R,R,D' (R right, L left, U up, D down); got "
+                        f"{_short(args['directions'])}")
     step = _int(args, "step", 64, 1, 1024)
     colour = _colour(_text(args, "line_color", "magenta"))
     draw = ImageDraw.Draw(img)
@@ -586,7 +594,8 @@ TOOLS = {
 def tool_list(spec):
     """--tools and every tool mode: 'all' | 'none' (the direct-answer prompt) | names joined by ',' or '+' -> the
     canonical names offered, in the order given. An unknown name raises ValueError listing the known ones."""
-    names = list(TOOLS) if spec == "all" else [] if spec == "none" else [t.strip() for t in re.split(r"[,+]", spec) if t.strip()]
+    names = list(TOOLS) if spec == "all" else [] if spec == "none" else [t.strip() for t in re.split(r"[,+]", spec)
+                                                                         if t.strip()]
     unknown = [t for t in names if t not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tools {unknown}; tools are {list(TOOLS)}")
@@ -639,7 +648,8 @@ def call_tool(name, params, images, timeout=5.0):
         except ToolError as e:
             box["result"] = ToolResult("error", error=str(e))
         except Exception as e:  # a bug or an input we did not foresee: still the model's turn to react
-            box["result"] = ToolResult("error", error=f"tool {_short(name)} failed on these arguments: {type(e).__name__}: {e}"[:500])
+            box["result"] = ToolResult("error", error=f"tool {_short(name)} failed on these arguments: "
+                                       f"{type(e).__name__}: {e}"[:500])
         finally:
             TOOL_SLOTS.release()  # only now: a hung call holds its slot for as long as its thread lives
     t0 = time.perf_counter()
