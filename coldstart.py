@@ -614,10 +614,12 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     model.train()
     while state["step"] < total:
         t0, loss_sum, n_tok, n_all = time.perf_counter(), 0.0, 0, 0
+        # 1. the step's micro-batches: the epoch's length-grouped plan (a pure function of epoch and seed, so a
+        # resumed run continues at the same micro-batch), each record encoded now, with a fresh ADL mapping per use
         micro = []
         for _ in range(grad_accum):
             epoch, pos = divmod(state["micro"], micro_per_epoch)
-            if epoch not in plans:
+            if epoch not in plans:  # only the current epoch's plan is kept
                 plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
             rng = random.Random(f"{seed}-adl-{state['micro']}")
             micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, use_adl)
@@ -627,11 +629,14 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         lr_now = rollout.lr_at(state["step"], total, lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
+        # 2. forward and backward per micro-batch; dividing by the step's loss tokens makes the accumulated gradient
+        # that of one token-mean loss over the whole step, whatever the split
         for batch in micro:
             with autocast:
                 loss, n = rollout.masked_lm_loss(model, processor, batch, device)
             (loss / max(1, count)).backward()
             loss_sum, n_tok, n_all = loss_sum + loss.item(), n_tok + n, n_all + sum(len(ids) for ids, _, _ in batch)
+        # 3. one optimizer step (only the trained parameters: the vision tower may be frozen)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -642,9 +647,10 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
                "epoch": state["micro"] / micro_per_epoch,
                "cpu_s": time.process_time()}  # CPU seconds so far: wall time on a shared machine says little
         log.write(json.dumps(rec) + "\n")
-        log.flush()
+        log.flush()  # a kill loses at most this line; open_log drops it on resume if torn
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        # 4. checkpoint every ckpt_every steps, and before a requested stop (--stop-after), so --resume goes on
         stop = stop_after and state["step"] >= stop_after
         if (ckpt_every and state["step"] % ckpt_every == 0) or stop:
             rollout.save_checkpoint(os.path.join(out, "ckpt"), model, processor, optimizer, state)

@@ -340,9 +340,12 @@ def main(argv=None):
         lr = rollout.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
+        # 1. this step's prompts: fresh rl-split examples, tasks round-robin; a pure function of the data position,
+        # so a resumed run draws the same ones (and, under ADL, the same random tool names for each group)
         examples = [rl_prompt(task_list, pos + k, args.seed) for k in range(args.prompts_per_step)]
         mappings = [adl_for(offered, pos + k, args.seed) for k in range(len(examples))] if args.adl else None
         pos += len(examples)
+        # 2. sample group_size multi-turn trajectories per prompt with the current policy (tools run for real)
         model.eval()
         with autocast, tqdm(total=len(examples) * args.group_size, desc="rollout", leave=False) as rbar:
             trajs = rollout.rollout(model, processor, examples, tools=offered, group_size=args.group_size,
@@ -350,9 +353,12 @@ def main(argv=None):
                                     max_total_tokens=args.max_total_tokens, temperature=args.temperature,
                                     top_p=args.top_p, seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
                                     adl=mappings, progress=rbar)
+        # 3. rewards from the checked answer, the format and the tool calls; advantages normalized within each group,
+        # so only differences between samples of the same prompt push the policy
         infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in trajs]
         adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
         t1 = time.perf_counter()
+        # 4. the clipped policy-gradient update on the sampled tokens only (observations and prompts are masked)
         model.train()
         upd = update(model, processor, trajs, adv, opt, temperature=args.temperature, micro_batch=args.micro_batch,
                      ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, loss_agg=args.loss_agg,
@@ -371,11 +377,11 @@ def main(argv=None):
                   **rollout.metrics(sampled, trajs, by_level=False), "by_task": rollout.metrics_by_task(sampled, trajs),
                   **upd, "time_rollout": t1 - t0, "time_update": t2 - t1,
                   "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
-        with open(log_path, "a") as f:
+        with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:  # weights, optimizer, RNG, data position
             rollout.save_checkpoint(ckpt_dir, model, processor, opt,
                                     {"step": step + 1, "data_pos": pos, "evals": evals})
     bar.close()
