@@ -256,7 +256,7 @@ def test_ocr_reads_every_glyph_of_the_font():
 
 def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     """Calls through the engine's tool path (rollout.run_tool from a pool of 8, as rollout() runs them). 10,000
-    calls, 1% hanging six times past the limit: none raises, every hang is a timeout observation, the rest succeed,
+    calls, 1% hanging three times past the limit: none raises, every hang is a timeout observation, the rest succeed,
     live threads and resident memory stay bounded. Then hangs that never end (until released): still no
     exception and no more than MAX_TOOL_THREADS tool threads; once they end, the tools work again."""
     import os
@@ -271,7 +271,7 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     def point(params, images):  # a stand-in Point: instant, except the calls marked to hang
         peak[0] = max(peak[0], threading.active_count())
         if params["description"].startswith("hang"):
-            time.sleep(0.3)
+            time.sleep(0.6)
         if params["description"].startswith("stuck"):
             release.wait(30)
         return tools.ToolResult("success", data={"points": [[1, 2]]})
@@ -282,7 +282,7 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     def calls(n, every, how):
         def one(i):
             call = {"name": "Point", "parameters": {"image": "img_1", "description": (how if i % every == 7 % every else "") + str(i)}}
-            name, result, _ = rollout.run_tool(call, images, 0.05, ["Point"], None)
+            name, result, _ = rollout.run_tool(call, images, 0.2, ["Point"], None)
             return i, tools.observation(name, result)
         with ThreadPoolExecutor(max_workers=8) as pool:
             return dict(pool.map(one, range(n)))
@@ -295,12 +295,12 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     out = calls(10_000, 100, "hang ")
     hung = [i for i in out if i % 100 == 7]
     assert len(out) == 10_000 and len(hung) == 100
-    assert all("timed out after 0.05 s" in out[i] and '"status": "error"' in out[i] for i in hung)
+    assert all("timed out after 0.2 s" in out[i] and '"status": "error"' in out[i] for i in hung)
     assert all('"status": "success"' in out[i] for i in out if i % 100 != 7)
     assert peak[0] <= bound and rss_mb() - base_rss < 100
 
     out = calls(200, 4, "stuck ")  # 50 calls that would hold 50 threads forever
-    assert all("timed out after 0.05 s" in out[i] for i in out if i % 4 == 7 % 4)
+    assert all("timed out after 0.2 s" in out[i] for i in out if i % 4 == 7 % 4)
     assert peak[0] <= bound
     release.set()
     time.sleep(0.5)  # the stuck calls return: their threads end and give their slots back
