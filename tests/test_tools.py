@@ -259,6 +259,7 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     calls, 1% hanging three times past the limit: none raises, every hang is a timeout observation, the rest succeed,
     live threads and resident memory stay bounded. Then hangs that never end (until released): still no
     exception and no more than MAX_TOOL_THREADS tool threads; once they end, the tools work again."""
+    import gc
     import os
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -292,11 +293,19 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
     base_threads, base_rss = threading.active_count(), rss_mb()
     bound = base_threads + 8 + tools.MAX_TOOL_THREADS  # the engine's pool plus the tool threads
 
-    out = calls(10_000, 100, "hang ")
+    # a full garbage collection in a process that earlier tests filled can pause every thread past the 0.2 s limit;
+    # what is tested here is the tool path, so the collector waits until the end
+    gc.collect()
+    gc.disable()
+    try:
+        out = calls(10_000, 100, "hang ")
+    finally:
+        gc.enable()
     hung = [i for i in out if i % 100 == 7]
     assert len(out) == 10_000 and len(hung) == 100
     assert all("timed out after 0.2 s" in out[i] and '"status": "error"' in out[i] for i in hung)
-    assert all('"status": "success"' in out[i] for i in out if i % 100 != 7)
+    bad = [out[i] for i in out if i % 100 != 7 and "\"status\": \"success\"" not in out[i]]
+    assert not bad, (len(bad), bad[:3])
     assert peak[0] <= bound and rss_mb() - base_rss < 100
 
     out = calls(200, 4, "stuck ")  # 50 calls that would hold 50 threads forever
