@@ -454,10 +454,12 @@ def make_world(rng):
     return {"records": records, "pages": pages, "places": places}
 
 
-def think_call(ts, kind_key, rng):
-    templates = ["I use {name} to {purpose}.", "To {purpose} I call {name}.", "{name} can {purpose}; I call it.",
-                 "The tool for this is {name}: it will {purpose}."]
-    return rng.choice(templates).format(name=ts.name_of(kind_key), purpose=KINDS[kind_key].purpose)
+def think_call(ts, kind_key, rng, name=None):
+    """The thinking before a call: first what the question needs, then the tool. The name comes last, so the model
+    has written down what it looks for before it picks the tool whose description matches."""
+    templates = ["To {purpose} I call {name}.", "I need to {purpose}; the tool for that is {name}.",
+                 "The question asks me to {purpose}, which is what {name} does.", "I have to {purpose}: I use {name}."]
+    return rng.choice(templates).format(name=name or ts.name_of(kind_key), purpose=KINDS[kind_key].purpose)
 
 
 def listed(rng, lists, target):
@@ -573,15 +575,32 @@ SCENARIOS = {"record": (sc_record, ["record"]), "document": (sc_document, ["docu
              "record_chain": (sc_record_chain, ["record", "sort", "sum"])}
 
 
-def corrupt(rng, call):
-    """A plausible mistake in a call: a parameter left out, or a list sent as a string."""
-    params = dict(call["parameters"])
+def corrupt(rng, call, ts, kind_key):
+    """A plausible mistake in a call -> (the wrong call, the thinking that fixes it once the error is read): a
+    parameter left out, a list sent as a string, a parameter name the tool does not take, a misspelt tool name,
+    or another offered tool."""
+    name, params = call["name"], dict(call["parameters"])
     key = rng.choice(list(params))
-    if isinstance(params[key], list) and rng.random() < 0.5:
+    mistake = rng.choice(["drop", "string", "param", "spelling", "tool"])
+    fix = "The call failed ({error}). I fix the arguments and try again."
+    if mistake == "string" and isinstance(params[key], list):
         params[key] = json.dumps(params[key])
-    else:
+    elif mistake == "param":  # a readable name instead of the one shown (what a model guesses)
+        role = next(r for r, shown in ts.tools[name][1].items() if shown == key)
+        guess = rng.choice([n for n in KINDS[kind_key].params[role][1] + ["input", "data"] if n not in params])
+        params[guess] = params.pop(key)
+        fix = "The call failed ({error}). I use the parameter names the tool takes."
+    elif mistake == "spelling":
+        i = rng.randrange(len(name))
+        wrong = name[:i] + rng.choice([c for c in string.ascii_lowercase + string.digits if c != name[i]]) + name[i + 1:]
+        if wrong not in ts.tools:
+            name, fix = wrong, "The call failed ({error}). The tool's name is {name}; I call it again."
+    elif mistake == "tool":
+        name = rng.choice([n for n in ts.tools if n != name])
+        fix = "The call failed ({error}). {wrong} does not {purpose}; the tool that does is {name}."
+    if (name, params) == (call["name"], call["parameters"]):  # a mistake that does not apply here: drop a parameter
         del params[key]
-    return {"name": call["name"], "parameters": params}
+    return {"name": name, "parameters": params}, fix
 
 
 def assistant(think, call=None, answer=None):
@@ -611,13 +630,14 @@ def tool_scenario(rng, name=None, random_names=None, n_tools=None):
     calls = []
     while True:
         call = ts.call_json(kind_key, args)
-        if rng.random() < 0.12:  # a mistake, the tool's real error, and the fix
-            bad = corrupt(rng, call)
+        if rng.random() < 0.15:  # a mistake, the tool's real error, and the fix that reads it
+            bad, fix = corrupt(rng, call, ts, kind_key)
             result = ts.call(bad["name"], bad["parameters"])
             if result.status == "error":
-                messages += [assistant(think_call(ts, kind_key, rng), bad),
+                messages += [assistant(think_call(ts, kind_key, rng, bad["name"]), bad),
                              rollout.observation_message(observation(bad["name"], result))]
-                think = f"The call failed ({result.error}). I fix the arguments and try again."
+                think = fix.format(error=result.error, name=call["name"], wrong=bad["name"],
+                                   purpose=KINDS[kind_key].purpose)
                 messages.append(assistant(think, call))
             else:
                 messages.append(assistant(think_call(ts, kind_key, rng), call))
@@ -844,8 +864,8 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         state = rollout.load_checkpoint(found, optimizer)
         print(f"resumed at step {state['step']}")
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = rollout.train_autocast(device)  # bf16 where the hardware has it (CUDA, AMX CPUs), else fp32
+    print(f"training passes in {'bf16 autocast' if rollout.bf16_autocast_fits(device) else 'fp32'} on {device}")
     stream, batches, have = None, None, None
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     model.train()

@@ -70,23 +70,58 @@ def test_every_observation_replays(scenario):
     errors = 0
     for i in range(30):
         messages, ts, calls, answer = tiny.tool_scenario(random.Random(f"replay-{scenario}-{i}"), scenario)
-        turns = [(m, messages[k + 1]) for k, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
-        for turn, obs in turns:
+        turns = [(m, messages[k + 1], messages[k + 2]) for k, m in enumerate(messages[:-1]) if m["role"] == "assistant"]
+        for turn, obs, after in turns:
             call = json.loads(re.search(r"<tool_call>(.*)</tool_call>", turn["content"]).group(1))
             seen = json.loads(obs["content"][0]["text"])
+            if seen["status"] == "error":  # a real mistake (the tool's own error), then a different call
+                errors += 1
+                assert seen["error"] == ts.call(call["name"], call["parameters"]).error
+                assert call != json.loads(re.search(r"<tool_call>(.*)</tool_call>", after["content"]).group(1))
+                continue
             kind, names = ts.tools[call["name"]]
             roles = {shown: role for role, shown in names.items()}
-            if seen["status"] == "error":
-                errors += 1
-                assert set(call["parameters"]) != set(roles) or any(isinstance(v, str) and v.startswith("[")
-                                                                    for v in call["parameters"].values())
-                continue
             args = {roles[k]: v for k, v in call["parameters"].items()}
             assert {k: v for k, v in seen.items() if k not in ("name", "status")} == expected(kind, args, ts.world)
         last = json.loads(turns[-1][1]["content"][0]["text"])
         assert tasks.extract_answer(messages[-1]["content"]) == answer
         assert answer in json.dumps(last) or answer in [str(v) for v in last.get("record", {}).values()]
     assert errors > 0  # mistakes and retries are part of the corpus
+
+
+def test_every_kind_of_mistake_is_a_real_error_and_the_fix_names_the_tool():
+    """corrupt() makes each of its five mistakes; the toolset rejects every one, and the thinking after the error
+    names the tool that does what the question needs."""
+    seen = set()
+    for i in range(200):
+        rng = random.Random(f"mistake-{i}")
+        ts = tiny.Toolset(tiny.make_world(rng))
+        for k in ("shift", "sort", "record"):
+            ts.add(k, rng, random_names=i % 2 == 0)
+        kind = rng.choice(["shift", "sort"])
+        args = {"points": [[1, 2]], "dx": 3, "dy": 4} if kind == "shift" else {"values": [5, 1, 3]}
+        call = ts.call_json(kind, args)
+        bad, fix = tiny.corrupt(rng, call, ts, kind)
+        result = ts.call(bad["name"], bad["parameters"])
+        if bad["name"] not in ts.tools:
+            seen.add("spelling")
+            assert result.error.startswith(f"unknown tool '{bad['name']}'")
+        elif bad["name"] != call["name"]:
+            seen.add("tool")
+            assert "{wrong} does not {purpose}" in fix
+        elif len(bad["parameters"]) < len(call["parameters"]):
+            seen.add("drop")
+        elif set(bad["parameters"]) != set(call["parameters"]):
+            seen.add("param")
+            assert "unknown parameters: " + next(p for p in bad["parameters"] if p not in call["parameters"]) \
+                in result.error
+        else:
+            seen.add("string")
+            assert "must be a list" in result.error
+        if result.status == "success":  # only a wrong tool that happens to take the same arguments
+            assert bad["name"] in ts.tools and bad["name"] != call["name"]
+        assert "{error}" in fix
+    assert seen == {"drop", "string", "param", "spelling", "tool"}
 
 
 def test_toolset_errors_name_the_shown_parameters():
