@@ -8,7 +8,8 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
    finds nothing; fix the arguments or stop relying on the tool), no_tool (easy cases answered directly).
    Every trajectory is checked: format-valid and its answer scores 1. Output: OUT/data/train.jsonl + images/.
 2. SFT. Loss only on assistant tokens (rollout.encode_conversation's mask), AdamW, warmup + cosine,
-   gradient clipping and accumulation, length-grouped batches, bf16 autocast on CUDA, atomic checkpoints
+   gradient clipping and accumulation, length-grouped batches, bf16 autocast where the hardware has bf16 matrix
+   products (CUDA, CPUs with AMX/AVX512-BF16; rollout.train_autocast), atomic checkpoints
    with the data position (--resume continues the same data order), OUT/log.jsonl, OUT/model.
 3. A greedy evaluation through rollout.rollout on held-out test examples: OUT/eval.json.
 
@@ -457,11 +458,12 @@ def quotas(shares, n):
 
 
 def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
-    """n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
-    owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example)."""
+    """Yields n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
+    owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example).
+    A generator, so that curation writes each record (and lets go of its full-size images) before the next."""
     rng = random.Random(f"{seed}-{task}")
     left = quotas(shares, n)
-    records, pool, i = [], [], 0
+    pool, i = [], 0
     while sum(left.values()):
         if not pool:
             pool = tasks.generate(task, 64, split="train", seed=seed * 1000 + i // 64)
@@ -479,11 +481,10 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
             turns = [m["content"] for m in b.messages if m["role"] == "assistant"]
             assert (tasks.is_format_valid(turns)
                     and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1), (ex["id"], kind)
-            records.append({"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
-                            "adl_mapping": None, "messages": b.messages, "answer": answer})
             left[kind] -= 1
+            yield {"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
+                   "adl_mapping": None, "messages": b.messages, "answer": answer}
             break
-    return records
 
 
 def direct_record(rec, rng):
@@ -497,7 +498,8 @@ def direct_record(rec, rng):
 
 
 def save_records(records, data_dir):
-    """train.jsonl plus every image (inputs and tool outputs) as a PNG under images/, paths relative."""
+    """train.jsonl plus every image (inputs and tool outputs) as a PNG under images/, paths relative. records may
+    be a generator: each is written as it comes, so only one record's images are held at a time."""
     shutil.rmtree(data_dir, ignore_errors=True)
     os.makedirs(os.path.join(data_dir, "images"))
     with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
@@ -607,8 +609,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     total = max(1, int(epochs * micro_per_epoch) // grad_accum)
     state = start_state or {"step": 0, "micro": 0}
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = rollout.train_autocast(device)  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
     model.train()
@@ -688,12 +689,13 @@ def main(argv=None):
     if os.path.exists(config_path) and json.load(open(config_path)) == config:
         print(f"reusing the TC data in {data_dir}")
     else:
-        records = []
-        for task in tqdm(task_names, desc="curate", dynamic_ncols=True):
-            records += curate_task(task, args.n_per_task, config["kinds"], args.seed, offered)
+        # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full
+        # size (1024 px vstar canvases) until the end set the stage's peak memory
+        records = (r for task in tqdm(task_names, desc="curate", dynamic_ncols=True)
+                   for r in curate_task(task, args.n_per_task, config["kinds"], args.seed, offered))
         if args.no_tools:
             rng = random.Random(args.seed)
-            records = [direct_record(r, rng) for r in records]
+            records = (direct_record(r, rng) for r in records)
         save_records(records, data_dir)
         json.dump(config, open(config_path, "w"))
     records = load_records(data_dir)

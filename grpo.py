@@ -137,7 +137,14 @@ def reward(traj, example, kind="adaptive", lam=0.5):
         r = fmt * correct
     else:
         r = fmt * (correct + lam * quality)
-    return {"reward": r, "correct": correct, "format": fmt, "tool_quality": quality, "tool_term": lam * quality}
+    # the reward split: what the answer earned and what the tool calls earned on top (under the adaptive reward only a
+    # wrong answer earns tool credit), so the log shows when a policy collects tool credit instead of answering
+    from_correct = min(r, fmt * correct)
+    return {"reward": r, "correct": correct, "format": fmt, "tool_quality": quality, "tool_term": lam * quality,
+            "reward_from_correct": from_correct, "reward_from_tools": r - from_correct}
+
+
+REWARD_SPLIT = ("reward", "reward_from_correct", "reward_from_tools")  # logged over the batch and per task
 
 
 def group_advantages(rewards, group_size, use_std=True, eps=1e-6):
@@ -366,15 +373,21 @@ def main(argv=None):
                      ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step)
         t2 = time.perf_counter()
 
-        # the log: reward terms, then rollout.metrics' vocabulary over the batch and per task, then the update
+        # the log: reward terms, then rollout.metrics' vocabulary over the batch and per task (with each task's reward
+        # split), then the update
         sampled = [examples[t.example_index] for t in trajs]  # the example each trajectory answers
+        by_task = rollout.metrics_by_task(sampled, trajs)
+        for task, m in by_task.items():
+            mine = [i for i, ex in zip(infos, sampled) if ex["task"] == task]
+            m.update({k: rollout.mean(i[k] for i in mine) for k in REWARD_SPLIT})
         record = {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
                   "reward": rollout.mean(i["reward"] for i in infos),
                   "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
                   "tool_quality": rollout.mean(i["tool_quality"] for i in infos),
                   "tool_term": rollout.mean(i["tool_term"] for i in infos),
+                  **{k: rollout.mean(i[k] for i in infos) for k in REWARD_SPLIT[1:]},
                   "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, args.group_size).abs().sum(1)),
-                  **rollout.metrics(sampled, trajs, by_level=False), "by_task": rollout.metrics_by_task(sampled, trajs),
+                  **rollout.metrics(sampled, trajs, by_level=False), "by_task": by_task,
                   **upd, "time_rollout": t1 - t0, "time_update": t2 - t1,
                   "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
         with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file

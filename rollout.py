@@ -872,6 +872,16 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def wilson(successes, n, z=1.96):
+    """The 95% Wilson score interval of a rate -> [low, high] ([0, 1] for n = 0). Unlike the normal approximation it
+    stays inside [0, 1] and is honest near 0% and 100%, where small evaluations of the tiny model live."""
+    if not n:
+        return [0.0, 1.0]
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]
+
+
 def level_key(level):
     return (isinstance(level, str), level)  # numeric levels in order, then named ones
 
@@ -884,9 +894,11 @@ def metrics(examples, trajectories, by_level=True):
     calls = [c for t in trajectories for c in t.calls]
     per_tool = Counter(c["name"] for c in calls)
     ok_tool = Counter(c["name"] for c in calls if c["status"] == "success")
+    scores = [score(ex, t.answer) for ex, t in zip(examples, trajectories)]
     out = {
         "n": n,
-        "accuracy": mean(score(ex, t.answer) for ex, t in zip(examples, trajectories)),
+        "accuracy": mean(scores),
+        "accuracy_ci": wilson(sum(scores), n),  # 95% Wilson interval: read every accuracy with it
         "cps": len(calls) / n if n else None,
         "tool_success_rate": sum(ok_tool.values()) / len(calls) if calls else None,
         "calls_per_sample_per_tool": {k: per_tool[k] / n for k in sorted(per_tool)},

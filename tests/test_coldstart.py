@@ -81,7 +81,7 @@ def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
 
 def test_data_without_astar_never_mentions_it_and_still_solves_vsp_nav():
     offered = [t for t in tools.TOOLS if t != "AStar"]
-    records = coldstart.curate_task("vsp_nav", N, SHARES, seed=0, offered=offered)
+    records = list(coldstart.curate_task("vsp_nav", N, SHARES, seed=0, offered=offered))
     assert {r["kind"] for r in records} == set(coldstart.KINDS)
     for rec in records:
         assert rec["messages"][0]["content"] == rollout.system_prompt(tools.schemas(offered))

@@ -66,6 +66,7 @@ def test_metrics_match_hand_computation():
     m = rollout.metrics(exs, trajs)
     assert m["n"] == 4
     assert m["accuracy"] == 0.5                    # trajectories 0 and 3 are right
+    assert m["accuracy_ci"] == rollout.wilson(2, 4)
     assert m["cps"] == 1.0                         # 4 calls over 4 samples
     assert m["tool_success_rate"] == 0.75          # 3 of the 4 calls ran
     assert m["calls_per_sample_per_tool"] == {"Crop": 0.25, "DetectBlackArea": 0.25, "InsertImage": 0.5}
@@ -78,6 +79,14 @@ def test_metrics_match_hand_computation():
     lv2, lv3 = m["by_level"]["2"], m["by_level"]["3"]
     assert (lv2["n"], lv2["accuracy"], lv2["cps"], lv2["tool_success_rate"]) == (2, 0.5, 1.5, 2 / 3)
     assert (lv3["n"], lv3["accuracy"], lv3["cps"], lv3["tool_success_rate"]) == (2, 0.5, 0.5, 1.0)
+
+
+def test_wilson_interval_by_hand():
+    # p = 6/100: centre (0.06 + 1.96^2/200) / (1 + 1.96^2/100), half-width 1.96 sqrt(.06*.94/100 + 1.96^2/40000) / same
+    lo, hi = rollout.wilson(6, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.0278, 0.1248)
+    assert rollout.wilson(0, 20)[0] == 0.0 and round(rollout.wilson(0, 20)[1], 4) == 0.1611
+    assert rollout.wilson(20, 20)[1] == pytest.approx(1.0) and rollout.wilson(0, 0) == [0.0, 1.0]
 
 
 def test_model_without_tool_calls_is_not_applicable():

@@ -138,6 +138,7 @@ def test_reward_wrong_with_good_calls(example):
     wrong = "<response>\\boxed{" + ("no" if example["answer"].lower() == "yes" else "yes") + "}</response>"
     r = grpo.reward(traj_with(wrong, [GOOD, GOOD]), example, lam=0.5)
     assert r["reward"] == 0.5 and r["tool_quality"] == 1.0 and r["correct"] == 0.0
+    assert (r["reward_from_correct"], r["reward_from_tools"]) == (0.0, 0.5)  # all of it is tool credit
 
 
 def test_reward_wrong_with_failing_calls(example):
@@ -160,6 +161,11 @@ def test_ablation_rewards(example):
     assert grpo.reward(wrong, example, "accuracy")["reward"] == 0.0
     assert grpo.reward(right, example, "accuracy")["reward"] == 1.0
     assert grpo.reward(right, example, "additive", lam=0.5)["reward"] == 1.5
+    # the split adds up to the reward: the answer's share, then the tools' share on top
+    for kind, traj, split in [("adaptive", right, (1.0, 0.0)), ("additive", right, (1.0, 0.5)),
+                              ("adaptive", wrong, (0.0, 0.5)), ("accuracy", wrong, (0.0, 0.0))]:
+        r = grpo.reward(traj, example, kind, lam=0.5)
+        assert (r["reward_from_correct"], r["reward_from_tools"]) == split, kind
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +207,8 @@ def test_resume_continues_same_step_data_and_weights(scratch_dir, tmp_path, monk
     # the untrained model's real rewards are all zero; a toy reward (as above) makes the updates non-trivial
     def toy_reward(traj, example, kind, lam):
         r = sum(x % 4 == 0 for x, m in zip(traj.token_ids, traj.loss_mask) if m) / max(1, sum(traj.loss_mask))
-        return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0}
+        return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0,
+                "reward_from_correct": 0.0, "reward_from_tools": r}
 
     monkeypatch.setattr(grpo, "reward", toy_reward)
     flags = ["--quick", "--init", scratch_dir, "--steps", "3", "--ckpt-every", "2", "--eval-n", "0", "--adl",

@@ -1,6 +1,7 @@
 """reproduce.py --quick: every stage and experiment runs from nothing, the summary holds every table, and a
 second call skips the finished steps."""
 import json
+import re
 import subprocess
 import sys
 
@@ -21,9 +22,18 @@ def test_quick_runs_every_step_and_resumes(tmp_path):
     for title in ["1. Main table", "2. Adopt", "3. Discard", "4. Modulate", "5. ADL", "5. ADL transfer",
                   "6. Tool statistics", "Targets", "Steps"]:
         assert f"### {title}" in summary, title
-    for label in ["| Direct-SFT |", "| TC |", "| TG |", "| TC+TG |"]:
+    for label in ["| Base |", "| Direct-SFT |", "| TC |", "| TG |", "| TC+TG |"]:
         assert label in summary
-    assert "<table>" in (out / "report.html").read_text()
+    # every accuracy of the main table carries its 95% Wilson interval, and the targets are read with it
+    base_row = next(line for line in summary.splitlines() if line.startswith("| Base |"))
+    assert re.search(r"\| \d+% \[\d+-\d+\] \|", base_row), base_row
+    assert "| TC+TG's interval above both TC's and TG's on >= 3 tasks |" in summary
+    report = (out / "report.html").read_text()
+    assert "<table>" in report and "AStar calls per vsp_nav sample during RL</text>" in report  # the adopt curve
+    # TG starts from the pretrained base, and the discard run without AStar offers every other tool
+    plan = dict(reproduce.steps(reproduce.parser.parse_args(["--quick", "--out", str(out)])))
+    assert plan["tg"][plan["tg"].index("--init") + 1] == "tiny"
+    assert plan["eval_discard"][plan["eval_discard"].index("--tools") + 1] == reproduce.NO_ASTAR
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped") == len(names)
