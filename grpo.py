@@ -199,15 +199,12 @@ def batch_inputs(trajs, processor):
 
 
 def forward_logprobs(model, processor, trajs, temperature, autocast):
-    """[B, L] log-probs of each token under `model` at the sampling temperature, plus the entropy per position."""
+    """[B, L] log-probs of each sampled token under `model` at the sampling temperature, and the entropy of the
+    distribution it was drawn from; 0 on prompt, observation and padding positions, which the loss masks anyway
+    (the LM head runs only on sampled tokens: rollout.masked_logprobs)."""
     seqs, images = batch_inputs(trajs, processor)
     with autocast:
-        logits = rollout.sequence_logits(model, processor, seqs, images)
-    logp = rollout.token_logprobs(logits, seqs, temperature)
-    with torch.no_grad():  # entropy of the distribution each token was drawn from (position t-1 predicts t)
-        lp = torch.log_softmax(logits[:, :-1].float().detach() / temperature, -1)
-        entropy = torch.nn.functional.pad(-(lp.exp() * lp).sum(-1), (1, 0))
-    return logp, entropy
+        return rollout.masked_logprobs(model, processor, seqs, images, [t.loss_mask for t in trajs], temperature)
 
 
 def padded(rows, value=0.0):

@@ -835,6 +835,25 @@ def masked_lm_loss(model, processor, batch, device):
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
 
 
+def masked_logprobs(model, processor, seqs, images, masks, temperature=1.0):
+    """log p(token t | tokens < t) at the tempered distribution and that distribution's entropy, [B, L] each,
+    computed only where masks[b][t] is 1 and 0 elsewhere. The GRPO update needs them only on the tokens the model
+    sampled; the LM head over the whole vocabulary at every prompt and observation position is what a full pass
+    spends most of its time on at the tiny size. Equal to token_logprobs(sequence_logits(...)) on the mask."""
+    device = next(model.parameters()).device
+    hidden = model.model(**sequence_inputs(processor, seqs, images, device, model.dtype),
+                         use_cache=False).last_hidden_state                       # [B, L, H]
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]  # position t-1 predicts token t
+    mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()
+    logp = torch.log_softmax(model.lm_head(hidden[:, :-1][mask]).float() / temperature, dim=-1)  # [N, V]
+    picked = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)            # [N]
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    # back to [B, L]: masked_scatter fills the mask's positions in the same row-major order they were taken in
+    zeros = torch.zeros(mask.shape, device=device)
+    return F.pad(zeros.masked_scatter(mask, picked), (1, 0)), F.pad(zeros.masked_scatter(mask, entropy), (1, 0))
+
+
 def token_logprobs(logits, seqs, temperature=1.0):
     """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)

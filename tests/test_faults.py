@@ -88,6 +88,59 @@ def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkey
     assert steps(out) == steps(whole) == [1, 2, 3, 4]
 
 
+TG = ["--quick", "--steps", "4", "--ckpt-every", "1", "--eval-n", "0", "--tasks", "vsp_verify", "--tools", "Point",
+      "--max-new-tokens", "8", "--device", "cpu"]
+
+
+def toy_reward(traj, example, kind, lam):
+    """The untrained model's real rewards are all 0, so nothing would train; this one differs between samples."""
+    r = sum(x % 4 == 0 for x, m in zip(traj.token_ids, traj.loss_mask) if m) / max(1, sum(traj.loss_mask))
+    return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0,
+            "reward_from_correct": 0.0, "reward_from_tools": r}
+
+
+def test_tg_killed_inside_a_checkpoint_resumes_to_the_same_weights(scratch_dir, tmp_path, monkeypatch):
+    """The same guarantee for Tool-GRPO (one write, the riskiest window: the new checkpoint complete in CKPT.tmp, the
+    old one moved aside, CKPT missing): killed inside its third checkpoint save, --resume takes the newest complete
+    checkpoint and ends with the uninterrupted run's weights, each RL step logged once."""
+    write = "new checkpoint moved in"
+    import grpo
+    monkeypatch.setattr(grpo, "reward", toy_reward)
+    grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "whole")])
+    owner, name, nth = WRITES[write]
+    real_save, real_fn = rollout.save_checkpoint, getattr(owner, name)
+    saves = calls = 0
+
+    def dying(*a, **kw):
+        nonlocal calls
+        calls += saves == 3
+        if saves == 3 and calls == nth:
+            raise Killed
+        return real_fn(*a, **kw)
+
+    def counting_save(*a, **kw):
+        nonlocal saves
+        saves += 1
+        return real_save(*a, **kw)
+
+    monkeypatch.setattr(owner, name, dying)
+    monkeypatch.setattr(rollout, "save_checkpoint", counting_save)
+    with pytest.raises(Killed):
+        grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(owner, name, real_fn)
+    monkeypatch.setattr(rollout, "save_checkpoint", real_save)
+    found = rollout.find_checkpoint(str(tmp_path / "cut" / "ckpt"))
+    step = torch.load(os.path.join(found, "trainer.pt"), weights_only=False)["state"]["step"]
+    assert step == (3 if write.startswith("new checkpoint") else 2), (write, found)
+    grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "cut"), "--resume"])
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")] == [0, 1, 2, 3]
+    assert any(not torch.equal(a[k], w) for k, w in load_file(os.path.join(scratch_dir, "model.safetensors")).items()
+               if k in a)  # it did train
+
+
 def test_a_torn_log_line_is_dropped_and_a_fresh_run_keeps_the_old_log(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')

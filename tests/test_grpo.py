@@ -98,6 +98,35 @@ def test_model_gradient_is_zero_on_prompt_and_observation_tokens(scratch_dir):
     assert torch.allclose(logp.detach()[mask == 1], old[mask == 1], atol=1e-3)
 
 
+def test_masked_head_equals_the_full_forward_values_and_gradients(scratch_dir):
+    """The update's log-probs (LM head only on sampled tokens, rollout.masked_logprobs) equal those of one full
+    forward (sequence_logits + token_logprobs) on every sampled token, and the policy loss built on each gives the
+    same gradient for every weight; prompt and observation positions hold 0."""
+    model, processor = rollout.load_policy(scratch_dir, "cpu")
+    exs = tasks.generate("vsp_verify", 2, split="rl")
+    trajs = rollout.rollout(model, processor, exs, tools=["Point"], max_new_tokens=6, max_turns=2, seed=5)
+    seqs, images = grpo.batch_inputs(trajs, processor)
+    mask = grpo.padded([t.loss_mask for t in trajs])
+    old, adv = grpo.padded([t.logprobs for t in trajs]), torch.tensor([1.0, -0.5])
+    grads = []
+    for fast in (False, True):
+        model.zero_grad(set_to_none=True)
+        if fast:
+            logp, entropy = grpo.forward_logprobs(model, processor, trajs, 0.7, grpo.nullcontext())
+        else:
+            logp = rollout.token_logprobs(rollout.sequence_logits(model, processor, seqs, images), seqs, 0.7)
+        grpo.policy_loss(logp, old, adv, mask, 0.2, 0.28)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if fast:
+            assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all() and (entropy[mask == 1] > 0).all()
+            assert torch.allclose(logp[mask == 1], full[mask == 1], atol=1e-5)
+        else:
+            full = logp.detach()
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4), n
+
+
 # -----------------------------------------------------------------------------
 # 2. the adaptive reward, branch by branch
 
