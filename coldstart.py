@@ -8,8 +8,8 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
    finds nothing; fix the arguments or stop relying on the tool), no_tool (easy cases answered directly).
    Every trajectory is checked: format-valid and its answer scores 1. Output: OUT/data/train.jsonl + images/.
 2. SFT. Loss only on assistant tokens (rollout.encode_conversation's mask), AdamW, warmup + cosine,
-   gradient clipping and accumulation, length-grouped batches, bf16 autocast where the hardware has bf16 matrix
-   products (CUDA, CPUs with AMX/AVX512-BF16; rollout.train_autocast), atomic checkpoints
+   gradient clipping and accumulation, length-grouped batches, bf16 autocast on CUDA (rollout.train_autocast),
+   atomic checkpoints
    with the data position (--resume continues the same data order), OUT/log.jsonl, OUT/model.
 3. A greedy evaluation through rollout.rollout on held-out test examples: OUT/eval.json.
 
@@ -609,7 +609,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     total = max(1, int(epochs * micro_per_epoch) // grad_accum)
     state = start_state or {"step": 0, "micro": 0}
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = rollout.train_autocast(device)  # bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32
+    autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
     model.train()

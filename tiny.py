@@ -864,7 +864,7 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
         state = rollout.load_checkpoint(found, optimizer)
         print(f"resumed at step {state['step']}")
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
-    autocast = rollout.train_autocast(device)  # bf16 where the hardware has it (CUDA, AMX CPUs), else fp32
+    autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
     print(f"training passes in {'bf16 autocast' if rollout.bf16_autocast_fits(device) else 'fp32'} on {device}")
     stream, batches, have = None, None, None
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
