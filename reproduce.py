@@ -85,9 +85,10 @@ def steps(args):
         start = init if init == "tiny" else model(init)
         return name, ["grpo.py", "--init", start, "--out", o(name), "--eval-n", "0", *a, *common]
 
-    def evaluate(name, models, *a):
-        return name, ["evaluate.py", "--models", ",".join(f"{k}={v}" for k, v in models), "--out", o(name),
-                      "--n", str(args.eval_n), *a, *common]
+    def evaluate(name, models, *a):  # --quick keeps evaluate.py's own quick size (an explicit --n would win over it)
+        n = [] if args.quick else ["--n", str(args.eval_n)]
+        return name, ["evaluate.py", "--models", ",".join(f"{k}={v}" for k, v in models), "--out", o(name), *n, *a,
+                      *common]
 
     return [
         # 1. main table (stage defaults) and 4. modulate, 6. tool statistics

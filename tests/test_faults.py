@@ -44,19 +44,8 @@ WRITES = {
 }
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole")
-    tc(out)
-    return out
-
-
-@pytest.mark.parametrize("write", list(WRITES))
-def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkeypatch, write):
-    owner, name, nth = WRITES[write]
-    out = tmp_path / "cut"
-    os.makedirs(out)
-    os.symlink(whole / "data", out / "data")  # the same curated data; only training is interrupted
+def killed_inside_third_save(monkeypatch, owner, name, nth, run):
+    """Run a training stage until the nth call of owner.name inside its third checkpoint save, where it dies."""
     real_save, real_fn = rollout.save_checkpoint, getattr(owner, name)
     saves = calls = 0
 
@@ -75,9 +64,25 @@ def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkey
     monkeypatch.setattr(owner, name, dying)
     monkeypatch.setattr(rollout, "save_checkpoint", counting_save)
     with pytest.raises(Killed):
-        tc(out)
+        run()
     monkeypatch.setattr(owner, name, real_fn)
     monkeypatch.setattr(rollout, "save_checkpoint", real_save)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    tc(out)
+    return out
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkeypatch, write):
+    owner, name, nth = WRITES[write]
+    out = tmp_path / "cut"
+    os.makedirs(out)
+    os.symlink(whole / "data", out / "data")  # the same curated data; only training is interrupted
+    killed_inside_third_save(monkeypatch, owner, name, nth, lambda: tc(out))
     found = rollout.find_checkpoint(str(out / "ckpt"))
     step = torch.load(os.path.join(found, "trainer.pt"), weights_only=False)["state"]["step"]
     # killed before the new checkpoint was complete: step 2's is the newest; after its COMPLETE: step 3's
@@ -99,41 +104,31 @@ def toy_reward(traj, example, kind, lam):
             "reward_from_correct": 0.0, "reward_from_tools": r}
 
 
-def test_tg_killed_inside_a_checkpoint_resumes_to_the_same_weights(scratch_dir, tmp_path, monkeypatch):
-    """The same guarantee for Tool-GRPO (one write, the riskiest window: the new checkpoint complete in CKPT.tmp, the
-    old one moved aside, CKPT missing): killed inside its third checkpoint save, --resume takes the newest complete
-    checkpoint and ends with the uninterrupted run's weights, each RL step logged once."""
-    write = "new checkpoint moved in"
+@pytest.fixture(scope="module")
+def tg_whole(scratch_dir, tmp_path_factory):
+    """An uninterrupted --quick-sized Tool-GRPO run (toy reward) to compare the killed ones with."""
+    import grpo
+    out = tmp_path_factory.mktemp("tg_whole")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpo, "reward", toy_reward)
+        grpo.main(TG + ["--init", scratch_dir, "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_tg_killed_at_any_write_resumes_to_the_same_weights(scratch_dir, tg_whole, tmp_path, monkeypatch, write):
+    """The same guarantee for Tool-GRPO: killed at each write of its third checkpoint save, --resume takes the newest
+    complete checkpoint and ends with the uninterrupted run's weights, each RL step logged once."""
     import grpo
     monkeypatch.setattr(grpo, "reward", toy_reward)
-    grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "whole")])
     owner, name, nth = WRITES[write]
-    real_save, real_fn = rollout.save_checkpoint, getattr(owner, name)
-    saves = calls = 0
-
-    def dying(*a, **kw):
-        nonlocal calls
-        calls += saves == 3
-        if saves == 3 and calls == nth:
-            raise Killed
-        return real_fn(*a, **kw)
-
-    def counting_save(*a, **kw):
-        nonlocal saves
-        saves += 1
-        return real_save(*a, **kw)
-
-    monkeypatch.setattr(owner, name, dying)
-    monkeypatch.setattr(rollout, "save_checkpoint", counting_save)
-    with pytest.raises(Killed):
-        grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(owner, name, real_fn)
-    monkeypatch.setattr(rollout, "save_checkpoint", real_save)
+    killed_inside_third_save(monkeypatch, owner, name, nth,
+                             lambda: grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "cut")]))
     found = rollout.find_checkpoint(str(tmp_path / "cut" / "ckpt"))
     step = torch.load(os.path.join(found, "trainer.pt"), weights_only=False)["state"]["step"]
-    assert step == (3 if write.startswith("new checkpoint") else 2), (write, found)
+    assert step == (3 if write.startswith(("old checkpoint", "new checkpoint")) else 2), (write, found)
     grpo.main(TG + ["--init", scratch_dir, "--out", str(tmp_path / "cut"), "--resume"])
-    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    a = load_file(str(tg_whole / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")] == [0, 1, 2, 3]
