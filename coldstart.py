@@ -732,7 +732,10 @@ def main(argv=None):
     model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"))
     print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
 
-    # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates
+    # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates. The training images and
+    # their encodings are let go first: evaluation needs neither, so the peak is the larger of the two phases
+    del images
+    rollout.encode_image_cached.clear()
     results = {}
     if args.eval_n:
         model.to(torch.bfloat16 if device == "cuda" else torch.float32)

@@ -260,6 +260,10 @@ class EncodedImages:
     def __init__(self, budget):
         self.budget, self.used, self.items = budget, 0, OrderedDict()  # id -> (weakref, processor, pixels, grid)
 
+    def clear(self):
+        """Drop every kept encoding (a stage that moves on from training to evaluation needs none of them)."""
+        self.used, self.items = 0, OrderedDict()
+
     def __call__(self, processor, image):
         key = id(image)
         hit = self.items.get(key)

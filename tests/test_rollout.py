@@ -229,3 +229,5 @@ def test_the_encoding_cache_is_bounded_and_exact():
     assert cache(processor, images[-1])[0] is first[-1][0]  # a hit returns the kept tensor
     again = cache(processor, images[0])  # evicted long ago: encoded anew, the same values
     assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0]) and torch.equal(again[1], first[0][1])
+    cache.clear()  # what coldstart does between training and evaluation: nothing kept, the next call encodes anew
+    assert (cache.used, len(cache.items)) == (0, 0) and cache(processor, images[0])[0] is not again[0]
