@@ -194,9 +194,9 @@ def bench_train(args):
     """Forward + backward throughput of the SFT loss and of the GRPO update's log-probs on the same TC-like
     trajectories (batch of 8), each against its plain counterpart in the same run. Plain: logits over the whole
     vocabulary at every position, fp32, and (SFT) every image encoded again at every step. Optimised, as coldstart,
-    tiny and grpo run them: the LM head only where a token carries loss, bf16 autocast where the hardware has bf16
-    matrix products (rollout.train_autocast; the GRPO update keeps fp32 on a CPU, as its rollouts are fp32), and
-    image encodings reused (rollout.encode_image_cached). The losses of both are reported, to show they agree."""
+    tiny and grpo run them: the LM head only where a token carries loss, bf16 autocast on CUDA
+    (rollout.train_autocast; fp32 on a CPU), and image encodings reused (rollout.encode_image_cached). The losses of
+    both are reported, to show they agree."""
     model, processor = load(args)
     device = next(model.parameters()).device
     trajs = rollout.rollout(model, processor, bench_examples(8), temperature=0,
@@ -221,8 +221,7 @@ def bench_train(args):
         return loss / n
 
     def tg_optimised():
-        autocast = rollout.train_autocast(device.type) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with autocast:
+        with rollout.train_autocast(device.type):
             lp, _ = rollout.masked_logprobs(model, processor, seqs, cached(), masks)
         return -(lp * mask).sum() / mask.sum()
 

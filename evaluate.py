@@ -331,6 +331,9 @@ def script_json(obj):
     return json.dumps(obj, ensure_ascii=False).replace("<", "\\u003c")
 
 
+# the look of svg_lines / svg_bars charts, shared with reproduce.py's report
+CHART_CSS = (".chart text{font-size:11px;fill:#333}.chart .title{font-size:13px;font-weight:600}"
+             ".chart .axis{stroke:#888}.chart .grid{stroke:#eee}")
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1240px;padding:16px 24px;color:#222}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -339,8 +342,7 @@ table{border-collapse:collapse;margin:6px 0 12px}th,td{border:1px solid #d8d8d8;
 th:first-child,td:first-child,.l{text-align:left}th{background:#f5f5f5}
 td.cell b{font-size:15px}td.cell span{color:#555;font-size:12px;margin-left:4px}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fcfcfc;border:1px solid #e5e5e5;border-radius:4px}
-.chart text{font-size:11px;fill:#333}.chart .title{font-size:13px;font-weight:600}
-.chart .axis{stroke:#888}.chart .grid{stroke:#eee}
+""" + CHART_CSS + """
 .legend span{display:inline-block;margin-right:14px}.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}
 .filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #eee;z-index:1}
 .filters select{margin-right:12px}

@@ -317,7 +317,7 @@ def main(argv=None):
     # fp32 weights (bf16 autocast on CUDA); a resumed run reads the checkpoint's weights
     model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.init, device,
                                            dtype=torch.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = rollout.train_autocast(device)  # bf16 on CUDA; fp32 on a CPU, where the rollouts are fp32 too
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)
     ref_model = None

@@ -39,7 +39,7 @@ import sys
 import time
 
 import rollout
-from evaluate import html_table, md_table, svg_lines
+from evaluate import CHART_CSS, html_table, md_table, svg_lines
 from rollout import mean
 from tasks import TASKS as TASK_NAMES
 from tools import TOOLS
@@ -221,7 +221,7 @@ def adopt_tables(args):
 def modulate_table(args):
     r = results(args, "eval_main")
     rows = [[label, num(calls(r[key]["vsp_nav"], "Point")), num(calls(r[key]["vsp_verify"], "Point"))]
-            for key, label in MAIN if key not in ("direct",)]
+            for key, label in MAIN if key != "direct"]
     return ("4. Modulate: Point calls per sample", "The paper: after RL the model calls Point more on the task "
             "where locating objects matters (vsp_nav: elf, gift and holes) than where one location suffices.",
             ["model", "vsp_nav", "vsp_verify"], rows)
@@ -278,9 +278,9 @@ def targets(args):
     for t in TASKS:
         tctg, others = r["tctg"][t], [r["tc"][t], r["tg"][t]]
         above = all(tctg["accuracy"] > o["accuracy"] for o in others)
-        apart += above and all(separated(tctg, o) for o in others)
-        verdict = ("yes, intervals apart" if above and all(separated(tctg, o) for o in others)
-                   else "above, intervals overlap" if above else "no")
+        clear = above and all(separated(tctg, o) for o in others)
+        apart += clear
+        verdict = "yes, intervals apart" if clear else "above, intervals overlap" if above else "no"
         checks.append((f"TC+TG above TC and TG on {t}",
                        f"{with_ci(tctg)} vs {with_ci(r['tc'][t])} / {with_ci(r['tg'][t])}", verdict))
     checks.append(("TC+TG's interval above both TC's and TG's on >= 3 tasks", f"{apart} of {len(TASKS)}",
@@ -343,8 +343,7 @@ def report_html(sections, head, links, figures):
     h = ["<!doctype html><meta charset='utf-8'><title>AdaReasoner tiny reproduction</title><style>"
          "body{font:14px sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-         "code{font-size:12px}.chart text{font-size:11px;fill:#333}.chart .title{font-size:13px;font-weight:600}"
-         ".chart .axis{stroke:#888}.chart .grid{stroke:#eee}</style>",
+         "code{font-size:12px}" + CHART_CSS + "</style>",
          f"<h1>AdaReasoner: tiny reproduction</h1><p>{html.escape(head)}</p>"]
     for title, note, header, rows in sections:
         h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>"

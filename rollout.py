@@ -826,16 +826,22 @@ def sequence_logits(model, processor, seqs, images, device=None):
     return model(**sequence_inputs(processor, seqs, images, device, model.dtype), use_cache=False).logits
 
 
+def masked_logits(model, processor, seqs, images, masks, device):
+    """One forward over whole sequences with the LM head run only where masks[b][t] is 1 (position t-1 predicts
+    token t) -> (logits [N, V] in row-major order of the mask, their target tokens [N], mask [B, L-1])."""
+    hidden = model.model(**sequence_inputs(processor, seqs, images, device, model.dtype),
+                         use_cache=False).last_hidden_state                       # [B, L, H]
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
+    mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()
+    return model.lm_head(hidden[:, :-1][mask]), targets[mask], mask              # N = masked tokens
+
+
 def masked_lm_loss(model, processor, batch, device):
     """Summed cross-entropy over loss-masked tokens and their count, for SFT and pretraining. batch: list of
     (ids, mask, images). The LM head runs only where a token carries loss (a minority of positions)."""
-    seqs = [ids for ids, _, _ in batch]
-    hidden = model.model(**sequence_inputs(processor, seqs, [im for _, _, im in batch], device, model.dtype),
-                         use_cache=False).last_hidden_state                       # [B, L, H]
-    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
-    mask = torch.tensor(pad_batch([m for _, m, _ in batch], 0, left=False), device=device)[:, 1:].bool()
-    logits = model.lm_head(hidden[:, :-1][mask])                                   # [N, V], N = loss tokens
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), int(mask.sum())
+    logits, targets, mask = masked_logits(model, processor, [ids for ids, _, _ in batch], [im for _, _, im in batch],
+                                          [m for _, m, _ in batch], device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(mask.sum())
 
 
 def masked_logprobs(model, processor, seqs, images, masks, temperature=1.0):
@@ -844,12 +850,9 @@ def masked_logprobs(model, processor, seqs, images, masks, temperature=1.0):
     sampled; the LM head over the whole vocabulary at every prompt and observation position is what a full pass
     spends most of its time on at the tiny size. Equal to token_logprobs(sequence_logits(...)) on the mask."""
     device = next(model.parameters()).device
-    hidden = model.model(**sequence_inputs(processor, seqs, images, device, model.dtype),
-                         use_cache=False).last_hidden_state                       # [B, L, H]
-    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]  # position t-1 predicts token t
-    mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()
-    logp = torch.log_softmax(model.lm_head(hidden[:, :-1][mask]).float() / temperature, dim=-1)  # [N, V]
-    picked = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)            # [N]
+    logits, targets, mask = masked_logits(model, processor, seqs, images, masks, device)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)               # [N, V]
+    picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # [N]
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     # back to [B, L]: masked_scatter fills the mask's positions in the same row-major order they were taken in
