@@ -16,6 +16,8 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
     python coldstart.py                        # tiny model, all five tasks, CPU friendly
     python coldstart.py --no-tools --out runs/tc_direct
     python coldstart.py --model /path/to/Qwen2.5-VL-3B --device cuda --n-per-task 2000
+    python coldstart.py --export-sharegpt runs/tc_sharegpt   # the TC data for LLaMA-Factory
+    python coldstart.py --data runs/tc_sharegpt/adareasoner_tc.json --out runs/tc2   # sharegpt in
 """
 import argparse
 import json
@@ -55,6 +57,10 @@ parser.add_argument("--adl", action="store_true", help="rewrite each trajectory 
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                     help="freeze the vision tower (default: on for a --model PATH, off for tiny and scratch, whose "
                     "tower is small)")
+parser.add_argument("--data", default=None, help="train on this TC data instead of curating: a directory holding "
+                    "train.jsonl (ours) or a sharegpt .json file (LLaMA-Factory's layout; image paths relative to it)")
+parser.add_argument("--export-sharegpt", default=None, metavar="DIR", help="write the TC data (curated, or --data) to "
+                    "DIR in sharegpt with a dataset_info.json entry for LLaMA-Factory, then stop")
 parser.add_argument("--epochs", type=float, default=2.0,
                     help="passes over the data (sets the number of optimizer steps)")
 parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
@@ -539,6 +545,108 @@ def load_records(data_dir):
                             ("id", "task", "kind", "tools", "adl_mapping", "messages", "answer"), check)
 
 
+# sharegpt: the layout LLaMA-Factory trains on (and the authors' TC data ships in). A record is {"conversations":
+# [{"from": "system"|"human"|"gpt", "value": text}], "images": [paths]}; each image is an "<image>" placeholder in
+# the text, in order (the inputs first, then each tool-returned image in its observation turn).
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+SHAREGPT_INFO = {"formatting": "sharegpt", "columns": {"messages": "conversations", "images": "images"},
+                 "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                          "system_tag": "system"}}
+
+
+def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
+    """Write records (ours, image paths relative to data_dir) as OUT/NAME.json in sharegpt, with their images under
+    OUT/images/ and the dataset_info.json entry LLaMA-Factory reads. Our fields (id, task, kind, tools, answer)
+    ride along as extra keys, which LLaMA-Factory ignores and read_sharegpt restores."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rows = []
+    for rec in records:
+        turns, images = [], []
+        for m in rec["messages"]:
+            parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+            value = ""
+            for p in parts:
+                if p["type"] == "image":
+                    value += "<image>"
+                    images.append(os.path.join("images", os.path.basename(p["image"])))
+                    src, dst = os.path.join(data_dir, p["image"]), os.path.join(out, images[-1])
+                    if not os.path.exists(dst):
+                        try:  # a hard link costs no space; a copy where links are impossible
+                            os.link(src, dst)
+                        except OSError:
+                            shutil.copyfile(src, dst)
+                elif "<image>" in p["text"]:
+                    raise ValueError(f"record {rec['id']}: its text holds a literal <image>, which sharegpt reads "
+                                     "as a placeholder")
+                else:
+                    value += p["text"]
+            turns.append({"from": SHAREGPT_ROLES[m["role"]], "value": value})
+        rows.append({"conversations": turns, "images": images,
+                     **{k: rec[k] for k in ("id", "task", "kind", "tools", "adl_mapping", "answer")}})
+    rollout.write_json_atomic(os.path.join(out, f"{name}.json"), rows)
+    rollout.write_json_atomic(os.path.join(out, "dataset_info.json"), {name: {"file_name": f"{name}.json",
+                                                                              **SHAREGPT_INFO}})
+    return os.path.join(out, f"{name}.json")
+
+
+def read_sharegpt(path):
+    """sharegpt JSON (a list of records, or JSON lines) -> our records, image paths relative to the file's folder.
+    A record written elsewhere gets task 'external' and kind 'sharegpt'. Raises InputError naming the file, the
+    record and what is wrong."""
+    roles = {v: k for k, v in SHAREGPT_ROLES.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        text = f.read()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
+                                                                        if x.strip()]
+    except json.JSONDecodeError as e:
+        raise tasks.InputError(f"{path}: not sharegpt JSON: {e}") from None
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+                raise ValueError("no 'conversations' list")
+            paths, messages = list(row.get("images") or []), []
+            placeholders = sum(t["value"].count("<image>") for t in row["conversations"])
+            if placeholders != len(paths):
+                raise ValueError(f"{placeholders} <image> placeholders but {len(paths)} images")
+            for t in row["conversations"]:
+                if t.get("from") not in roles:
+                    raise ValueError(f"bad role {t.get('from')!r} (system, human or gpt)")
+                pieces = t["value"].split("<image>")
+                if len(pieces) == 1 and t["from"] != "human":  # plain text, as our records hold it
+                    messages.append({"role": roles[t["from"]], "content": t["value"]})
+                    continue
+                parts = []
+                for k, piece in enumerate(pieces):
+                    if k:
+                        image = paths.pop(0)
+                        if not os.path.isfile(os.path.join(folder, image)):
+                            raise ValueError(f"missing image {image}")
+                        parts.append({"type": "image", "image": image})
+                    if piece:
+                        parts.append({"type": "text", "text": piece})
+                messages.append({"role": roles[t["from"]], "content": parts})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise tasks.InputError(f"{path}, record {i}: malformed sharegpt record: {e}") from None
+        records.append({"id": row.get("id", f"{os.path.basename(path)}-{i}"), "task": row.get("task", "external"),
+                        "kind": row.get("kind", "sharegpt"), "tools": row.get("tools"),
+                        "adl_mapping": row.get("adl_mapping"), "answer": row.get("answer"), "messages": messages})
+    return records, folder
+
+
+def load_data(path):
+    """TC data from --data: our data directory (train.jsonl) or a sharegpt file -> (records, folder images are
+    relative to)."""
+    if os.path.isdir(path):
+        return load_records(path), path
+    if not os.path.isfile(path):
+        raise tasks.InputError(f"{path}: no such file or directory (TC data: a directory holding train.jsonl, "
+                               "or a sharegpt .json file)")
+    return read_sharegpt(path)
+
+
 def with_pil(messages, data_dir, load=Image.open):
     """Messages with every image path replaced by the PIL image (what encode_conversation takes)."""
     def part(p):
@@ -686,7 +794,11 @@ def main(argv=None):
     config = {"tasks": task_names, "n_per_task": args.n_per_task, "kinds": parse_kinds(args.kinds), "seed": args.seed,
               "no_tools": args.no_tools, "tools": offered}
     config_path = os.path.join(data_dir, "config.json")
-    if os.path.exists(config_path) and json.load(open(config_path)) == config:
+    if args.data:  # TC data from elsewhere: ours from another run, or sharegpt
+        records, data_dir = load_data(args.data)
+        if args.adl and any(not r["tools"] for r in records):
+            raise tasks.InputError(f"{args.data}: --adl rewrites each record's tools, and some records list none")
+    elif os.path.exists(config_path) and json.load(open(config_path)) == config:
         print(f"reusing the TC data in {data_dir}")
     else:
         # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full
@@ -698,8 +810,13 @@ def main(argv=None):
             records = (direct_record(r, rng) for r in records)
         save_records(records, data_dir)
         json.dump(config, open(config_path, "w"))
-    records = load_records(data_dir)
-    print(f"{len(records)} trajectories in {data_dir}/train.jsonl ({time.perf_counter() - t_start:.0f} s)")
+    if not args.data:
+        records = load_records(data_dir)
+    print(f"{len(records)} trajectories from {args.data or data_dir} ({time.perf_counter() - t_start:.0f} s)")
+    if args.export_sharegpt:
+        path = export_sharegpt(records, data_dir, args.export_sharegpt)
+        print(f"wrote {path} and its dataset_info.json entry (LLaMA-Factory: dataset_dir {args.export_sharegpt})")
+        return {"exported": path, "trajectories": len(records)}
 
     # 2. model: the shipped tiny base, the same model untrained (scratch), or a real checkpoint;
     # all keep their tokenizer

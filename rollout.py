@@ -758,6 +758,13 @@ def load_checkpoint(ckpt_dir, optimizer):
     return blob["state"]
 
 
+def write_json_atomic(path, obj):
+    """JSON written beside PATH and renamed over it: a kill leaves the old file or the new one, never half."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+
+
 def open_log(path, done, first=1):
     """A run's JSONL log, opened for appending. Resumed after `done` steps (numbered from `first`), it keeps those
     steps' lines and drops what a killed run wrote after its checkpoint, a torn last line included. A fresh run

@@ -158,3 +158,64 @@ def test_quick_end_to_end(tmp_path):
     assert all({"accuracy", "format_valid_rate", "cps", "tool_success_rate"} <= set(r) for r in results.values())
     model, processor = rollout.load_policy(str(out / "model"), device="cpu")  # a plain HF directory
     assert processor.encode_text("<think>")
+
+
+def encoded(records, folder, processor):
+    return [rollout.encode_conversation(processor, coldstart.with_pil(r["messages"], folder))[:2] for r in records]
+
+
+def test_sharegpt_round_trip_gives_the_same_tokens_and_masks(data, tmp_path):
+    d, records = data
+    path = coldstart.export_sharegpt(records, d, str(tmp_path / "sg"))
+    info = json.load(open(tmp_path / "sg" / "dataset_info.json"))
+    assert info["adareasoner_tc"]["file_name"] == "adareasoner_tc.json"
+    assert info["adareasoner_tc"]["formatting"] == "sharegpt"
+    rows = json.load(open(path))
+    assert rows[0]["conversations"][0]["from"] == "system" and rows[0]["conversations"][1]["value"].startswith("<image>")
+    assert all(os.path.isfile(tmp_path / "sg" / p) for row in rows for p in row["images"])
+    back, folder = coldstart.load_data(path)
+    assert [(r["id"], r["task"], r["kind"], r["answer"]) for r in back] == \
+        [(r["id"], r["task"], r["kind"], r["answer"]) for r in records]
+    _, processor = tiny.build_scratch()
+    assert encoded(back, folder, processor) == encoded(records, d, processor)
+
+
+def test_a_hand_written_sharegpt_file_loads_and_trains(tmp_path):
+    """The authors' layout: a system turn, <image> placeholders for the input and for a tool-returned image."""
+    from PIL import Image
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "in.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "out.png")
+    call = '<tool_call>{"name": "Draw2DPath", "parameters": {"image": "img_1", "directions": "R"}}</tool_call>'
+    row = {"conversations": [{"from": "system", "value": "You can call tools."},
+                             {"from": "human", "value": "<image>Which way?"},
+                             {"from": "gpt", "value": "<think>draw it</think>" + call},
+                             {"from": "human", "value": '{"status": "success"}\nNew image: img_2\n<image>'},
+                             {"from": "gpt", "value": "<response>\\boxed{R}</response>"}],
+           "images": ["in.png", "out.png"]}
+    (tmp_path / "sg.json").write_text(json.dumps([row, row]))
+    records, folder = coldstart.load_data(str(tmp_path / "sg.json"))
+    assert [r["task"] for r in records] == ["external"] * 2 and folder == str(tmp_path)
+    assert [p["type"] for p in records[0]["messages"][3]["content"]] == ["text", "image"]
+    _, processor = tiny.build_scratch()
+    ids, mask = encoded(records[:1], folder, processor)[0]
+    text = processor.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou can call tools.<|im_end|>") and call in text
+    assert text.count("<|vision_start|>") == 2
+    res = run(["--quick", "--data", str(tmp_path / "sg.json"), "--tasks", "guiqa"], tmp_path / "tc")
+    assert res["steps"] >= 1 and (tmp_path / "tc" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"images": []}, "no 'conversations' list"),
+    ({"conversations": [{"from": "human", "value": "<image>hi"}], "images": []}, "1 <image> placeholders but 0 images"),
+    ({"conversations": [{"from": "robot", "value": "hi"}]}, "bad role 'robot'"),
+    ({"conversations": [{"from": "human", "value": "<image>hi"}], "images": ["nope.png"]}, "missing image nope.png"),
+])
+def test_malformed_sharegpt_names_file_record_and_fault(tmp_path, row, why):
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    (tmp_path / "sg.json").write_text(json.dumps([good, row]))
+    with pytest.raises(tasks.InputError, match=rf"sg.json, record 1: malformed sharegpt record: {why}"):
+        coldstart.load_data(str(tmp_path / "sg.json"))
+    (tmp_path / "bad.json").write_text('[{"conversations": ')
+    with pytest.raises(tasks.InputError, match="bad.json: not sharegpt JSON"):
+        coldstart.load_data(str(tmp_path / "bad.json"))
