@@ -273,6 +273,10 @@ class EncodedImages:
         if hit is not None:  # a freed image whose id was reused, or another processor
             self.used -= self.items.pop(key)[2].nbytes
         pixels, grid = processor.encode_image(image)
+        # encodings of images that no longer exist go first (TC decodes a fresh image at every use): the cache
+        # holds what can still hit, not up to its budget of dead pixels
+        for dead in [k for k, v in self.items.items() if v[0]() is None]:
+            self.used -= self.items.pop(dead)[2].nbytes
         self.items[key] = (weakref.ref(image), processor, pixels, grid)
         self.used += pixels.nbytes
         while self.used > self.budget and len(self.items) > 1:

@@ -231,3 +231,13 @@ def test_the_encoding_cache_is_bounded_and_exact():
     assert again[0] is not first[0][0] and torch.equal(again[0], first[0][0]) and torch.equal(again[1], first[0][1])
     cache.clear()  # what coldstart does between training and evaluation: nothing kept, the next call encodes anew
     assert (cache.used, len(cache.items)) == (0, 0) and cache(processor, images[0])[0] is not again[0]
+
+
+def test_the_encoding_cache_lets_go_of_images_that_died():
+    processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)
+    cache = rollout.EncodedImages(budget=64 * 2**20)
+    kept = Image.new("RGB", (224, 224), "red")
+    cache(processor, kept)
+    for i in range(4):  # what TC does: a fresh image decoded for every use, gone after the step
+        cache(processor, Image.new("RGB", (224, 224), (0, 40 * i, 0)))
+    assert len(cache.items) == 2 and cache.used == 2 * cache(processor, kept)[0].nbytes  # the live one and the last
