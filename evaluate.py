@@ -5,8 +5,9 @@ self-contained report.html (no network: CSS, JS, SVG plots and images are all in
 
     python evaluate.py --models tc=runs/tc/model,tg=runs/tg/model,direct=runs/tc_direct/model:none --out runs/eval
 
-A model is `tiny` (the pretrained base), `scratch`, PATH or LABEL=PATH. A suffix `:all`, `:none` or `:Tool+Tool` gives that model its own tool
-mode (a model trained without tools is evaluated with the direct-answer prompt beside tool models in one run).
+A model is `tiny` (the pretrained base), `scratch`, PATH or LABEL=PATH. A suffix `:all`, `:none` or `:Tool+Tool`
+gives that model its own tool mode (a model trained without tools is evaluated with the direct-answer prompt beside
+tool models in one run).
 """
 import argparse
 import base64
@@ -335,25 +336,32 @@ def script_json(obj):
 CHART_CSS = (".chart text{font-size:11px;fill:#333}.chart .title{font-size:13px;font-weight:600}"
              ".chart .axis{stroke:#888}.chart .grid{stroke:#eee}")
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1240px;padding:16px 24px;color:#222}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1240px;
+padding:16px 24px;color:#222}
+
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:15px;margin:14px 0 6px}.meta{color:#555;font-size:12px}code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
+h3{font-size:15px;margin:14px 0 6px}.meta{color:#555;font-size:12px}
+code{background:#f3f3f3;padding:1px 4px;border-radius:3px}
 table{border-collapse:collapse;margin:6px 0 12px}th,td{border:1px solid #d8d8d8;padding:4px 8px;text-align:right}
 th:first-child,td:first-child,.l{text-align:left}th{background:#f5f5f5}
 td.cell b{font-size:15px}td.cell span{color:#555;font-size:12px;margin-left:4px}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fcfcfc;border:1px solid #e5e5e5;border-radius:4px}
 """ + CHART_CSS + """
-.legend span{display:inline-block;margin-right:14px}.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}
+.legend span{display:inline-block;margin-right:14px}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px}
 .filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #eee;z-index:1}
 .filters select{margin-right:12px}
 details.card{border:1px solid #ddd;border-radius:4px;margin:6px 0;background:#fff}
 details.card>summary{cursor:pointer;padding:6px 10px;background:#fafafa}
-.ok,.bad{display:inline-block;width:18px;text-align:center;border-radius:3px;color:#fff;margin-right:6px;font-weight:700}
+.ok,.bad{display:inline-block;width:18px;text-align:center;border-radius:3px;color:#fff;margin-right:6px;
+font-weight:700}
+
 .ok{background:#2e9d4d}.bad{background:#c9362f}
 .msg{margin:6px 10px;padding:6px 8px;border-left:4px solid #ccc}.msg .role{font-weight:600;font-size:12px;color:#555}
 .msg.assistant{border-color:#1f77b4;background:#f4f8fc}.msg.user{border-color:#999}.msg.system{border-color:#ddd}
 .msg pre{white-space:pre-wrap;word-break:break-word;margin:2px 0;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
-figure{display:inline-block;margin:4px 8px 4px 0}figure img{max-width:256px;max-height:256px;border:1px solid #ccc;display:block;cursor:zoom-in}
+figure{display:inline-block;margin:4px 8px 4px 0}
+figure img{max-width:256px;max-height:256px;border:1px solid #ccc;display:block;cursor:zoom-in}
 figure img.big{max-width:none;max-height:none;cursor:zoom-out}
 figcaption{font-size:11px;color:#555}
 """
@@ -385,9 +393,11 @@ function card(r, open) {
   const d = el('details', 'card');
   const s = el('summary');
   s.appendChild(el('span', r.correct ? 'ok' : 'bad', r.correct ? '\\u2713' : '\\u2717'));
-  s.appendChild(document.createTextNode(`${r.model} \\u00b7 ${r.task} \\u00b7 ${r.id} \\u00b7 level ${r.level} \\u00b7 ` +
+  s.appendChild(document.createTextNode(
+    `${r.model} \\u00b7 ${r.task} \\u00b7 ${r.id} \\u00b7 level ${r.level} \\u00b7 ` +
     `answer ${r.answer === null ? '(none)' : JSON.stringify(r.answer)} (gold ${JSON.stringify(r.gold)}) \\u00b7 ` +
-    `${r.calls.length} call${r.calls.length === 1 ? '' : 's'}${r.calls.length ? ' [' + r.calls.join(', ') + ']' : ''} \\u00b7 ${r.finish}`));
+    `${r.calls.length} call${r.calls.length === 1 ? '' : 's'}` +
+    `${r.calls.length ? ' [' + r.calls.join(', ') + ']' : ''} \\u00b7 ${r.finish}`));
   d.appendChild(s);
   let built = false;
   d.addEventListener('toggle', () => { if (d.open && !built) { built = true; body(r, d); } });

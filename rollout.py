@@ -182,12 +182,15 @@ def replace_dir(tmp, final):
 # -----------------------------------------------------------------------------
 # the protocol (DESIGN section 3)
 
-RULES = """# How to answer
+RULES = ("""# How to answer
 Think step by step inside <think>...</think>. Then write EITHER exactly one tool call
 <tool_call>{"name": "TOOL_NAME", "parameters": {...}}</tool_call>
 OR your final answer
 <response>... \\boxed{ANSWER}</response>
-Images are named img_1, img_2, ... in the order they appear, the question's images first; every image a tool returns gets the next name. Coordinates are absolute pixels of the named image, origin at the top-left corner. After a tool call, wait for its result before you continue."""
+"""  # the last line is one line of the prompt, written in three pieces here
+         "Images are named img_1, img_2, ... in the order they appear, the question's images first; every image a "
+         "tool returns gets the next name. Coordinates are absolute pixels of the named image, origin at the "
+         "top-left corner. After a tool call, wait for its result before you continue.")
 
 RULES_NO_TOOLS = """# How to answer
 Think step by step inside <think>...</think>, then give your final answer as
