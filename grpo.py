@@ -302,6 +302,27 @@ def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_
 # the loop
 
 
+def step_record(step, lr, pos, examples, trajs, infos, adv, group_size, upd, time_rollout, time_update):
+    """A step's log line: the reward terms, then rollout.metrics' vocabulary over the batch and per task (each task
+    with its reward split), then the update's statistics."""
+    sampled = [examples[t.example_index] for t in trajs]  # the example each trajectory answers
+    by_task = rollout.metrics_by_task(sampled, trajs)
+    for task, m in by_task.items():
+        mine = [i for i, ex in zip(infos, sampled) if ex["task"] == task]
+        m.update({k: rollout.mean(i[k] for i in mine) for k in REWARD_SPLIT})
+    return {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
+            "reward": rollout.mean(i["reward"] for i in infos),
+            "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
+            "tool_quality": rollout.mean(i["tool_quality"] for i in infos),
+            "tool_term": rollout.mean(i["tool_term"] for i in infos),
+            **{k: rollout.mean(i[k] for i in infos) for k in REWARD_SPLIT[1:]},
+            # groups whose samples all scored alike: their advantages are zero and they teach nothing
+            "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, group_size).abs().sum(1)),
+            **rollout.metrics(sampled, trajs, by_level=False), "by_task": by_task,
+            **upd, "time_rollout": time_rollout, "time_update": time_update,
+            "tokens_per_s": upd["seq_tokens"] / max(time_update, 1e-9)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -370,23 +391,7 @@ def main(argv=None):
                      ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step)
         t2 = time.perf_counter()
 
-        # the log: reward terms, then rollout.metrics' vocabulary over the batch and per task (with each task's reward
-        # split), then the update
-        sampled = [examples[t.example_index] for t in trajs]  # the example each trajectory answers
-        by_task = rollout.metrics_by_task(sampled, trajs)
-        for task, m in by_task.items():
-            mine = [i for i, ex in zip(infos, sampled) if ex["task"] == task]
-            m.update({k: rollout.mean(i[k] for i in mine) for k in REWARD_SPLIT})
-        record = {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
-                  "reward": rollout.mean(i["reward"] for i in infos),
-                  "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
-                  "tool_quality": rollout.mean(i["tool_quality"] for i in infos),
-                  "tool_term": rollout.mean(i["tool_term"] for i in infos),
-                  **{k: rollout.mean(i[k] for i in infos) for k in REWARD_SPLIT[1:]},
-                  "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, args.group_size).abs().sum(1)),
-                  **rollout.metrics(sampled, trajs, by_level=False), "by_task": by_task,
-                  **upd, "time_rollout": t1 - t0, "time_update": t2 - t1,
-                  "tokens_per_s": upd["seq_tokens"] / max(t2 - t1, 1e-9)}
+        record = step_record(step, lr, pos, examples, trajs, infos, adv, args.group_size, upd, t1 - t0, t2 - t1)
         with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file
             f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
