@@ -550,6 +550,46 @@ def decode_step(model, cache, attn, ids, mask, pos, device):
     return out.logits[:, -1].float(), attn
 
 
+def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
+    """A row's assistant turn is complete (`ended`: it closed with <|im_end|>, else it hit a limit). Record it and
+    decide: the trajectory finishes (an answer, no action, a limit) or the turn's tool call starts in `pool`.
+    -> True while the row goes on (it now waits on its tool)."""
+    t = row.traj
+    t.messages.append({"role": "assistant", "content": text})
+    if not ended:
+        finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
+    elif "<response>" in text:
+        finish(t, "response")
+    elif "<tool_call>" not in text:
+        finish(t, "no_action")
+    elif len(t.assistant_turns) >= max_turns:
+        finish(t, "max_turns")
+    else:  # a call that does not parse still waits: its observation is the parse error
+        call, err = parse_tool_call(text)
+        fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered,
+                                                    row.mapping, row.run)
+        row.pending = (call, err, fut)
+        return True
+    return False
+
+
+def observation_chunk(row, message, processor, max_total_tokens):
+    """The observation's tokens appended to the row's trajectory, the header of its next assistant turn included
+    -> the chunk to prefill (ids, images, positions), or None when it would pass max_total_tokens (it finishes)."""
+    t = row.traj
+    ids, imgs = encode(processor, ["\n"] + render(message) + ["<|im_start|>assistant\n"])
+    if len(t.token_ids) + len(ids) >= max_total_tokens:
+        finish(t, "max_total_tokens")
+        return None
+    # positions continue from the row's own counter: an image advances M-RoPE by its grid, not its length
+    pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
+    t.token_ids += ids
+    t.loss_mask += [0] * len(ids)
+    t.logprobs += [0.0] * len(ids)
+    row.turn = []
+    return ids, imgs, pos
+
+
 @contextmanager
 def timed(timings, key):
     """Add the block's wall time to timings[key] (when timings is a dict); CUDA work is waited for."""
@@ -659,22 +699,10 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
                         keep.append(k)  # still writing
                         continue
-                    # the turn is over: it answers, stops, or calls a tool
-                    text = processor.decode(row.turn[:-1] if ended else row.turn)
-                    t.messages.append({"role": "assistant", "content": text})
-                    if not ended:
-                        finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
-                    elif "<response>" in text:
-                        finish(t, "response")
-                    elif "<tool_call>" not in text:
-                        finish(t, "no_action")
-                    elif len(t.assistant_turns) >= max_turns:
-                        finish(t, "max_turns")
-                    else:  # the tool starts now, in parallel with the rows still writing
-                        call, err = parse_tool_call(text)
-                        fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout,
-                                                                    row.offered, row.mapping, row.run)
-                        row.pending = (call, err, fut)
+                    # the turn is over: it answers, stops, or calls a tool (which starts now, in parallel with
+                    # the rows still writing)
+                    if end_turn(row, processor.decode(row.turn[:-1] if ended else row.turn), ended, pool,
+                                max_new_tokens, max_turns, tool_timeout):
                         keep.append(k)
                 if progress is not None:
                     progress.update(len(batch.rows) - len(keep))
@@ -687,22 +715,12 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                 # 3. every live row waits on its tool: prefill all observations (text and new images) in one batch
                 chunks, keep = [], []
                 for k, row in enumerate(batch.rows):
-                    t = row.traj
                     with timed(timings, "tools"):
                         message = tool_observation(row)
-                    ids, imgs = encode(processor, ["\n"] + render(message) + ["<|im_start|>assistant\n"])
-                    if len(t.token_ids) + len(ids) >= max_total_tokens:
-                        finish(t, "max_total_tokens")
-                        continue
-                    # positions continue from the row's own counter: an image advances M-RoPE by its grid,
-                    # not its length
-                    pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
-                    t.token_ids += ids
-                    t.loss_mask += [0] * len(ids)
-                    t.logprobs += [0.0] * len(ids)
-                    row.turn = []
-                    chunks.append((ids, imgs, pos))
-                    keep.append(k)
+                    chunk = observation_chunk(row, message, processor, max_total_tokens)
+                    if chunk is not None:
+                        chunks.append(chunk)
+                        keep.append(k)
                 if progress is not None:
                     progress.update(len(batch.rows) - len(keep))
                 batch.keep(keep)
