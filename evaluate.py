@@ -25,9 +25,9 @@ from PIL import Image
 
 import adl
 import tasks
-from rollout import (add_device_flag, cli, evaluate, level_key, load_policy, mean, metrics, model_exists, parse_flags,
-                     resolve_device)
-from tools import TOOLS, schemas, tool_list
+from rollout import (add_device_flag, add_protocol_flag, cli, evaluate, level_key, load_policy, mean, metrics,
+                     model_exists, parse_flags, protocol_of, resolve_device)
+from tools import TOOLS, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--models", default="tiny", help="comma-separated models: tiny | scratch | PATH | LABEL=PATH, each "
@@ -56,6 +56,7 @@ parser.add_argument("--curves", default="", help="training logs to plot: comma-s
 parser.add_argument("--show", type=int, default=20, help="trajectories per model and task in the report")
 parser.add_argument("--out", default="runs/eval", help="output directory")
 add_device_flag(parser, "the models run")
+add_protocol_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of the generated test set, the sampler and ADL")
 parser.add_argument("--quick", action="store_true", help="smoke test: 2 examples per task, short turns")
 QUICK = dict(n=2, max_new_tokens=24, max_turns=2, show=2)
@@ -548,7 +549,7 @@ def write_outputs(out, settings, runs, curves=None):
         exs, trajs = run["examples"], run["trajectories"]
         n = len(exs)
         results["models"][label] = {"path": run["path"], "tool_mode": run["tool_mode"], "tools": run["tools"],
-                                    "seconds": run.get("seconds"), "samples": n,
+                                    "protocol": run.get("protocol", "ours"), "seconds": run.get("seconds"), "samples": n,
                                     "samples_per_s": n / run["seconds"] if run.get("seconds") else None}
         results["results"][label] = {}
         for t in task_list:
@@ -603,15 +604,19 @@ def main(argv=None):
     runs = {}
     for label, path, mode in models:
         model, processor = load_policy(path, device=device)
-        offered = modes[mode]
-        plan = adl.plan(examples, schemas(offered), args.adl, args.seed)
+        offered, protocol = modes[mode], protocol_of(args.protocol, path)
+        if protocol.name != "ours" and args.adl != "off":
+            parser.error("--adl rewrites this project's protocol only; it does not combine with --protocol official")
+        plan = adl.plan(examples, protocol.schemas(offered), args.adl, args.seed)
         t0 = time.perf_counter()
         trajs, per_task = evaluate(model, processor, examples, offered, plan, args.batch_size, f"eval {label}",
                                    args.seed, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    max_total_tokens=args.max_total_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, tool_timeout=args.tool_timeout)
+                                   top_p=args.top_p, top_k=args.top_k, tool_timeout=args.tool_timeout,
+                                   protocol=protocol)
         seconds = time.perf_counter() - t0
-        runs[label] = {"path": path, "tool_mode": mode, "tools": offered, "examples": examples,
+        runs[label] = {"path": path, "tool_mode": mode, "tools": offered, "protocol": protocol.name,
+                       "examples": examples,
                        "trajectories": trajs, "seconds": seconds}
         for t, m in per_task.items():
             log.write(json.dumps({"model": label, "task": t, **m}) + "\n")

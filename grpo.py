@@ -90,6 +90,7 @@ def parse_args(argv=None):
     g.add_argument("--ckpt-every", type=int, default=5, help="save a resumable checkpoint every N steps (0: never)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same flags)")
     rollout.add_device_flag(g)
+    rollout.add_protocol_flag(g)
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
     g.add_argument("--quick", action="store_true",
                    help="smallest run that exercises every code path (< 1 minute on CPU)")
@@ -341,6 +342,10 @@ def main(argv=None):
     autocast = rollout.train_autocast(device)  # bf16 on CUDA; fp32 on a CPU, where the rollouts are fp32 too
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)
+    protocol = rollout.protocol_of(args.protocol, args.init)
+    if protocol.name != "ours" and args.adl:
+        raise tasks.InputError("--adl rewrites this project's protocol only; it does not combine with --protocol "
+                               "official")
     ref_model = None
     if args.kl_coef:  # the frozen initial policy
         ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
@@ -354,7 +359,7 @@ def main(argv=None):
     rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
 
     limits = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                  tool_timeout=args.tool_timeout)
+                  tool_timeout=args.tool_timeout, protocol=protocol)
     if args.eval_before and args.eval_n and step == 0:
         evals["before"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                    args.eval_batch, autocast, "before", **limits)
@@ -377,7 +382,7 @@ def main(argv=None):
                                     max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                     max_total_tokens=args.max_total_tokens, temperature=args.temperature,
                                     top_p=args.top_p, seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
-                                    adl=mappings, progress=rbar)
+                                    adl=mappings, progress=rbar, protocol=protocol)
         # 3. rewards from the checked answer, the format and the tool calls; advantages normalized within each group,
         # so only differences between samples of the same prompt push the policy
         infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in trajs]
@@ -402,7 +407,7 @@ def main(argv=None):
     bar.close()
 
     model.eval()
-    rollout.save_policy(model, processor, os.path.join(args.out, "model"))
+    rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
     if args.eval_n:
         evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                   args.eval_batch, autocast, "after", **limits)

@@ -27,7 +27,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tasks import InputError, extract_answer, is_format_valid, score
-from tools import TOOLS, ToolResult, call_tool, observation, schemas
+from tools import (TOOLS, ToolResult, call_tool, observation, official_call, official_observation, official_schemas,
+                   schemas)
 
 # -----------------------------------------------------------------------------
 # the command line, and loading a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
@@ -113,6 +114,13 @@ def add_device_flag(parser, what="the model runs"):
                         help=f"where {what}: auto picks cuda when it is available")
 
 
+def add_protocol_flag(parser):
+    parser.add_argument("--protocol", default=None, choices=["ours", "official"],
+                        help="how prompts, tool calls and observations are written: ours, or official (the authors' "
+                             "release, for their checkpoints); default: what the model directory's protocol.json "
+                             "says, else ours")
+
+
 def reason(e):
     """An exception as a short clause for a one-line error: its type and first sentence."""
     text = (str(e).strip().splitlines() or [""])[0]
@@ -157,13 +165,17 @@ def load_policy(path="tiny", device="auto", dtype=None):
     return model.to(device).eval(), processor
 
 
-def save_policy(model, processor, out_dir):
-    """Write a Hugging Face model directory atomically: a half-written directory never has the final name."""
+def save_policy(model, processor, out_dir, protocol="ours"):
+    """Write a Hugging Face model directory atomically: a half-written directory never has the final name. A policy
+    trained under another protocol than ours declares it (PROTOCOL_FILE), so later stages read it the same way."""
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if protocol != "ours":
+        with open(os.path.join(tmp, PROTOCOL_FILE), "w") as f:
+            json.dump({"protocol": protocol}, f)
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -204,6 +216,86 @@ def system_prompt(tool_schemas):
         return f"{head}\n\n{RULES_NO_TOOLS}"
     lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas)
     return f"{head} You can call these tools:\n<tools>\n{lines}\n</tools>\n\n{RULES}"
+
+
+# The authors' release (github.com/ssmisya/AdaReasoner, tool_server/utils/prompts.py): the prompt its checkpoints
+# were trained with, whitespace included; {tool_list} is one tool schema per line as a Python dict repr.
+OFFICIAL_PROMPT = (
+    "\nYou are a visual assistant capable of solving visual reasoning problems. You can rely on your own capabilities "
+    "or use external tools to assist in solving. \n\nAvailable Tools  \nIn your response, you can use the following "
+    "tools:  \n{tool_list}\n\nSteps for Each Turn\n1. **Think:** First, silently analyze the user's request to "
+    "understand the goal. This thinking process should be enclosed in <think> and </think> tags.\n2. **Decide "
+    "Action:** Based on your thinking, decide on one of the following two actions:\n   - **If you need to use a "
+    "tool:** Generate your tool call, enclosed between <tool_call> and </tool_call> tags. **Do not** generate a "
+    "`<response>` in this turn.\n   - **If you have enough information to answer:** Generate your final, "
+    "user-facing answer, enclosed between <response> and </response> tags. **Do not** generate a `<tool_call>` in "
+    "this turn.\n\nOutput Format:\nYour output must always begin with your thought process. After the `<think>` "
+    "block, you must provide **either** a `<tool_call>` or a `<response>`, but **never both** in the same turn.\n"
+    "**Case 1: Tool Use is Required**\n<think> Your thoughts and reasoning </think>  \n<tool_call>  \n"
+    '{"name": "Tool name", "parameters": {"Parameter name": "Parameter content", "...": "..."}}\n</tool_call>  \n'
+    "**Case 2: Ready to Respond to the User**\n<think> Your thoughts and reasoning </think>  \n<response> Your final "
+    "response </response>\n\nImportant Notes  \n1. You must always include the <think> field to outline your "
+    "reasoning. Provide one of <tool_call> or <response>. You must not include both <tool_call> and <response> in "
+    "the same turn because they are mutually exclusive. If tool usage is required, you must instead include both "
+    "<think> and <tool_call>, and omit <response> for that turn. If no further tool usage is required and ready to "
+    "answer the user's question, you can then use <think> to summarize your reasoning and include <response> with "
+    "your final answer, and this indicates the ends of the conversation.\n\n2. You can only invoke a single tool "
+    "call at a time in the <tool_call> fields. The tool call should be a JSON object with a \"name\" field and a "
+    "\"parameters\" field containing a dictionary of parameters. If no parameters are needed, leave the "
+    "\"parameters\" field an empty dictionary. All images have their coordinate origin at the top-left corner.\n\n"
+    "3. Some tools require image input. You do not need to generate or upload the actual image data simply refer to "
+    "an image using a placeholder in the form of \"img_n\". There may be multiple images present in the dialogue. "
+    "Besides the original image, additional images may appear as a result of prior tool calls (e.g., edited images "
+    "returned by visual editing tools). You are free to select which image to use as input for the next tool.\n"
+    "The index \"n\" in \"img_n\" refers to the image's position in the dialogue history:\n- The original image is "
+    "always referred to as \"img_1\".\n- Each subsequent image, including those returned from tools, is assigned "
+    "\"img_2\", \"img_3\", and so on, in the order they appear in the dialogue.\nFor example:{{\"parameters\": "
+    "{{\"image\": \"img_1\", \"other_params\": \"other_values\"}}}}\n\n4. All image coordinates used must be in "
+    "absolute pixel values, not relative or normalized coordinates. \n\n5. At the end, provide your final answer by "
+    "placing it inside \\boxed{}, and wrap the entire final output inside <response></response> tags.\n")
+OFFICIAL_PROMPT_NO_TOOLS = ("You are a visual assistant capable of solving visual reasoning problems. Provide your "
+                            "final answer by placing it inside \\boxed{}")
+
+
+def official_system_prompt(tool_schemas):
+    """The official system prompt: the tool list as Python dict reprs, one per line, inside its rules."""
+    if not tool_schemas:
+        return OFFICIAL_PROMPT_NO_TOOLS
+    return OFFICIAL_PROMPT.replace("{tool_list}", "\n".join(str(s) for s in tool_schemas))
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a conversation is written, apart from the tools' computation: the schemas and system prompt the model
+    reads, how its calls run and how their results read back, and what follows a turn with neither a call nor an
+    answer. `ours` is this project's; `official` that of the authors' release, for their checkpoints."""
+    name: str
+    schemas: object        # canonical tool names -> the schemas the prompt lists
+    system_prompt: object  # schemas -> the system message
+    call: object           # (name, params, images, timeout) -> ToolResult
+    observe: object        # (tool name, ToolResult, name of the returned image or None) -> observation text
+    nudge: str = None      # the user turn after a turn with no call and no answer; None: the trajectory ends
+
+
+OURS = Protocol("ours", schemas, system_prompt, call_tool, observation)
+OFFICIAL = Protocol("official", official_schemas, official_system_prompt, official_call, official_observation,
+                    nudge="\n Please continue with your response or call a tool.\n")
+PROTOCOLS = {p.name: p for p in (OURS, OFFICIAL)}
+PROTOCOL_FILE = "protocol.json"  # beside a checkpoint's config.json: {"protocol": "official"}
+
+
+def protocol_of(flag, model):
+    """--protocol: the flag when given, else what the model directory declares (PROTOCOL_FILE), else ours."""
+    if flag:
+        return PROTOCOLS[flag]
+    path = os.path.join(str(model), PROTOCOL_FILE)
+    if os.path.isfile(path):
+        try:
+            name = json.load(open(path))["protocol"]
+            return PROTOCOLS[name]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: expected {{\"protocol\": \"ours\" | \"official\"}} ({reason(e)})") from None
+    return OURS
 
 
 def build_messages(example, tool_schemas, system_prompt=system_prompt):
@@ -447,8 +539,12 @@ class Row:
     offered: list  # tool names as the prompt shows them
     mapping: object = None
     run: object = call_tool  # executes the row's tool calls
+    protocol: object = OURS  # Protocol: how observations read and what follows a turn without an action
     turn: list = field(default_factory=list)  # tokens of the current assistant turn
     pending: object = None                    # the tool call it waits on: (call, parse error, future)
+
+
+NUDGE = ("nudge", None, None)  # Row.pending of a row whose next observation is the protocol's nudge
 
 
 def parse_tool_call(text):
@@ -461,6 +557,8 @@ def parse_tool_call(text):
     except json.JSONDecodeError as e:
         return None, (f"the tool call is not valid JSON ({e.msg} at character {e.pos}); write "
                       '{"name": ..., "parameters": {...}} inside <tool_call></tool_call>')
+    if isinstance(call, list) and call:  # an array of calls: the first runs (the authors' engine does the same)
+        call = call[0]
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None, 'the tool call must be a JSON object with a string "name" and an object "parameters"'
     return {"name": call["name"], "parameters": call.get("parameters", call.get("arguments", {}))}, None
@@ -483,19 +581,24 @@ def run_tool(call, images, timeout, offered, mapping, run=call_tool):
 MAX_ASPECT = 200  # the Qwen2-VL image processor (smart_resize) raises for an image more elongated than this
 
 
-def add_observation(images, name, result):
+def add_observation(images, name, result, observe=observation):
     """A tool result joins a conversation: a returned image is appended to `images` and named img_k after its
-    position, the name the model uses to pass it to the next tool -> (observation text, image name or None)."""
+    position, the name the model uses to pass it to the next tool -> (observation text, image name or None).
+    observe: the protocol's rendering of a result (Protocol.observe)."""
     image_name = None
     if result.image is not None:
         images.append(result.image)
         image_name = f"img_{len(images)}"
-    return observation(name, result, image_name), image_name
+    return observe(name, result, image_name), image_name
 
 
 def tool_observation(row):
     """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
     t = row.traj
+    if row.pending is NUDGE:  # a turn without call or answer, under a protocol that asks the model to go on
+        row.pending = None
+        t.messages.append(observation_message(row.protocol.nudge))
+        return observation_message(row.protocol.nudge)
     call, err, fut = row.pending
     row.pending = None
     if fut is None:  # the call did not parse: the model reads why
@@ -511,7 +614,7 @@ def tool_observation(row):
                                                   f"longer side must be under {MAX_ASPECT} times the shorter); use a "
                                                   "less thin region")
     t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
-    text, image_name = add_observation(t.images, name, result)
+    text, image_name = add_observation(t.images, name, result, row.protocol.observe)
     if row.mapping is not None:
         text = row.mapping.observation(text)
     t.messages.append(observation_message(text, image_name))
@@ -560,10 +663,13 @@ def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
         finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
     elif "<response>" in text:
         finish(t, "response")
-    elif "<tool_call>" not in text:
+    elif "<tool_call>" not in text and (row.protocol.nudge is None or len(t.assistant_turns) >= max_turns):
         finish(t, "no_action")
     elif len(t.assistant_turns) >= max_turns:
         finish(t, "max_turns")
+    elif "<tool_call>" not in text:  # the protocol's nudge is this row's next observation
+        row.pending = NUDGE
+        return True
     else:  # a call that does not parse still waits: its observation is the parse error
         call, err = parse_tool_call(text)
         fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered,
@@ -621,7 +727,7 @@ class LiveBatch:
 @torch.no_grad()
 def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
             max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
-            adl=None, toolsets=None, forcer=None, progress=None, timings=None):
+            adl=None, toolsets=None, forcer=None, progress=None, timings=None, protocol=OURS):
     """Sample `group_size` multi-turn trajectories per example; returns them example-major.
 
     tools: canonical tool names offered (None: all seven, []: the direct-answer prompt without tools).
@@ -632,13 +738,14 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
     progress: optional tqdm bar, advanced as trajectories finish.
     timings: optional dict that receives seconds spent in prefill, decode and waiting on tools.
+    protocol: how prompts, calls and observations are written (OURS, or OFFICIAL for the authors' checkpoints).
 
     The phases: 1. prefill every prompt once; then, while rows are live, 2. one token for every row that is
     writing its turn (a row whose turn ends in a tool call starts the tool and waits), or, when every row waits,
     3. prefill all the observations in one batch and let the rows write again.
     """
     device = next(model.parameters()).device
-    offered = schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
+    offered = protocol.schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
     gen = torch.Generator().manual_seed(seed)
     logp_temp = temperature if temperature > 0 else 1.0
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -650,10 +757,10 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     trajs, chunks, rows = [], [], []
     for i, ex in enumerate(examples):
         tool_schemas, mapping = adl[i] if adl and adl[i] is not None else (offered, None)
-        run = call_tool
+        run = protocol.call
         if toolsets and toolsets[i] is not None:
             tool_schemas, run = toolsets[i].schemas, toolsets[i].call
-        msgs = build_messages(ex, tool_schemas)
+        msgs = build_messages(ex, tool_schemas, protocol.system_prompt)
         ids, imgs = encode(processor, [p for m in msgs for p in render(m)] + ["<|im_start|>assistant\n"])
         pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)
         chunks.append((ids, imgs, pos))
@@ -666,7 +773,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                            logprobs=[0.0] * len(ids), images=list(ex["images"]), messages=[dict(m) for m in saved],
                            example_index=i, adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
-            rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run))
+            rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run,
+                            protocol))
     cache = kv_cache(model)
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)

@@ -680,3 +680,137 @@ def observation(name, result, image_name=None):
         text += "\nNew image generated and saved as: " + image_name
     return text
 
+
+# -----------------------------------------------------------------------------
+# The official protocol: the same seven tools as the authors' release shows them to its checkpoints (names,
+# parameters, result fields), read from their public code (github.com/ssmisya/AdaReasoner, tool_server/
+# tool_workers). Only the interface changes: every call runs the tool above that computes it.
+
+OFFICIAL_NAMES = {"AStar": "AStarWithPixelCoordinate"}  # canonical -> official; the other six keep their names
+_OFF_IMG = "The identifier of the image to analyze, e.g., 'img_1'"
+_OFF_COORDS = ("string", "Coordinates in format '[x_min, y_min, x_max, y_max]', eg., '[100, 100, 200, 200]'. Only "
+               "absolute pixel values (integers) are supported.")
+OFFICIAL_SCHEMAS = {  # canonical name -> (description, {param: (type, description)}, required)
+    "Point": ("Identify a point in the image based on a natural language description.",
+              {"image": ("string", "The identifier of the image to edit, e.g., 'img_1'"),
+               "description": ("string", "A natural language description of the point of interest, e.g., 'the "
+                                         "dog's nose', 'center of the clock', 'the tallest tree'.")},
+              ["image", "description"]),
+    "Draw2DPath": ("Draw a path on an image following a sequence of directional commands",
+                   {"image": ("string", "The image to draw on (image identifier)"),
+                    "start_point": ("array", "Starting point coordinates [x, y]"),
+                    "directions": ("string", "Direction sequence with 'u'=up, 'd'=down, 'l'=left, 'r'=right. "
+                                             "Accepts both 'rruldd' format and comma-separated 'R,R,U,L,D,D' format."),
+                    "step": ("integer", "Step size in pixels for each direction (default: 64)"),
+                    "pixel_coordinate": ("boolean", "If true, start_point is in pixel coordinates; if false, in "
+                                                    "grid coordinates (default: true)"),
+                    "line_width": ("integer", "Width of the drawn line (default: 3)"),
+                    "line_color": ("string", "Color of the line (default: 'red')")},
+                   ["image", "start_point", "directions"]),
+    "AStar": ("Find the shortest path from start to goal while avoiding obstacles using A* algorithm",
+              {"start": ("array", "Starting point coordinates [x, y] in pixels, e.g., [100, 200]"),
+               "goal": ("array", "Goal point coordinates [x, y] in pixels, e.g., [300, 400]"),
+               "obstacles": ("array", "Array of obstacle coordinates [[x1, y1], [x2, y2], ...] in pixels, e.g., "
+                                      "[[150, 150], [200, 250], [300, 300]]")},
+              ["start", "goal", "obstacles"]),
+    "DetectBlackArea": ("Detect pure black areas in an image and return their bounding boxes, prioritizing "
+                        "rectangular regions",
+                        {"image": ("string", "The image to analyze (image identifier)"),
+                         "threshold": ("integer", "Brightness threshold (0-255) below which pixels are considered "
+                                                  "black (default: 1)"),
+                         "min_area": ("integer", "Minimum area (in pixels) for a region to be considered "
+                                                 "(default: 200)")},
+                        ["image"]),
+    "InsertImage": ("Insert an image into a base image at a specified position defined by a bounding box",
+                    {"base_image": ("string", "The base image to insert into (image identifier)"),
+                     "image_to_insert": ("string", "The image to be inserted (image identifier)"),
+                     "coordinates": _OFF_COORDS},
+                    ["base_image", "image_to_insert", "coordinates"]),
+    "Crop": ("Crop an image using specified bounding box coordinates. This tool returns the cropped image in base64 "
+             "format along with its dimensions.",
+             {"image": ("string", "The identifier of the image to crop, e.g., 'img_1'."), "coordinates": _OFF_COORDS},
+             ["image", "coordinates"]),
+    "OCR": ("Extracts and localizes text from the given image using OCR. Returns bounding boxes, recognized text, "
+            "and confidence scores.", {"image": ("string", _OFF_IMG)}, ["image"]),
+}
+# what the official tools default to where ours differ (a call that leaves them out gets these)
+OFFICIAL_DEFAULTS = {"Draw2DPath": {"line_color": "red"}, "DetectBlackArea": {"threshold": 1, "min_area": 200}}
+
+
+def official_schemas(names=None):
+    """The official function schemas of the named canonical tools (all by default), in registry order."""
+    return [_schema(OFFICIAL_NAMES.get(n, n), *OFFICIAL_SCHEMAS[n]) for n in TOOLS if names is None or n in names]
+
+
+def _official_params(canonical, params):
+    """An official call's parameters -> ours: the official defaults, grid start points converted to pixels, and
+    the parameters our tools do not take (line_width, pixel_coordinate, rect_similarity, resize) dropped."""
+    if not isinstance(params, dict):
+        return params  # ours reports the error
+    p = {**OFFICIAL_DEFAULTS.get(canonical, {}), **params}
+    if canonical == "Draw2DPath" and p.get("pixel_coordinate") is False:  # 1-based grid cell -> its centre pixel
+        step = p.get("step", 64)
+        p["start_point"] = [(c - 1) * step + step // 2 for c in p["start_point"]]
+    if canonical == "Crop" and "bbox" in p and "coordinates" not in p:
+        p["coordinates"] = p.pop("bbox")
+    known = TOOLS[canonical][0]["function"]["parameters"]["properties"]
+    return {k: v for k, v in p.items() if k in known}
+
+
+def _size(image):
+    return {"width": image.width, "height": image.height}
+
+
+def official_result(name, result, images, params):
+    """Our result -> the official result fields (success: the tool's own fields, error_code 0; failure: status
+    'failed', a message and an error code: 205 a missing argument, 201 another bad argument, 203 a failed run)."""
+    if result.status != "success":
+        err = result.error or ""
+        code = 205 if "missing argument" in err else 201 if "argument" in err else 203
+        return ToolResult("error", {"tool_response_from": name, "status": "failed", "message": err,
+                                    "error_code": code}, error=err)
+    d, image = result.data, result.image
+    fields = {}
+    if name == "Point":
+        fields["points"] = [{"x": x, "y": y} for x, y in d["points"]]
+        if not d["points"]:
+            fields["message"] = "No valid points detected in the response."
+        fields["image_dimensions_pixels"] = _size(images[int(params["image"].strip()[4:]) - 1])
+    elif name == "AStarWithPixelCoordinate":
+        fields["path"] = d["path"]
+    elif name == "Draw2DPath":
+        fields["message"] = "Path drawn successfully"
+    elif name == "DetectBlackArea":  # boxes as strings, as the official tool writes them
+        fields["bounding_boxes"] = [str(list(b)) for b in d["bounding_boxes"]]
+        fields["message"] = f"Found {len(d['bounding_boxes'])} black areas"
+    elif name == "InsertImage":
+        fields["message"] = "Image inserted successfully"
+    elif name == "Crop":
+        fields.update(message="Image cropped successfully using absolute coordinates.", image_dimensions_pixels=
+                      _size(image))
+    elif name == "OCR":  # our reader matches glyph templates exactly: confidence 1.0
+        fields["detections"] = [{"label": x["text"], "confidence": 1.0, "pixel_bbox": dict(zip(
+            ("x_min", "y_min", "x_max", "y_max"), x["bbox"]))} for x in d["detections"]]
+        fields["image_dimensions_pixels"] = _size(images[int(params["image"].strip()[4:]) - 1])
+    return ToolResult("success", {"tool_response_from": name, "status": "success", **fields, "error_code": 0}, image)
+
+
+def official_call(name, params, images, timeout=5.0):
+    """Run a call written in the official protocol (its tool names and parameters) -> a ToolResult whose data are
+    the official result fields. An unknown name fails as ours does."""
+    canonical = {v: k for k, v in OFFICIAL_NAMES.items()}.get(name, name)
+    if canonical not in TOOLS or canonical in OFFICIAL_NAMES and name == canonical:
+        return official_result(name, ToolResult("error", error=f"Tool {_short(name)} not found."), images, params)
+    result = call_tool(canonical, _official_params(canonical, params), images, timeout)
+    return official_result(name, result, images, params)
+
+
+def official_observation(name, result, image_name=None):
+    """The official RL observation: the result's Python dict repr after a newline; a returned image adds the line
+    naming it (the engine appends the image itself)."""
+    d = result.data if result.data else {"tool_response_from": name, "status": "failed", "message": result.error,
+                                         "error_code": 201}
+    text = f"\n{d!r}"
+    if result.image is not None and image_name:
+        text += f"\nNew image generated and saved as: {image_name}\n"
+    return text
