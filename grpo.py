@@ -42,6 +42,8 @@ def parse_args(argv=None):
     g.add_argument("--init", default=None, help="starting policy: a model directory, 'tiny' (the pretrained base) or "
                    "'scratch' (default runs/tc/model, the output of coldstart.py; 'tiny' under --quick)")
     g.add_argument("--out", default="runs/tg", help="output directory: log.jsonl, eval.json, ckpt/, model/")
+    g.add_argument("--data", default=None, help="RL prompts from the authors' parquet (path_nav, path_ver and jigsaw* "
+                   "rows; other sources are skipped and counted) instead of generated ones; needs pyarrow")
     g.add_argument("--tasks", default=",".join(tasks.TASKS),
                    help="comma-separated tasks the RL prompts mix over (round-robin)")
     g.add_argument("--tools", default="all", help="tools offered in RL and evaluation: 'all', 'none' (direct-answer "
@@ -276,8 +278,11 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
 # data, rollout statistics, evaluation
 
 
-def rl_prompt(task_list, pos, seed):
-    """The RL prompt at data position `pos`: tasks round-robin, each a fresh example of the rl split."""
+def rl_prompt(task_list, pos, seed, data=None):
+    """The RL prompt at data position `pos`: tasks round-robin, each a fresh example of the rl split; or, with
+    `data` (examples read from --data), its examples in order, cycling."""
+    if data:
+        return data[pos % len(data)]
     task = task_list[pos % len(task_list)]
     return tasks.generate(task, 1, split="rl", seed=seed * 1_000_003 + pos // len(task_list))[0]
 
@@ -343,6 +348,14 @@ def main(argv=None):
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)
     protocol = rollout.protocol_of(args.protocol, args.init)
+    data = None
+    if args.data:
+        data, skipped = tasks.read_parquet(args.data)
+        data = [ex for ex in data if ex["task"] in task_list]
+        print(f"{len(data)} RL prompts from {args.data}; skipped (no exact scorer here): "
+              f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'}")
+        if not data:
+            raise tasks.InputError(f"{args.data}: no rows of the tasks {task_list}")
     if protocol.name != "ours" and args.adl:
         raise tasks.InputError("--adl rewrites this project's protocol only; it does not combine with --protocol "
                                "official")
@@ -372,7 +385,7 @@ def main(argv=None):
             group["lr"] = lr
         # 1. this step's prompts: fresh rl-split examples, tasks round-robin; a pure function of the data position,
         # so a resumed run draws the same ones (and, under ADL, the same random tool names for each group)
-        examples = [rl_prompt(task_list, pos + k, args.seed) for k in range(args.prompts_per_step)]
+        examples = [rl_prompt(task_list, pos + k, args.seed, data) for k in range(args.prompts_per_step)]
         mappings = [adl_for(offered, pos + k, args.seed) for k in range(len(examples))] if args.adl else None
         pos += len(examples)
         # 2. sample group_size multi-turn trajectories per prompt with the current policy (tools run for real)

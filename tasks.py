@@ -531,3 +531,73 @@ def load(dir):
         return {**ex, "images": images}
     return read_jsonl(os.path.join(dir, "examples.jsonl"), ("id", "task", "question", "images", "answer", "meta"),
                       parse)
+
+# -----------------------------------------------------------------------------
+# The authors' RL data (a verl parquet: data_source, prompt, images, reward_model, extra_info) for the sources
+# this project scores exactly: path_nav (a route replayed on the ground-truth map), path_ver (yes / no) and
+# jigsaw* (the letter). Others need the authors' LLM judge and are skipped.
+
+PARQUET_COLUMNS = ("data_source", "prompt", "images", "reward_model", "extra_info")
+
+
+def map_meta(text):
+    """A FrozenLake map as the parquet holds it ("[['F', 'S', ...], ...]": S start, G goal, H hole, F ice) -> our
+    vsp_nav meta (square grid, cells as (column, row))."""
+    import ast
+    rows = ast.literal_eval(text)
+    n = len(rows)
+    if not n or any(len(r) != n for r in rows):
+        raise ValueError(f"the map is not a square grid: {text[:80]}")
+    cells = {(c, r): v for r, row in enumerate(rows) for c, v in enumerate(row)}
+    find = [k for k, v in cells.items() if v == "S"], [k for k, v in cells.items() if v == "G"]
+    if len(find[0]) != 1 or len(find[1]) != 1:
+        raise ValueError(f"the map needs one S and one G: {text[:80]}")
+    return {"grid": n, "start": find[0][0], "goal": find[1][0], "holes": [k for k, v in cells.items() if v == "H"],
+            "level": n}
+
+
+def read_parquet(path):
+    """RL prompts from the authors' parquet -> (examples in this project's format, {skipped source: count}).
+    The question is the user turn without its <image> placeholders; the images are decoded from their bytes."""
+    import io
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's errors have no common base class worth naming
+        raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(f"{path}: missing columns {missing} (the authors' RL layout has {list(PARQUET_COLUMNS)})")
+    examples, skipped = [], {}
+    for i, row in enumerate(table.to_pylist()):
+        source = row["data_source"]
+        task = {"path_nav": "vsp_nav", "path_ver": "vsp_verify"}.get(source) or \
+            ("jigsaw" if str(source).startswith("jigsaw") else None)
+        if task is None:
+            skipped[source] = skipped.get(source, 0) + 1
+            continue
+        try:
+            user = [m for m in row["prompt"] if m["role"] == "user"][0]["content"]
+            images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in row["images"]]
+            if user.count("<image>") != len(images):
+                raise ValueError(f"{user.count('<image>')} <image> placeholders but {len(images)} images")
+            truth = str(row["reward_model"]["ground_truth"])
+            info = row["extra_info"] or {}
+            if task == "vsp_nav":  # the reference answer is a shortest route; any safe route scores
+                meta = map_meta(truth)
+                answer = ",".join(astar(meta["start"], meta["goal"], set(meta["holes"]), meta["grid"],
+                                        meta["grid"]) or [])
+            elif task == "vsp_verify":
+                meta, answer = {"level": "parquet"}, {"yes": "Yes", "no": "No"}[truth.strip().lower()]
+            else:
+                meta, answer = {"level": "parquet"}, str(info.get("answer") or truth).strip().upper()[:1]
+        except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
+            raise InputError(f"{path}, row {i} ({source}): malformed RL record: {e}") from None
+        examples.append({"id": f"{source}-{info.get('index', i)}", "task": task, "images": images, "answer": answer,
+                         "question": re.sub(r"\n?<image>", "", user).strip(), "meta": meta})
+    return examples, skipped

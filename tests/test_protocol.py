@@ -136,3 +136,73 @@ def test_tg_under_the_official_protocol_declares_it_in_its_model(tmp_path):
     assert rollout.protocol_of(None, str(out / "model")) is rollout.OFFICIAL
     with pytest.raises(rollout.InputError, match="does not combine with --protocol official"):
         grpo.main(["--quick", "--init", str(out / "model"), "--adl", "--out", str(tmp_path / "tg2")])
+
+
+# -----------------------------------------------------------------------------
+# the authors' RL parquet
+
+MAP = "[['S', 'F', 'F'], ['H', 'H', 'F'], ['G', 'F', 'F']]"  # start top-left, goal bottom-left, holes between
+
+
+def png_bytes(colour):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (192, 192), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rl_row(source, truth, n_images=1, answer=None):
+    user = "Solve it." + "\n<image>" * n_images
+    return {"data_source": source, "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": user}],
+            "images": [{"bytes": png_bytes("white")} for _ in range(n_images)], "ability": "x", "env_name": "x",
+            "reward_model": {"ground_truth": truth, "style": "model"},
+            "extra_info": {"answer": answer or truth, "index": 7, "split": "train"}}
+
+
+def write_parquet(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_parquet_rows_become_examples_scored_from_the_map(tmp_path):
+    path = str(tmp_path / "rl.parquet")
+    write_parquet(path, [rl_row("path_nav", MAP), rl_row("path_nav", MAP), rl_row("path_ver", "no"),
+                         rl_row("jigsaw_coco", "b", n_images=3, answer="B"), rl_row("web_guichat", "a button")])
+    examples, skipped = tasks.read_parquet(path)
+    assert skipped == {"web_guichat": 1} and [ex["task"] for ex in examples] == ["vsp_nav", "vsp_nav", "vsp_verify",
+                                                                                   "jigsaw"]
+    nav = examples[0]
+    assert nav["meta"]["start"] == (0, 0) and nav["meta"]["goal"] == (0, 2) and (1, 1) in nav["meta"]["holes"]
+    assert tasks.score(nav, "R,R,D,D,L,L") == 1.0  # around the holes
+    assert tasks.score(nav, "D,D") == 0.0  # straight into the hole
+    assert tasks.score(nav, nav["answer"]) == 1.0  # the reference route is a shortest safe one
+    assert tasks.score(examples[2], "No") == 1.0 and tasks.score(examples[2], "Yes") == 0.0
+    assert tasks.score(examples[3], "B") == 1.0 and len(examples[3]["images"]) == 3
+    assert "<image>" not in nav["question"] and nav["question"] == "Solve it."
+
+
+def test_grpo_trains_on_parquet_prompts(tmp_path, capsys):
+    import grpo
+    path = str(tmp_path / "rl.parquet")
+    write_parquet(path, [rl_row("path_nav", MAP), rl_row("path_ver", "yes"), rl_row("visual_cot", "x")])
+    grpo.main(["--quick", "--init", "tiny", "--data", path, "--steps", "1", "--eval-n", "0", "--tasks",
+               "vsp_nav,vsp_verify", "--out", str(tmp_path / "tg")])
+    assert "2 RL prompts from" in capsys.readouterr().out
+    log = [json.loads(x) for x in open(tmp_path / "tg" / "log.jsonl")]
+    assert log[0]["examples"][:2] == ["path_nav-7", "path_ver-7"]
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r.pop("reward_model"), "missing columns \\['reward_model'\\]"),
+    (lambda r: r.update(images=[]), "row 0 \\(path_nav\\): malformed RL record: 1 <image> placeholders but 0 images"),
+    (lambda r: r["reward_model"].update(ground_truth="[['S', 'F']]"), "row 0 \\(path_nav\\): .*not a square grid"),
+])
+def test_malformed_parquet_names_file_row_and_fault(tmp_path, change, why):
+    row = rl_row("path_nav", MAP)
+    change(row)
+    path = str(tmp_path / "bad.parquet")
+    write_parquet(path, [row])
+    with pytest.raises(tasks.InputError, match=f"bad.parquet.*{why}"):
+        tasks.read_parquet(path)
