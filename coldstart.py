@@ -85,6 +85,7 @@ parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant tur
 parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation "
                     "trajectory (a real one stays under 2000; the cap bounds the cost of a model that loops)")
 rollout.add_device_flag(parser)
+rollout.add_protocol_flag(parser)  # of the evaluation and the saved model; curation writes ours (see main)
 parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
 parser.add_argument("--quick", action="store_true",
                     help="smallest configuration that exercises every code path (tests)")
@@ -802,6 +803,10 @@ def main(argv=None):
         parser.error(f"--tools: {e}")
     if not offered:
         parser.error("--tools: TC data needs at least one tool (--no-tools makes direct-answer SFT data)")
+    protocol = rollout.protocol_of(args.protocol, args.model)
+    if protocol.name != "ours" and not args.data:
+        parser.error("--protocol official: curation writes this project's protocol; train on data in the official "
+                     "one with --data (e.g. the authors' sharegpt file)")
     os.makedirs(args.out, exist_ok=True)
     data_dir = os.path.join(args.out, "data")
     t_start = time.perf_counter()
@@ -862,7 +867,7 @@ def main(argv=None):
     if state["step"] < total:
         print(f"stopped after step {state['step']} of {total}; continue with --resume")
         return None
-    model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"))
+    model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
     print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
 
     # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates. The training images and
@@ -874,8 +879,9 @@ def main(argv=None):
         model.to(torch.bfloat16 if device == "cuda" else torch.float32)
         examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
         shown = [] if args.no_tools else offered
-        plan = adl.plan(examples, tools.schemas(shown), "per-sample" if args.adl else "off", args.seed)
+        plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)
         _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
+                                      protocol=protocol,
                                       max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
                                       max_total_tokens=args.eval_max_total_tokens)
         for task, m in results.items():

@@ -201,8 +201,12 @@ def test_a_hand_written_sharegpt_file_loads_and_trains(tmp_path):
     text = processor.decode(ids)
     assert text.startswith("<|im_start|>system\nYou can call tools.<|im_end|>") and call in text
     assert text.count("<|vision_start|>") == 2
-    res = run(["--quick", "--data", str(tmp_path / "sg.json"), "--tasks", "guiqa"], tmp_path / "tc")
+    res = run(["--quick", "--data", str(tmp_path / "sg.json"), "--tasks", "guiqa", "--protocol", "official"],
+              tmp_path / "tc")
     assert res["steps"] >= 1 and (tmp_path / "tc" / "model" / "model.safetensors").exists()
+    assert json.load(open(tmp_path / "tc" / "model" / "protocol.json")) == {"protocol": "official"}
+    with pytest.raises(SystemExit):  # curation writes our protocol only
+        run(["--quick", "--protocol", "official"], tmp_path / "tc2")
 
 
 @pytest.mark.parametrize("row, why", [
