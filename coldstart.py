@@ -705,7 +705,8 @@ def batch_plan(lengths, batch_size, epoch, seed):
 
 
 def encode_record(rec, processor, images, rng, use_adl):
-    """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL draws a fresh mapping for this use of the record."""
+    """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL draws a fresh mapping for this use of the record (rng is
+    the use's own: seeded by the micro-batch and the record's place in it, so every rank draws the same)."""
     if use_adl:
         rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])
     k = iter(images)
@@ -733,7 +734,10 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     micro_per_epoch = math.ceil(len(keep) / batch_size)
     total = max(1, int(epochs * micro_per_epoch) // grad_accum)
     state = start_state or {"step": 0, "micro": 0}
-    log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
+    # under torchrun: every rank plans the same batches and takes every world-th sequence of each micro-batch;
+    # only rank 0 writes the log and the checkpoints
+    rank, world = (0, 1) if rollout.world_size() == 1 else (torch.distributed.get_rank(), rollout.world_size())
+    log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"]) if rank == 0 else open(os.devnull, "w")
     autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
     plans = {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
@@ -747,23 +751,30 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
             epoch, pos = divmod(state["micro"], micro_per_epoch)
             if epoch not in plans:  # only the current epoch's plan is kept
                 plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
-            rng = random.Random(f"{seed}-adl-{state['micro']}")
-            micro.append([encode_record(records[keep[j]], processor, images[keep[j]], rng, use_adl)
-                          for j in plans[epoch][pos]])
+            batch = plans[epoch][pos]
+            micro.append([encode_record(records[keep[j]], processor, images[keep[j]],
+                                        random.Random(f"{seed}-adl-{state['micro']}-{k}"), use_adl)
+                          for k, j in enumerate(batch) if k % world == rank])
             state["micro"] += 1
-        count = sum(int(sum(m[1:])) for b in micro for _, m, _ in b)  # loss tokens of the whole step: token-mean
+        # loss tokens of the whole step, over every rank: the loss is a token-mean over the global batch
+        count = rollout.all_sum([sum(int(sum(m[1:])) for b in micro for _, m, _ in b)])[0]
         lr_now = rollout.lr_at(state["step"], total, lr, warmup)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
         # 2. forward and backward per micro-batch; dividing by the step's loss tokens makes the accumulated gradient
         # that of one token-mean loss over the whole step, whatever the split
-        for batch in micro:
+        for batch in [b for b in micro if b]:  # a rank may hold none of a short last micro-batch
             with autocast:
                 loss, n = rollout.masked_lm_loss(model, processor, batch, device)
             (loss / max(1, count)).backward()
             loss_sum, n_tok, n_all = loss_sum + loss.item(), n_tok + n, n_all + sum(len(ids) for ids, _, _ in batch)
-        # 3. one optimizer step (only the trained parameters: the vision tower may be frozen)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+        # 3. one optimizer step (only the trained parameters: the vision tower may be frozen); several ranks first
+        # sum their gradients, so every rank takes the same step
+        trained = [p for p in model.parameters() if p.requires_grad]
+        rollout.all_reduce_grads(trained)
+        loss_sum, n_tok, n_all = rollout.all_sum([loss_sum, n_tok, n_all])
+        n_tok, n_all = int(n_tok), int(n_all)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
@@ -778,7 +789,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         # 4. checkpoint every ckpt_every steps, and before a requested stop (--stop-after), so --resume goes on
         stop = stop_after and state["step"] >= stop_after
-        if (ckpt_every and state["step"] % ckpt_every == 0) or stop:
+        if ((ckpt_every and state["step"] % ckpt_every == 0) or stop) and rank == 0:
             rollout.save_checkpoint(os.path.join(out, "ckpt"), model, processor, optimizer, state)
         if stop:
             break
@@ -795,7 +806,7 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a nohup log as they happen
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    device = rollout.resolve_device(args.device)
+    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device))
     task_names = [t for t in args.tasks.split(",") if t]
     try:
         offered = tools.tool_list(args.tools)
@@ -815,6 +826,8 @@ def main(argv=None):
     config = {"tasks": task_names, "n_per_task": args.n_per_task, "kinds": parse_kinds(args.kinds), "seed": args.seed,
               "no_tools": args.no_tools, "tools": offered}
     config_path = os.path.join(data_dir, "config.json")
+    if rank > 0:  # under torchrun rank 0 curates; the others wait for its data
+        rollout.barrier()
     if args.data:  # TC data from elsewhere: ours from another run, or sharegpt
         records, data_dir = load_data(args.data)
         if args.adl and any(not r["tools"] for r in records):
@@ -831,6 +844,8 @@ def main(argv=None):
             records = (direct_record(r, rng) for r in records)
         save_records(records, data_dir)
         json.dump(config, open(config_path, "w"))
+    if rank == 0:
+        rollout.barrier()
     if not args.data:
         records = load_records(data_dir)
     print(f"{len(records)} trajectories from {args.data or data_dir} ({time.perf_counter() - t_start:.0f} s)")
@@ -866,9 +881,12 @@ def main(argv=None):
                          ckpt_every=args.ckpt_every, stop_after=args.stop_after, start_state=state)
     if state["step"] < total:
         print(f"stopped after step {state['step']} of {total}; continue with --resume")
+        rollout.barrier()  # rank 0's checkpoint is complete before any rank exits
         return None
-    model_dir = rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
-    print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
+    model_dir = os.path.join(args.out, "model")
+    if rank == 0:
+        rollout.save_policy(model, processor, model_dir, protocol.name)
+        print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
 
     # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates. The training images and
     # their encodings are let go first: evaluation needs neither, so the peak is the larger of the two phases
@@ -888,7 +906,9 @@ def main(argv=None):
             print(rollout.describe(task, m))
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),
                "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time(), "args": vars(args)}
-    json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+    if rank == 0:
+        json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+    rollout.barrier()
     print(f"done in {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
     return summary
 

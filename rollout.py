@@ -19,7 +19,7 @@ import weakref
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,81 @@ def resolve_device(device="auto"):
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     return device
+
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun): data parallel over torch.distributed. A plain `python stage.py` is world size 1 and
+# none of this does anything.
+
+
+def dist_setup(device):
+    """Under torchrun (WORLD_SIZE > 1) join the process group, nccl on CUDA and gloo on a CPU, and take this rank's
+    GPU -> (rank, world size, device). Without torchrun -> (0, 1, device)."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return dist.get_rank(), world, device
+
+
+def world_size():
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(values):
+    """Sum a list of numbers over the ranks (itself at world size 1) -> list of floats."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)  # gloo reduces CPU tensors; nccl wants them on the GPU
+    return t.tolist()
+
+
+def all_reduce_grads(params):
+    """Sum every parameter's gradient over the ranks, after the step's backward passes. Not DDP's hooks: ranks may
+    hold different numbers of sequences in a step (or none, at an epoch's end) and only some of them images, so a
+    rank may run fewer backward passes or leave the vision tower unused, which DDP does not allow. The losses are
+    divided by the step's global token count, so the sum is the gradient of one token-mean loss over the global
+    batch, whatever the number of ranks."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for i, p in enumerate(params):  # buckets of about 2**25 values: few collectives, a bounded extra copy
+        bucket, size = bucket + [p], size + p.numel()
+        if size >= 2**25 or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
+                q.grad.copy_(g.view_as(q))
+            bucket, size = [], 0
+
+
+def all_gather(obj):
+    """Every rank's picklable object, in rank order (a one-item list at world size 1)."""
+    import torch.distributed as dist
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    import torch.distributed as dist
+    if world_size() > 1:
+        dist.barrier()
 
 
 BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
@@ -1016,12 +1091,23 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="e
     batches that mix the tasks (on a CPU a decode step costs about the same for 10 rows as for 50, so few large
     batches are fastest) -> (trajectories, {task: metrics}). adl: one Mapping per example (adl.plan) or None."""
     from tqdm import tqdm
-    trajs = []
-    with tqdm(total=len(examples), desc=desc, dynamic_ncols=True, leave=False) as bar:
-        for i in range(0, len(examples), batch_size):
-            trajs += rollout(model, processor, examples[i:i + batch_size], tools=tools, seed=seed + i,
-                             adl=adl[i:i + batch_size] if adl else None, progress=bar,
-                             **{"temperature": 0.0, **sampling})
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
+    trajs = {}
+    # under torchrun each rank takes every world-th example; each batch's seed is that of its first example, so
+    # what an example gets does not depend on the world size as long as batches match (greedy: never)
+    mine = list(range(rank, len(examples), world))
+    with tqdm(total=len(mine), desc=desc, dynamic_ncols=True, leave=False, disable=rank > 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i:i + batch_size]
+            batch = rollout(model, processor, [examples[k] for k in idx], tools=tools, seed=seed + idx[0],
+                            adl=[adl[k] for k in idx] if adl else None, progress=bar,
+                            **{"temperature": 0.0, **sampling})
+            trajs.update(zip(idx, batch))
+    if world > 1:  # every rank gets every trajectory (their images stay on the rank that made them)
+        for part in all_gather({k: replace(t, images=[]) for k, t in trajs.items()}):
+            trajs = {**part, **trajs}
+    trajs = [trajs[k] for k in range(len(examples))]
     return trajs, metrics_by_task(examples, trajs)
 
 

@@ -1,0 +1,66 @@
+"""torchrun: two CPU processes (gloo) train what one process trains on the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, nproc=1, timeout=600):
+    head = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [])
+    proc = subprocess.run(head + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def weights(d):
+    return load_file(os.path.join(d, "model.safetensors"))
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+# 8 records, micro-batches of 3 (the last has 2: one rank gets 1 sequence), 2 per step. A small lr: Adam's first
+# steps move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed in
+# another order over two ranks) may move its weight by up to lr either way; at 1e-4 that stays under 1e-5
+TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw", "--n-per-task", "4",
+      "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--lr", "1e-4", "--eval-n", "2", "--adl"]
+
+
+def test_tc_on_two_processes_equals_one(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run(TC + ["--out", one])
+    os.makedirs(two)
+    os.symlink(os.path.join(one, "data"), os.path.join(two, "data"))  # the same curated data
+    run(TC + ["--out", two], nproc=2)
+    assert_close(weights(os.path.join(one, "model")), weights(os.path.join(two, "model")))
+    log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
+    log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
+    assert [r["step"] for r in log2] == [r["step"] for r in log1]  # one log, one line per step
+    assert [(r["tokens"], r["loss_tokens"]) for r in log2] == [(r["tokens"], r["loss_tokens"]) for r in log1]
+    assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], rel=1e-5)
+    e1, e2 = (json.load(open(os.path.join(d, "eval.json")))["results"] for d in (one, two))
+    assert e1 == e2  # the evaluation split over the ranks and gathered gives the same metrics
+    assert not [f for f in os.listdir(two) if f.startswith("log.jsonl.")]
+
+
+def test_tc_two_processes_resume_after_a_stop(tmp_path):
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    flags = [a for a in TC if a != "--adl"] + ["--eval-n", "0", "--ckpt-every", "0"]
+    run(flags + ["--out", whole], nproc=2)
+    os.makedirs(cut)
+    os.symlink(os.path.join(whole, "data"), os.path.join(cut, "data"))
+    run(flags + ["--out", cut, "--stop-after", "1"], nproc=2)
+    assert not os.path.exists(os.path.join(cut, "model"))
+    run(flags + ["--out", cut, "--resume"], nproc=2)
+    assert_close(weights(os.path.join(whole, "model")), weights(os.path.join(cut, "model")), tol=0)
