@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 
 import torch
@@ -229,18 +230,23 @@ def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, aut
 
 def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo_epochs=1, minibatches=1,
            loss_agg="token-mean", clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=1.0, ref_model=None,
-           autocast=nullcontext(), seed=0):
+           autocast=nullcontext(), seed=0, owned=None):
     """PPO-style epochs over one rollout batch. Groups with all-equal rewards have zero advantage and (without
-    KL) no gradient, so they are left out. Returns stats averaged per sampled token."""
+    KL) no gradient, so they are left out. Returns stats averaged per sampled token.
+    owned: under torchrun, the indices of the trajectories this rank sampled (it holds their images); every rank
+    plans the same minibatches over the whole batch, computes the loss of its own members and the ranks sum their
+    gradients, so the step is that of one process."""
     device = next(model.parameters()).device
+    owns = (lambda i: True) if owned is None else owned.__contains__
     keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or kl_coef)]
     totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"],
                            0.0)
     # the ratio's denominator: the sampler's log-probs, unless later passes need the pre-update policy's own
     old = {i: trajs[i].logprobs for i in keep}
+    mine = [i for i in keep if owns(i)]
     if ppo_epochs * minibatches > 1:
-        old = frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast)
-    ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, keep, micro_batch, temperature,
+        old = frozen_logprobs(model, processor, trajs, mine, micro_batch, temperature, autocast)
+    ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, mine, micro_batch, temperature,
                                                        autocast)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(ppo_epochs):
@@ -251,8 +257,9 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
             mb.sort(key=lambda i: len(trajs[i].token_ids))  # similar lengths share a micro-batch: less padding
             denom = sum(sum(trajs[i].loss_mask) for i in mb) if loss_agg == "token-mean" else len(mb)
             opt.zero_grad(set_to_none=True)
-            for k in range(0, len(mb), micro_batch):  # gradient accumulation: the loss is already / denom
-                idx = mb[k:k + micro_batch]
+            own = [i for i in mb if owns(i)]
+            for k in range(0, len(own), micro_batch):  # gradient accumulation: the loss is already / denom
+                idx = own[k:k + micro_batch]
                 batch = [trajs[i] for i in idx]
                 logp, entropy = forward_logprobs(model, processor, batch, temperature, autocast)
                 mask = padded([t.loss_mask for t in batch]).to(device)
@@ -264,9 +271,12 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
                     totals[k] += v
                 totals["entropy"] += (entropy * mask).sum().item()
                 totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
+            rollout.all_reduce_grads([p for p in model.parameters() if p.requires_grad])  # several ranks: summed
             totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
             opt.step()
             totals["opt_steps"] += 1
+    summed = ["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy"]  # the others agree on every rank
+    totals.update(zip(summed, rollout.all_sum([totals[k] for k in summed])))
     n = max(totals["tokens"], 1.0)
     return {"trained": len(keep), "opt_steps": int(totals["opt_steps"]), "tokens": totals["tokens"],
             "seq_tokens": totals["seq_tokens"],
@@ -333,7 +343,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    device = rollout.resolve_device(args.device)
+    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device))
     if not rollout.model_exists(args.init):
         raise tasks.InputError(f"the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
                                "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the "
@@ -369,7 +379,8 @@ def main(argv=None):
         state = rollout.load_checkpoint(found, opt)
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
         print(f"resumed at step {step}")
-    rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
+    if rank == 0:
+        rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
 
     limits = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
                   tool_timeout=args.tool_timeout, protocol=protocol)
@@ -388,44 +399,66 @@ def main(argv=None):
         examples = [rl_prompt(task_list, pos + k, args.seed, data) for k in range(args.prompts_per_step)]
         mappings = [adl_for(offered, pos + k, args.seed) for k in range(len(examples))] if args.adl else None
         pos += len(examples)
-        # 2. sample group_size multi-turn trajectories per prompt with the current policy (tools run for real)
+        # 2. sample group_size multi-turn trajectories per prompt with the current policy (tools run for real).
+        # Under torchrun a rank samples every world-th prompt, keyed by its place in the step, so the samples are
+        # those of one process
+        mine = list(range(rank, len(examples), world))
         model.eval()
-        with autocast, tqdm(total=len(examples) * args.group_size, desc="rollout", leave=False) as rbar:
-            trajs = rollout.rollout(model, processor, examples, tools=offered, group_size=args.group_size,
-                                    max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                    max_total_tokens=args.max_total_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
-                                    adl=mappings, progress=rbar, protocol=protocol)
+        with autocast, tqdm(total=len(mine) * args.group_size, desc="rollout", leave=False, disable=rank > 0) as rbar:
+            local = rollout.rollout(model, processor, [examples[k] for k in mine], tools=offered,
+                                    group_size=args.group_size, max_turns=args.max_turns,
+                                    max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
+                                    adl=[mappings[k] for k in mine] if mappings else None, progress=rbar,
+                                    protocol=protocol, keys=mine)
         # 3. rewards from the checked answer, the format and the tool calls; advantages normalized within each group,
-        # so only differences between samples of the same prompt push the policy
-        infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in trajs]
+        # so only differences between samples of the same prompt push the policy (groups are whole on a rank)
+        for t in local:
+            t.example_index = mine[t.example_index]  # the prompt's place in the step
+        infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in local]
         adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
+        # every rank learns the whole batch's tokens, rewards and advantages (images stay where they were made)
+        at = [t.example_index * args.group_size + j % args.group_size for j, t in enumerate(local)]
+        trajs, infos_all, adv_all = [None] * (len(examples) * args.group_size), {}, {}
+        for part in rollout.all_gather((at, [replace(t, images=[]) for t in local], infos, adv.tolist())):
+            for i, t, info, a in zip(*part):
+                trajs[i], infos_all[i], adv_all[i] = t, info, a
+        for i, t in zip(at, local):
+            trajs[i] = t
+        infos = [infos_all[i] for i in range(len(trajs))]
+        adv = torch.tensor([adv_all[i] for i in range(len(trajs))], dtype=torch.float64)
         t1 = time.perf_counter()
         # 4. the clipped policy-gradient update on the sampled tokens only (observations and prompts are masked)
         model.train()
         upd = update(model, processor, trajs, adv, opt, temperature=args.temperature, micro_batch=args.micro_batch,
                      ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, loss_agg=args.loss_agg,
                      clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
-                     ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step)
+                     ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step,
+                     owned=set(at) if world > 1 else None)
         t2 = time.perf_counter()
 
         record = step_record(step, lr, pos, examples, trajs, infos, adv, args.group_size, upd, t1 - t0, t2 - t1)
-        with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file
+                f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:  # weights, optimizer, RNG, data position
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and rank == 0:  # weights, optimizer, RNG, data
             rollout.save_checkpoint(ckpt_dir, model, processor, opt,
                                     {"step": step + 1, "data_pos": pos, "evals": evals})
     bar.close()
 
     model.eval()
-    rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
+    if rank == 0:
+        rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
     if args.eval_n:
         evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                   args.eval_batch, autocast, "after", **limits)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(evals, f, indent=1)
+    if rank == 0:
+        with open(os.path.join(args.out, "eval.json"), "w") as f:
+            json.dump(evals, f, indent=1)
+    rollout.barrier()
     for label, res in evals.items():
         print(f"{label}: mean accuracy {res['mean_accuracy']:.3f}")
         for task, m in res.items():

@@ -615,6 +615,7 @@ class Row:
     mapping: object = None
     run: object = call_tool  # executes the row's tool calls
     protocol: object = OURS  # Protocol: how observations read and what follows a turn without an action
+    rng: object = None       # random.Random: the row's own sampling stream
     turn: list = field(default_factory=list)  # tokens of the current assistant turn
     pending: object = None                    # the tool call it waits on: (call, parse error, future)
 
@@ -703,7 +704,10 @@ def finish(t, reason):
     t.format_valid = reason == "response" and is_format_valid(turns)
 
 
-def sample(logits, temperature, top_p, top_k, generator):
+def sample(logits, temperature, top_p, top_k, uniforms):
+    """One token per row: greedy at temperature 0, else drawn by inverting the row's CDF at its own uniform number
+    (uniforms: [B], from each row's own random stream, so what a row samples does not depend on the other rows of
+    the batch: the same prompts give the same samples on one process or split over several)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -715,8 +719,11 @@ def sample(logits, temperature, top_p, top_k, generator):
         p = torch.softmax(sorted_logits, dim=-1)
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).float().cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)  # [B, V]; float64, so the last entry is 1 to 1e-15
+    # the first token whose CDF passes u * total: a token of probability 0 (banned, cut by top-k or top-p) has a CDF
+    # equal to its predecessor's and can never be it
+    u = torch.as_tensor(uniforms, dtype=torch.float64, device=cdf.device).view(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def decode_step(model, cache, attn, ids, mask, pos, device):
@@ -802,7 +809,7 @@ class LiveBatch:
 @torch.no_grad()
 def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
             max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
-            adl=None, toolsets=None, forcer=None, progress=None, timings=None, protocol=OURS):
+            adl=None, toolsets=None, forcer=None, progress=None, timings=None, protocol=OURS, keys=None):
     """Sample `group_size` multi-turn trajectories per example; returns them example-major.
 
     tools: canonical tool names offered (None: all seven, []: the direct-answer prompt without tools).
@@ -812,6 +819,9 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     forcer: optional fn(traj_index, turn, tokens_so_far_in_turn) -> token id or None, scripts text in tests.
     temperature 0 is greedy; recorded log-probs are under the tempered distribution (T=1 when greedy).
     progress: optional tqdm bar, advanced as trajectories finish.
+    keys: optional per-example sampling keys (default: the example's index here). Row g of example i samples from
+        its own stream seeded by (seed, keys[i], g), so a caller that splits examples over batches or processes and
+        passes their global positions gets the samples of one big batch.
     timings: optional dict that receives seconds spent in prefill, decode and waiting on tools.
     protocol: how prompts, calls and observations are written (OURS, or OFFICIAL for the authors' checkpoints).
 
@@ -821,7 +831,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     """
     device = next(model.parameters()).device
     offered = protocol.schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
-    gen = torch.Generator().manual_seed(seed)
+    keys = list(range(len(examples))) if keys is None else list(keys)
     logp_temp = temperature if temperature > 0 else 1.0
     vocab = model.get_output_embeddings().weight.shape[0]
     # sampling skips structural special tokens and the vocabulary's padding rows; the recorded log-probs stay
@@ -843,13 +853,13 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
         saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"}
                                                        for k in range(len(ex["images"]))]
                            + [{"type": "text", "text": ex["question"]}]}]
-        for _ in range(group_size):
+        for g in range(group_size):
             t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids),
                            logprobs=[0.0] * len(ids), images=list(ex["images"]), messages=[dict(m) for m in saved],
                            example_index=i, adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
             rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run,
-                            protocol))
+                            protocol, random.Random(f"{seed}-{keys[i]}-{g}")))
     cache = kv_cache(model)
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
@@ -863,8 +873,12 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
             if any(row.pending is None for row in batch.rows):
                 # 2. one token for every row writing its turn; rows waiting on a tool feed a masked pad
                 logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)
+                # a uniform number only for rows that write (a row's stream must not depend on how long the
+                # others keep it waiting on its tool)
+                uniforms = [row.rng.random() if row.pending is None and temperature > 0 else 0.0
+                            for row in batch.rows]
                 sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k,
-                                 gen).tolist()
+                                 uniforms).tolist()
                 step, keep = [], []
                 for k, row in enumerate(batch.rows):
                     t = row.traj
@@ -1094,13 +1108,13 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="e
     import torch.distributed as dist
     rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
     trajs = {}
-    # under torchrun each rank takes every world-th example; each batch's seed is that of its first example, so
-    # what an example gets does not depend on the world size as long as batches match (greedy: never)
+    # under torchrun each rank takes every world-th example; sampling keys are the examples' global positions, so
+    # an example gets the same trajectory whatever the world size and the batching
     mine = list(range(rank, len(examples), world))
     with tqdm(total=len(mine), desc=desc, dynamic_ncols=True, leave=False, disable=rank > 0) as bar:
         for i in range(0, len(mine), batch_size):
             idx = mine[i:i + batch_size]
-            batch = rollout(model, processor, [examples[k] for k in idx], tools=tools, seed=seed + idx[0],
+            batch = rollout(model, processor, [examples[k] for k in idx], tools=tools, seed=seed, keys=idx,
                             adl=[adl[k] for k in idx] if adl else None, progress=bar,
                             **{"temperature": 0.0, **sampling})
             trajs.update(zip(idx, batch))

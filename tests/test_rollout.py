@@ -241,3 +241,27 @@ def test_the_encoding_cache_lets_go_of_images_that_died():
     for i in range(4):  # what TC does: a fresh image decoded for every use, gone after the step
         cache(processor, Image.new("RGB", (224, 224), (0, 40 * i, 0)))
     assert len(cache.items) == 2 and cache.used == 2 * cache(processor, kept)[0].nbytes  # the live one and the last
+
+
+def test_sampled_rows_do_not_depend_on_the_rest_of_the_batch(policy):
+    """Each row samples from its own stream keyed by (seed, key, sample): the same example gets the same sampled
+    trajectories alone or in a batch with others, as a rank of a torchrun split gets one process's samples."""
+    model, processor = policy
+    examples = make_examples(3)
+    together = rollout.rollout(model, processor, examples, tools=["Crop"], group_size=2, temperature=1.0, seed=5,
+                               max_new_tokens=12, max_turns=1)
+    alone = rollout.rollout(model, processor, examples[2:], tools=["Crop"], group_size=2, temperature=1.0, seed=5,
+                            max_new_tokens=12, max_turns=1, keys=[2])
+    assert [t.token_ids for t in alone] == [t.token_ids for t in together[4:]]
+    assert together[4].token_ids != together[5].token_ids  # the group's samples differ
+    other = rollout.rollout(model, processor, examples[2:], tools=["Crop"], group_size=2, temperature=1.0, seed=6,
+                            max_new_tokens=12, max_turns=1, keys=[2])
+    assert [t.token_ids for t in other] != [t.token_ids for t in alone]
+
+
+def test_inverse_cdf_sampling_never_draws_a_banned_token():
+    logits = torch.full((2, 5), float("-inf"))
+    logits[0, 1], logits[1, 3], logits[1, 4] = 0.0, 0.0, 0.0
+    for u in (0.0, 0.3, 0.5, 0.999999999):
+        got = rollout.sample(logits, 1.0, 1.0, 0, [u, u]).tolist()
+        assert got[0] == 1 and got[1] == (3 if u < 0.5 else 4)
