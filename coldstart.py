@@ -85,6 +85,7 @@ parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant tur
 parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation "
                     "trajectory (a real one stays under 2000; the cap bounds the cost of a model that loops)")
 rollout.add_device_flag(parser)
+rollout.add_grad_checkpointing_flag(parser)
 rollout.add_protocol_flag(parser)  # of the evaluation and the saved model; curation writes ours (see main)
 parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
 parser.add_argument("--quick", action="store_true",
@@ -862,6 +863,8 @@ def main(argv=None):
     freeze = args.freeze_vision if args.freeze_vision is not None else args.model not in rollout.BUILTIN_MODELS
     for p in model.model.visual.parameters():
         p.requires_grad_(not freeze)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), "

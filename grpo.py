@@ -94,6 +94,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same flags)")
     rollout.add_device_flag(g)
     rollout.add_protocol_flag(g)
+    rollout.add_grad_checkpointing_flag(g)
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
     g.add_argument("--quick", action="store_true",
                    help="smallest run that exercises every code path (< 1 minute on CPU)")
@@ -354,6 +355,8 @@ def main(argv=None):
     # fp32 weights (bf16 autocast on CUDA); a resumed run reads the checkpoint's weights
     model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.init, device,
                                            dtype=torch.float32)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
     autocast = rollout.train_autocast(device)  # bf16 on CUDA; fp32 on a CPU, where the rollouts are fp32 too
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)

@@ -196,6 +196,12 @@ def add_protocol_flag(parser):
                              "says, else ours")
 
 
+def add_grad_checkpointing_flag(parser):
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute each layer's activations in the backward pass instead of keeping them: "
+                             "less memory for long sequences and large models, about a third more compute")
+
+
 def reason(e):
     """An exception as a short clause for a one-line error: its type and first sentence."""
     text = (str(e).strip().splitlines() or [""])[0]

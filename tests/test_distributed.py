@@ -103,3 +103,27 @@ def test_tg_on_two_processes_equals_one(tmp_path):
     for label in ("before", "after"):  # the same metrics, split over the ranks and gathered (timings aside)
         assert {k: v for k, v in e1[label].items() if k != "seconds"} == \
             {k: v for k, v in e2[label].items() if k != "seconds"}
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    import rollout
+    from PIL import Image
+    model, processor = rollout.load_policy("tiny", device="cpu", dtype=torch.float32)
+    msgs = [{"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (112, 84), "red")},
+                                         {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "<think>red</think><response>\\\\boxed{red}</response>"}]
+    batch = [rollout.encode_conversation(processor, msgs)]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = rollout.masked_lm_loss(model, processor, batch, "cpu")
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    plain = loss_and_grads()
+    model.gradient_checkpointing_enable()
+    again = loss_and_grads()
+    assert again[0] == pytest.approx(plain[0], rel=1e-6) and len(again[1]) == len(plain[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again[1], plain[1]))
