@@ -897,7 +897,7 @@ def main(argv=None):
     rollout.encode_image_cached.clear()
     results = {}
     if args.eval_n:
-        model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+        model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)
         examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
         shown = [] if args.no_tools else offered
         plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)

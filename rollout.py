@@ -90,6 +90,11 @@ def resolve_device(device="auto"):
 # none of this does anything.
 
 
+def is_cuda(device):
+    """'cuda' or a torchrun rank's 'cuda:N'."""
+    return torch.device(device).type == "cuda"
+
+
 def dist_setup(device):
     """Under torchrun (WORLD_SIZE > 1) join the process group, nccl on CUDA and gloo on a CPU, and take this rank's
     GPU -> (rank, world size, device). Without torchrun -> (0, 1, device)."""
@@ -116,8 +121,9 @@ def all_sum(values):
     import torch.distributed as dist
     if world_size() == 1:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t)  # gloo reduces CPU tensors; nccl wants them on the GPU
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # gloo reduces CPU tensors; nccl GPU ones
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -218,7 +224,7 @@ def load_policy(path="tiny", device="auto", dtype=None):
     from transformers import Qwen2_5_VLForConditionalGeneration
     import tiny  # tiny.py imports this module, so it is imported here rather than at the top
     device = resolve_device(device)
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = dtype or (torch.bfloat16 if is_cuda(device) else torch.float32)
     if path == "scratch":
         model, processor = tiny.build_scratch()
         return model.to(device, dtype).eval(), processor
@@ -1036,12 +1042,12 @@ def bf16_autocast_fits(device):
     on the tiny model but its memory grew with every new sequence length (the CPU bf16 kernels keep per-shape state:
     1.39 GB peak in fp32 against 2.24 GB after 40 steps of varied lengths in bf16; 7.0 GB for a whole TC run, 9.8 GB
     in a pretraining run), and on AVX2-only CPUs it runs about 10x slower, so CPUs train in fp32."""
-    return device == "cuda"
+    return is_cuda(device)
 
 
 def train_autocast(device):
     """The autocast context of training passes (weights and optimizer stay fp32): see bf16_autocast_fits."""
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16_autocast_fits(device))
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast_fits(device))
 
 
 def sequence_inputs(processor, seqs, images, device, dtype):
