@@ -496,6 +496,24 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
             break
 
 
+def curate(data_dir, config):
+    """Curate the TC data `config` describes into data_dir (train.jsonl, images/, config.json), unless the same
+    configuration already wrote it there."""
+    config_path = os.path.join(data_dir, "config.json")
+    if os.path.exists(config_path) and json.load(open(config_path)) == config:
+        print(f"reusing the TC data in {data_dir}")
+        return
+    # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full
+    # size (1024 px vstar canvases) until the end set the stage's peak memory
+    records = (r for task in tqdm(config["tasks"], desc="curate", dynamic_ncols=True)
+               for r in curate_task(task, config["n_per_task"], config["kinds"], config["seed"], config["tools"]))
+    if config["no_tools"]:
+        rng = random.Random(config["seed"])
+        records = (direct_record(r, rng) for r in records)
+    save_records(records, data_dir)
+    json.dump(config, open(config_path, "w"))  # last: only a complete curation is ever reused
+
+
 def direct_record(rec, rng):
     """--no-tools: the same example as one direct-answer turn under the tool-free system prompt."""
     user = rec["messages"][1]
@@ -826,25 +844,14 @@ def main(argv=None):
     # 1. curation (reused when the same configuration already wrote it)
     config = {"tasks": task_names, "n_per_task": args.n_per_task, "kinds": parse_kinds(args.kinds), "seed": args.seed,
               "no_tools": args.no_tools, "tools": offered}
-    config_path = os.path.join(data_dir, "config.json")
     if rank > 0:  # under torchrun rank 0 curates; the others wait for its data
         rollout.barrier()
     if args.data:  # TC data from elsewhere: ours from another run, or sharegpt
         records, data_dir = load_data(args.data)
         if args.adl and any(not r["tools"] for r in records):
             raise tasks.InputError(f"{args.data}: --adl rewrites each record's tools, and some records list none")
-    elif os.path.exists(config_path) and json.load(open(config_path)) == config:
-        print(f"reusing the TC data in {data_dir}")
     else:
-        # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full
-        # size (1024 px vstar canvases) until the end set the stage's peak memory
-        records = (r for task in tqdm(task_names, desc="curate", dynamic_ncols=True)
-                   for r in curate_task(task, args.n_per_task, config["kinds"], args.seed, offered))
-        if args.no_tools:
-            rng = random.Random(args.seed)
-            records = (direct_record(r, rng) for r in records)
-        save_records(records, data_dir)
-        json.dump(config, open(config_path, "w"))
+        curate(data_dir, config)
     if rank == 0:
         rollout.barrier()
     if not args.data:

@@ -549,7 +549,8 @@ def write_outputs(out, settings, runs, curves=None):
         exs, trajs = run["examples"], run["trajectories"]
         n = len(exs)
         results["models"][label] = {"path": run["path"], "tool_mode": run["tool_mode"], "tools": run["tools"],
-                                    "protocol": run.get("protocol", "ours"), "seconds": run.get("seconds"), "samples": n,
+                                    "protocol": run.get("protocol", "ours"), "seconds": run.get("seconds"),
+                                    "samples": n,
                                     "samples_per_s": n / run["seconds"] if run.get("seconds") else None}
         results["results"][label] = {}
         for t in task_list:

@@ -319,6 +319,21 @@ def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_
 # the loop
 
 
+def whole_batch(local, infos, adv, slots, group_size):
+    """Every rank learns the whole step's trajectories, rewards and advantages, in one process's order (prompt,
+    then sample); the images stay on the rank that made them. -> (trajs, infos, adv, the slots of `local`).
+    At world size 1 this only puts `local` in that order."""
+    at = [t.example_index * group_size + j % group_size for j, t in enumerate(local)]
+    trajs, infos_all, adv_all = [None] * slots, {}, {}
+    for part in rollout.all_gather((at, [replace(t, images=[]) for t in local], infos, adv.tolist())):
+        for i, t, info, a in zip(*part):
+            trajs[i], infos_all[i], adv_all[i] = t, info, a
+    for i, t in zip(at, local):
+        trajs[i] = t  # our own, with their images: the update encodes them
+    return (trajs, [infos_all[i] for i in range(slots)],
+            torch.tensor([adv_all[i] for i in range(slots)], dtype=torch.float64), at)
+
+
 def step_record(step, lr, pos, examples, trajs, infos, adv, group_size, upd, time_rollout, time_update):
     """A step's log line: the reward terms, then rollout.metrics' vocabulary over the batch and per task (each task
     with its reward split), then the update's statistics."""
@@ -383,7 +398,8 @@ def main(argv=None):
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
         print(f"resumed at step {step}")
     if rank == 0:
-        rollout.open_log(log_path, step, first=0).close()  # the log as of the state we start from; TG numbers steps from 0
+        # the log as of the state we start from; TG numbers steps from 0
+        rollout.open_log(log_path, step, first=0).close()
 
     limits = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
                   tool_timeout=args.tool_timeout, protocol=protocol)
@@ -421,16 +437,7 @@ def main(argv=None):
             t.example_index = mine[t.example_index]  # the prompt's place in the step
         infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in local]
         adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
-        # every rank learns the whole batch's tokens, rewards and advantages (images stay where they were made)
-        at = [t.example_index * args.group_size + j % args.group_size for j, t in enumerate(local)]
-        trajs, infos_all, adv_all = [None] * (len(examples) * args.group_size), {}, {}
-        for part in rollout.all_gather((at, [replace(t, images=[]) for t in local], infos, adv.tolist())):
-            for i, t, info, a in zip(*part):
-                trajs[i], infos_all[i], adv_all[i] = t, info, a
-        for i, t in zip(at, local):
-            trajs[i] = t
-        infos = [infos_all[i] for i in range(len(trajs))]
-        adv = torch.tensor([adv_all[i] for i in range(len(trajs))], dtype=torch.float64)
+        trajs, infos, adv, at = whole_batch(local, infos, adv, len(examples) * args.group_size, args.group_size)
         t1 = time.perf_counter()
         # 4. the clipped policy-gradient update on the sampled tokens only (observations and prompts are masked)
         model.train()
