@@ -49,6 +49,8 @@ parser.add_argument("--out", default="runs/tiny", help="work directory: ckpt/, l
 parser.add_argument("--save", default=BASE_DIR, help="where the finished base goes (a save_pretrained directory)")
 parser.add_argument("--init", default=None, help="continue pretraining from this base (its weights and tokenizer; a "
                     "fresh optimizer) instead of random weights, e.g. --init tiny --drill-steps 0 --seed 1")
+parser.add_argument("--new-tokenizer", action="store_true", help="with --init: train this commit's tokenizer and "
+                    "carry the base's embeddings over to it (see transfer_vocabulary), then continue pretraining")
 parser.add_argument("--steps", type=int, default=5000, help="optimizer steps, the drill's included")
 parser.add_argument("--drill-steps", type=int, default=3500, help="first steps on copy drills only (short plain "
                     "sequences, loss on the copy): the in-context copy circuit forms there, then the mix teaches the "
@@ -118,7 +120,8 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
-    # description the corpus repeats becomes a token or two (ADL's paraphrases too). Numbers split into runs of
+    # description the corpus repeats becomes a token or two (ADL's paraphrases too). (Splitting after the `: "`
+    # that opens a string value as well was tried in pretraining run 4 and not kept: see the README.) Numbers split into runs of
     # at most three digits and every run 0-999 is one token (tokenizer_corpus lists them all), so a coordinate is
     # one or two tokens that tokenize the same wherever they are copied; the separators of number, point and
     # move lists (", " and "], [") stand alone. Copying a point list is then the plain induction pattern
@@ -184,6 +187,27 @@ def build_scratch(tokenizer=None, seed=0):
     model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **TINY_PIXELS)
     return model, rollout.Processor(tok, image_processor)
+
+def transfer_vocabulary(model, old_tok, new_tok):
+    """Move a trained model onto another tokenizer without starting over: a token both vocabularies share keeps its
+    embedding row; a new token starts as the mean of the rows of the old pieces its text encodes to. The layers
+    above the embeddings keep what they learned (copying, reading schemas); pretraining then adapts them to the new
+    pieces. The embeddings are tied, so the LM head follows."""
+    emb = model.get_input_embeddings().weight  # (vocab, hidden)
+    if len(new_tok) > emb.shape[0]:
+        raise ValueError(f"the new tokenizer has {len(new_tok)} entries, the model's embeddings {emb.shape[0]}")
+    old_vocab = old_tok.get_vocab()
+    rows, kept = emb.detach().clone(), 0
+    for piece, i in new_tok.get_vocab().items():
+        if piece in old_vocab:  # the same byte string: same meaning, same row (special tokens included)
+            rows[i], kept = emb[old_vocab[piece]], kept + 1
+        else:
+            old_ids = old_tok.encode(new_tok.convert_tokens_to_string([piece]), add_special_tokens=False)
+            rows[i] = emb[old_ids].mean(0)
+    with torch.no_grad():
+        emb.copy_(rows)
+    return kept
+
 
 # -----------------------------------------------------------------------------
 # 2. synthetic text tools: generic operations under varied names, computed by real code
@@ -592,7 +616,8 @@ def corrupt(rng, call, ts, kind_key):
         fix = "The call failed ({error}). I use the parameter names the tool takes."
     elif mistake == "spelling":
         i = rng.randrange(len(name))
-        wrong = name[:i] + rng.choice([c for c in string.ascii_lowercase + string.digits if c != name[i]]) + name[i + 1:]
+        other = [c for c in string.ascii_lowercase + string.digits if c != name[i]]
+        wrong = name[:i] + rng.choice(other) + name[i + 1:]
         if wrong not in ts.tools:
             name, fix = wrong, "The call failed ({error}). The tool's name is {name}; I call it again."
     elif mistake == "tool":
@@ -1027,14 +1052,19 @@ def main(argv=None):
     mix = parse_mix(args.mix)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    if args.init:  # continued pretraining: the base's weights and tokenizer, the corpus drawn from --seed
+    tok_dir = os.path.join(args.out, "tokenizer")
+    if (args.new_tokenizer or not args.init) and not os.path.isdir(tok_dir):  # trained once per run directory
+        print("training the tokenizer on the fixed corpus ...")
+        build_tokenizer(tokenizer_corpus()).save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+    if args.init:  # continued pretraining: the base's weights (and tokenizer, unless --new-tokenizer)
         model, processor = rollout.load_policy(args.init, device=device, dtype=torch.float32)
+        if args.new_tokenizer:
+            new_tok = AutoTokenizer.from_pretrained(tok_dir)
+            kept = transfer_vocabulary(model, processor.tokenizer, new_tok)
+            print(f"tokenizer of {tok_dir}: {kept} of {len(new_tok)} entries kept their embedding")
+            processor = rollout.Processor(new_tok, processor.image_processor)
     else:
-        tok_dir = os.path.join(args.out, "tokenizer")
-        if not os.path.isdir(tok_dir):  # the fixed tokenizer, trained once per run directory
-            print("training the tokenizer on the fixed corpus ...")
-            build_tokenizer(tokenizer_corpus()).save_pretrained(tok_dir)
-        from transformers import AutoTokenizer
         model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
         model.to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "

@@ -161,6 +161,26 @@ def test_shipped_tokenizer_round_trips_the_protocol(base):
     assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
 
 
+def test_transfer_vocabulary_keeps_shared_rows_and_averages_new_ones():
+    texts = [render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(60)]
+    old_tok, new_tok = tiny.build_tokenizer(texts[:30], vocab_size=700), tiny.build_tokenizer(texts[30:], vocab_size=704)
+    model, _ = tiny.build_scratch(old_tok)
+    before = model.get_input_embeddings().weight.detach().clone()
+    kept = tiny.transfer_vocabulary(model, old_tok, new_tok)
+    after, old_vocab = model.get_input_embeddings().weight, old_tok.get_vocab()
+    shared = [p for p in new_tok.get_vocab() if p in old_vocab]
+    fresh = [p for p in new_tok.get_vocab() if p not in old_vocab]
+    assert kept == len(shared) and len(fresh) > 20
+    for p in shared:
+        assert torch.equal(after[new_tok.convert_tokens_to_ids(p)], before[old_vocab[p]])
+    for p in fresh:
+        pieces = old_tok.encode(new_tok.convert_tokens_to_string([p]), add_special_tokens=False)
+        assert torch.allclose(after[new_tok.convert_tokens_to_ids(p)], before[pieces].mean(0))
+    assert model.get_output_embeddings().weight.data_ptr() == after.data_ptr()  # tied: the LM head moved too
+    with pytest.raises(ValueError, match="entries"):
+        tiny.transfer_vocabulary(model, old_tok, tiny.build_tokenizer(texts, vocab_size=900))
+
+
 def test_numbers_are_tokens_that_copy_alike(base):
     """Every number 0-999 is one token, and a point list is the same token run alone, inside a labelled line and
     inside a tool call, so copying it is token-for-token."""
