@@ -755,7 +755,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     state = start_state or {"step": 0, "micro": 0}
     # under torchrun: every rank plans the same batches and takes every world-th sequence of each micro-batch;
     # only rank 0 writes the log and the checkpoints
-    rank, world = (0, 1) if rollout.world_size() == 1 else (torch.distributed.get_rank(), rollout.world_size())
+    rank, world = rollout.rank_and_world()
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"]) if rank == 0 else open(os.devnull, "w")
     autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
     plans = {}

@@ -111,9 +111,14 @@ def dist_setup(device):
     return dist.get_rank(), world, device
 
 
-def world_size():
+def rank_and_world():
+    """(this process's rank, the world size); (0, 1) without torchrun."""
     import torch.distributed as dist
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def world_size():
+    return rank_and_world()[1]
 
 
 def all_sum(values):
@@ -686,7 +691,7 @@ def tool_observation(row):
     if row.pending is NUDGE:  # a turn without call or answer, under a protocol that asks the model to go on
         row.pending = None
         t.messages.append(observation_message(row.protocol.nudge))
-        return observation_message(row.protocol.nudge)
+        return t.messages[-1]
     call, err, fut = row.pending
     row.pending = None
     if fut is None:  # the call did not parse: the model reads why
@@ -757,13 +762,14 @@ def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
         finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
     elif "<response>" in text:
         finish(t, "response")
-    elif "<tool_call>" not in text and (row.protocol.nudge is None or len(t.assistant_turns) >= max_turns):
-        finish(t, "no_action")
+    elif "<tool_call>" not in text:
+        if row.protocol.nudge is None or len(t.assistant_turns) >= max_turns:
+            finish(t, "no_action")
+        else:  # the protocol's nudge is this row's next observation
+            row.pending = NUDGE
+            return True
     elif len(t.assistant_turns) >= max_turns:
         finish(t, "max_turns")
-    elif "<tool_call>" not in text:  # the protocol's nudge is this row's next observation
-        row.pending = NUDGE
-        return True
     else:  # a call that does not parse still waits: its observation is the parse error
         call, err = parse_tool_call(text)
         fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered,
@@ -1117,8 +1123,7 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="e
     batches that mix the tasks (on a CPU a decode step costs about the same for 10 rows as for 50, so few large
     batches are fastest) -> (trajectories, {task: metrics}). adl: one Mapping per example (adl.plan) or None."""
     from tqdm import tqdm
-    import torch.distributed as dist
-    rank, world = (dist.get_rank(), world_size()) if world_size() > 1 else (0, 1)
+    rank, world = rank_and_world()
     trajs = {}
     # under torchrun each rank takes every world-th example; sampling keys are the examples' global positions, so
     # an example gets the same trajectory whatever the world size and the batching

@@ -121,12 +121,12 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     bpe = Tokenizer(models.BPE())
     # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
     # description the corpus repeats becomes a token or two (ADL's paraphrases too). (Splitting after the `: "`
-    # that opens a string value as well was tried in pretraining run 4 and not kept: see the README.) Numbers split into runs of
-    # at most three digits and every run 0-999 is one token (tokenizer_corpus lists them all), so a coordinate is
-    # one or two tokens that tokenize the same wherever they are copied; the separators of number, point and
-    # move lists (", " and "], [") stand alone. Copying a point list is then the plain induction pattern
-    # (find the previous token earlier, emit what followed it), which a small model learns far sooner than
-    # aligning digit by digit.
+    # that opens a string value as well was tried in pretraining run 4 and not kept: see the README.)
+    # Numbers split into runs of at most three digits and every run 0-999 is one token (tokenizer_corpus lists
+    # them all), so a coordinate is one or two tokens that tokenize the same wherever they are copied; the
+    # separators of number, point and move lists (", " and "], [") stand alone. Copying a point list is then the
+    # plain induction pattern (find the previous token earlier, emit what followed it), which a small model
+    # learns far sooner than aligning digit by digit.
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n|\], \[|[\[\]{}]|(?<=[0-9\]]), ?|(?<=\b[RLUD]), ?"), behavior="isolated"),
         pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),

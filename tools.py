@@ -775,7 +775,7 @@ def official_result(name, result, images, params):
         fields["points"] = [{"x": x, "y": y} for x, y in d["points"]]
         if not d["points"]:
             fields["message"] = "No valid points detected in the response."
-        fields["image_dimensions_pixels"] = _size(images[int(params["image"].strip()[4:]) - 1])
+        fields["image_dimensions_pixels"] = _size(_image(params, "image", images))
     elif name == "AStarWithPixelCoordinate":
         fields["path"] = d["path"]
     elif name == "Draw2DPath":
@@ -791,7 +791,7 @@ def official_result(name, result, images, params):
     elif name == "OCR":  # our reader matches glyph templates exactly: confidence 1.0
         fields["detections"] = [{"label": x["text"], "confidence": 1.0, "pixel_bbox": dict(zip(
             ("x_min", "y_min", "x_max", "y_max"), x["bbox"]))} for x in d["detections"]]
-        fields["image_dimensions_pixels"] = _size(images[int(params["image"].strip()[4:]) - 1])
+        fields["image_dimensions_pixels"] = _size(_image(params, "image", images))
     return ToolResult("success", {"tool_response_from": name, "status": "success", **fields, "error_code": 0}, image)
 
 
@@ -799,7 +799,7 @@ def official_call(name, params, images, timeout=5.0):
     """Run a call written in the official protocol (its tool names and parameters) -> a ToolResult whose data are
     the official result fields. An unknown name fails as ours does."""
     canonical = {v: k for k, v in OFFICIAL_NAMES.items()}.get(name, name)
-    if canonical not in TOOLS or canonical in OFFICIAL_NAMES and name == canonical:
+    if canonical not in TOOLS or name in OFFICIAL_NAMES:  # 'AStar' is our name, not an official one
         return official_result(name, ToolResult("error", error=f"Tool {_short(name)} not found."), images, params)
     result = call_tool(canonical, _official_params(canonical, params), images, timeout)
     return official_result(name, result, images, params)
