@@ -15,8 +15,9 @@ import re
 import string
 from dataclasses import asdict, dataclass
 
+# the seven tools of tools.TOOLS; randomize never draws one of these as a new name
 CANONICAL_TOOLS = ["Point", "Draw2DPath", "AStar", "DetectBlackArea", "InsertImage", "Crop", "OCR"]
-ALPHABET = string.ascii_lowercase + string.digits
+ALPHABET = string.ascii_lowercase + string.digits  # 36 symbols: 36^6 ~ 2.2e9 names of NAME_LENGTH
 NAME_LENGTH = 6
 
 # -----------------------------------------------------------------------------
@@ -24,8 +25,10 @@ NAME_LENGTH = 6
 # tool (not even "point" or "crop" as plain words): the description must carry the semantics
 # on its own, or renaming would not test anything.
 
+# tool -> 8 paraphrases of its description, one drawn per mapping; each must match what the tool in
+# tools.py returns, since the model learns the tool from this text alone
 TOOL_POOL = {
-    "Point": [
+    "Point": [  # tools.point: {'points': [[x, y], ...]}, pixel centres in reading order
         "Finds every object in an image that matches a short text description and returns the pixel centre [x, y] of "
         "each match; an empty list means nothing matched. Knows the scene words elf/player/start, gift/goal/present, "
         "hole/ice hole/obstacle, and colour and shape words.",
@@ -51,7 +54,7 @@ TOOL_POOL = {
         "of each matching object, or an empty list. Scene words it knows: elf/player/start, gift/goal/present, "
         "hole/ice hole/obstacle; it also matches by colour and by shape.",
     ],
-    "Draw2DPath": [
+    "Draw2DPath": [  # tools.draw_2d_path: a new image, arrows of `step` px (default 64, one cell)
         "Draws a route on an image as arrows: starting from a pixel position it follows comma-separated moves (L, R, "
         "U, D), each a fixed number of pixels long, and returns a new image so the route can be checked visually.",
         "Visualizes a sequence of moves. Give a start position [x, y], moves like 'R,R,D' and optionally the step "
@@ -70,7 +73,7 @@ TOOL_POOL = {
         "Turns a list of moves into a picture: the image is copied, a chain of arrows is drawn from the start pixel "
         "following each L/R/U/D move with a fixed stride, and the copy is returned for visual checking.",
     ],
-    "AStar": [
+    "AStar": [  # tools.astar_tool: {'path': 'R,R,D'}; pixel points -> cells of cell_size px
         "Plans the shortest route on a grid from a start to a goal while avoiding obstacles. Positions are pixels and "
         "are converted to grid cells; the answer is a move string like 'R,R,D' (4-connected moves), or an error if the "
         "goal cannot be reached.",
@@ -96,7 +99,7 @@ TOOL_POOL = {
         "optimal move string over the grid cells, e.g. 'R,R,U'. Moves are 4-connected; when no route exists it returns "
         "an error instead.",
     ],
-    "DetectBlackArea": [
+    "DetectBlackArea": [  # tools.detect_black_area: {'bounding_boxes': [[x1, y1, x2, y2], ...]}
         "Finds uniform black regions in an image (for example a blacked-out missing piece) and returns their bounding "
         "boxes [x1, y1, x2, y2] in pixels.",
         "Detects solid black areas and lists their boxes as [x1, y1, x2, y2]. Useful for locating a hole or blank slot "
@@ -114,7 +117,7 @@ TOOL_POOL = {
         "Gives the pixel rectangles that enclose uniform black areas of an image, such as a missing tile. Sensitivity "
         "(darkness threshold, minimum size) is adjustable.",
     ],
-    "InsertImage": [
+    "InsertImage": [  # tools.insert_image: a new image; an exact fit is pasted untouched, else resized
         "Pastes one image into another: the inserted image is resized to fill the box [x1, y1, x2, y2] of the base "
         "image, and the result is returned as a new image (for example to test whether a candidate piece fits a hole).",
         "Composites an image onto a base image inside a given rectangle, scaling it to fit the rectangle exactly. "
@@ -132,7 +135,7 @@ TOOL_POOL = {
         "Overlays one image on another at a chosen rectangle (pixel coordinates of the base image); the overlay is "
         "resized to fill the rectangle. Output: the new image.",
     ],
-    "Crop": [
+    "Crop": [  # tools.crop: a new image, zoomed until its short side is >= 224 px
         "Cuts out the rectangle [x1, y1, x2, y2] of an image and enlarges it so small details become readable; returns "
         "the zoomed region as a new image.",
         "Zooms into a region: extracts the pixel box [x1, y1, x2, y2] and upscales it, giving a new, larger image of "
@@ -150,7 +153,7 @@ TOOL_POOL = {
         "Gives a zoomed-in view of a rectangular sub-region of an image, specified by its corner pixels "
         "[x1, y1, x2, y2].",
     ],
-    "OCR": [
+    "OCR": [  # tools.ocr: {'detections': [{'text', 'bbox'}, ...]}, one per text line or label
         "Reads the text in an image (the synthetic app screens' font) and returns each detected piece of text with its "
         "bounding box [x1, y1, x2, y2].",
         "Text recognition: finds all written words and labels in a screen image and returns a list of {text, bbox} "
@@ -182,10 +185,12 @@ IMAGE_POOL = [
     "Target image, named as in the conversation (img_1, img_2, ...).",
 ]
 
+# tool -> parameter -> 8 paraphrases; every parameter of every schema needs its pool (randomize
+# raises KeyError otherwise), and a shared meaning shares a pool (IMAGE_POOL)
 PARAM_POOL = {
     "Point": {
         "image": IMAGE_POOL,
-        "description": [
+        "description": [  # free text of at most 500 characters (tools.MAX_TEXT)
             "What to look for, in words, e.g. 'gift', 'ice hole' or 'red circle'.",
             "Text describing the objects to find.",
             "A short phrase naming the object: a scene word (elf, gift, hole, ...) or a colour and shape.",
@@ -198,7 +203,7 @@ PARAM_POOL = {
     },
     "Draw2DPath": {
         "image": IMAGE_POOL,
-        "start_point": [
+        "start_point": [  # [x, y] pixels, inside the image
             "Pixel position [x, y] where the path begins.",
             "Starting location of the route, as [x, y] in pixels.",
             "[x, y] coordinates (pixels) of the first arrow's origin, typically the centre of the start cell.",
@@ -208,7 +213,7 @@ PARAM_POOL = {
             "Pixel coordinates of the path's starting spot, e.g. [32, 32].",
             "Absolute [x, y] position (origin top-left) at which the path starts.",
         ],
-        "directions": [
+        "directions": [  # read by tools.parse_moves: 'R,R,D', 'RRD' and 'right, down' all work
             "Comma-separated moves, each one of L, R, U, D, e.g. 'R,R,D'.",
             "The moves to draw, as letters L (left), R (right), U (up), D (down) separated by commas.",
             "Move sequence such as 'D,D,R,U'.",
@@ -218,7 +223,7 @@ PARAM_POOL = {
             "Comma-separated direction letters (L, R, U or D) in the order they are taken.",
             "The path to render, given as moves: left L, right R, up U, down D, joined by commas.",
         ],
-        "step": [
+        "step": [  # 1-1024 px, default 64
             "Optional: pixels travelled per move (e.g. the grid cell size).",
             "Length of one move in pixels; optional.",
             "Optional stride, in pixels, for each arrow.",
@@ -228,7 +233,7 @@ PARAM_POOL = {
             "Per-move displacement in pixels, if the default does not fit.",
             "Optional number of pixels between consecutive positions of the path.",
         ],
-        "line_color": [
+        "line_color": [  # a colour name or '#rrggbb', default magenta
             "Optional colour of the arrows, e.g. 'red'.",
             "Arrow colour (optional), such as 'blue' or 'green'.",
             "Optional: which colour to draw the path in.",
@@ -240,7 +245,7 @@ PARAM_POOL = {
         ],
     },
     "AStar": {
-        "start": [
+        "start": [  # [x, y] pixels -> the cell (x // cell_size, y // cell_size)
             "Start position [x, y] in pixels.",
             "Where the route begins, as an [x, y] pixel position.",
             "Pixel coordinates [x, y] of the starting cell (any pixel inside it works).",
@@ -260,7 +265,7 @@ PARAM_POOL = {
             "Final position the path should arrive at, in pixels.",
             "Position [x, y] (pixels, origin top-left) the path ends at.",
         ],
-        "obstacles": [
+        "obstacles": [  # at most 4096 [x, y] points
             "List of [x, y] pixel positions of cells that must be avoided.",
             "Blocked cells, each as an [x, y] pixel position, e.g. the centres of holes.",
             "Positions the route may not enter: [[x, y], ...] in pixels.",
@@ -270,7 +275,7 @@ PARAM_POOL = {
             "Where the hazards are: a list of [x, y] pixel centres.",
             "Array of [x, y] positions (pixels) whose grid cells are impassable.",
         ],
-        "cell_size": [
+        "cell_size": [  # 1-4096 px, default 64 (tasks.CELL)
             "Optional: size of one grid cell in pixels.",
             "Width and height of a grid cell, in pixels (optional).",
             "Optional pixel size of each square cell, used to convert positions to cells.",
@@ -280,7 +285,7 @@ PARAM_POOL = {
             "Pixels per grid cell (optional).",
             "Side length of a single square of the grid, in pixels; optional.",
         ],
-        "grid_size": [
+        "grid_size": [  # up to 256 cells a side; without it the farthest point bounds the grid
             "Optional: the grid's size in cells, [cols, rows], or one integer for a square grid.",
             "How many cells the grid has across and down ([cols, rows]); a single number means square. Optional.",
             "Optional: grid dimensions in cells, normally the image size divided by the cell size.",
@@ -294,7 +299,7 @@ PARAM_POOL = {
     },
     "DetectBlackArea": {
         "image": IMAGE_POOL,
-        "threshold": [
+        "threshold": [  # 0-255, default 10 (the official tool's: 1)
             "Optional: brightness (0-255) at or below which a pixel counts as black.",
             "Darkness cutoff for a pixel to be treated as black, 0 to 255; optional.",
             "Optional intensity limit: pixels no brighter than this are considered black.",
@@ -304,7 +309,7 @@ PARAM_POOL = {
             "Pixel intensity threshold for blackness; lower is stricter. Optional.",
             "Optional grey-level bound below which pixels are classed as black.",
         ],
-        "min_area": [
+        "min_area": [  # default 100 px (the official tool's: 200)
             "Optional: smallest region, in pixels, to report.",
             "Minimum area in pixels for a black region to be returned (optional).",
             "Optional: regions with fewer pixels than this are ignored.",
@@ -336,7 +341,7 @@ PARAM_POOL = {
             "Source image for the patch, e.g. a candidate piece.",
             "The overlay image, given by its name.",
         ],
-        "coordinates": [
+        "coordinates": [  # [x1, y1, x2, y2] inside the base image, x2 and y2 exclusive
             "Box [x1, y1, x2, y2] in the base image where the insert goes.",
             "Target rectangle in pixels of the receiving image, as [x1, y1, x2, y2].",
             "Where to paste: left, top, right, bottom in base-image pixels.",
@@ -349,7 +354,7 @@ PARAM_POOL = {
     },
     "Crop": {
         "image": IMAGE_POOL,
-        "coordinates": [
+        "coordinates": [  # [x1, y1, x2, y2] inside the image, x2 and y2 exclusive
             "Box [x1, y1, x2, y2] to cut out, in pixels of the image.",
             "The region to keep: left, top, right, bottom in pixels.",
             "Pixel rectangle [x1, y1, x2, y2] to zoom into.",
@@ -379,7 +384,9 @@ class Mapping:
     def inverse(self):
         return Mapping(
             names={new: old for old, new in self.names.items()},
+            # keyed by the new tool names: the inverse maps *from* them
             params={self.names[t]: {new: old for old, new in ps.items()} for t, ps in self.params.items()},
+            # the same entries under the new names, old and new text swapped
             descriptions=[[self.names[t], p if p is None else self.params[t][p], new, old]
                           for t, p, old, new in self.descriptions],
         )
@@ -387,22 +394,25 @@ class Mapping:
     def from_canonical(self, call):
         # Leaves anything it does not know alone: a malformed call reaches the tool as written
         # and the tool's error says what is wrong.
-        name, out = call.get("name"), dict(call)
+        name, out = call.get("name"), dict(call)  # a copy: the caller's call stays as it was
         if isinstance(name, str):
             out["name"] = self.names.get(name, name)
             if isinstance(call.get("parameters"), dict):
-                ps = self.params.get(name, {})
+                ps = self.params.get(name, {})  # an unknown tool: its parameters stay as written
+                # an unknown parameter passes through, for the tool to reject by name
                 out["parameters"] = {ps.get(k, k): v for k, v in call["parameters"].items()}
         return out
 
     def to_canonical(self, call):
-        return self.inverse().from_canonical(call)
+        return self.inverse().from_canonical(call)  # rebuilt per call: seven tools, cheap
 
     def rename_words(self, text, tool=None):
         """Rename in free text: tool names as whole words ('Point' but not 'PointCloud'), and the
         parameters of `tool` only where quoted ('coordinates'), since bare ones are English words."""
+        # tool names bare and quoted, this tool's parameters quoted only
         quoted = {f"'{old}'": f"'{new}'" for old, new in {**self.names, **self.params.get(tool, {})}.items()}
         words = {**self.names, **quoted}
+        # one pass over the tokens, quoted ones tried first: a replacement is never itself replaced
         return re.sub(r"'\w+'|\w+", lambda m: words.get(m.group(), m.group()), text)
 
     def schema(self, schema):
@@ -415,10 +425,11 @@ class Mapping:
         def describe(p, old):  # the paraphrase if there is one, else the old text with tool names renamed
             return new.get(p, self.rename_words(old, tool))
 
+        # new dicts throughout (the schema passed in is not changed): renamed keys, the same types
         parameters = {**f["parameters"],
                       "properties": {ps.get(p, p): {**spec, "description": describe(p, spec["description"])}
                                      for p, spec in props.items()}}
-        if "required" in parameters:
+        if "required" in parameters:  # it lists parameter names: rename them too
             parameters["required"] = [ps.get(p, p) for p in parameters["required"]]
         return {**schema, "function": {**f, "name": self.names.get(tool, tool),
                                        "description": describe(None, f["description"]),
@@ -426,15 +437,17 @@ class Mapping:
 
     def observation(self, text):
         """Rewrite an observation: its "name" field and the names inside its error message."""
-        head, newline, rest = text.partition("\n")
+        head, newline, rest = text.partition("\n")  # the JSON line, then an optional image line
         obs = _json_dict(head)
+        # not one of this protocol's observations (the question, an official observation): left as is
         if obs is None or not isinstance(obs.get("name"), str):
             return text
         tool = obs["name"]
+        # error messages name tools and quote parameters ('coordinates'): both get renamed
         if isinstance(obs.get("error"), str):
             obs["error"] = self.rename_words(obs["error"], tool)
         obs["name"] = self.names.get(tool, tool)
-        return json.dumps(obs, ensure_ascii=False) + newline + rest
+        return json.dumps(obs, ensure_ascii=False) + newline + rest  # as tools.observation writes it
 
     def to_json(self):
         return asdict(self)
@@ -449,11 +462,13 @@ def _json_dict(text):
         value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    return value if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None  # only a JSON object counts, not prose, a list or a number
 
 
 def randomize(schemas, rng: random.Random, names=True, params=True, descriptions=True):
     """Draw a fresh mapping for these (canonical) schemas; each switch is an ablation on its own."""
+    # every real tool and parameter name is taken: a random name equal to a real one would make
+    # to_canonical ambiguous, and two random names must differ too (fresh adds each to `taken`)
     taken = set(CANONICAL_TOOLS) | {s["function"]["name"] for s in schemas}
     taken |= {p for s in schemas for p in s["function"]["parameters"]["properties"]}
 
@@ -468,13 +483,16 @@ def randomize(schemas, rng: random.Random, names=True, params=True, descriptions
     for s in schemas:
         f = s["function"]
         tool, props = f["name"], f["parameters"]["properties"]
+        # the draw order (name, parameters, then descriptions, tool by tool) fixes what a seed gives:
+        # reordering it changes every seeded mapping (adl.plan, grpo's per-group ones)
         mapping.names[tool] = fresh() if names else tool
         mapping.params[tool] = {p: fresh() if params else p for p in props}
         if descriptions:
+            # None: the tool's own description
             mapping.descriptions.append([tool, None, f["description"], rng.choice(TOOL_POOL[tool])])
             mapping.descriptions += [[tool, p, spec["description"], rng.choice(PARAM_POOL[tool][p])]
                                      for p, spec in props.items()]
-    return [mapping.schema(s) for s in schemas], mapping
+    return [mapping.schema(s) for s in schemas], mapping  # the schemas the prompt shows, and the way back
 
 
 # -----------------------------------------------------------------------------
@@ -482,11 +500,12 @@ def randomize(schemas, rng: random.Random, names=True, params=True, descriptions
 
 
 def _rewrite_system(text, mapping):
+    # rollout.system_prompt writes one JSON schema per line; every other line is prose
     def line(s):
         schema = _json_dict(s)
         if schema is not None and schema.get("type") == "function":
             return json.dumps(mapping.schema(schema), ensure_ascii=False)
-        return mapping.rename_words(s)
+        return mapping.rename_words(s)  # the prose may name tools
     return "\n".join(line(s) for s in text.split("\n"))
 
 
@@ -506,11 +525,14 @@ def _rewrite_assistant(text, mapping):
 def _rewrite_content(content, fn):
     if isinstance(content, str):
         return fn(content)
+    # multimodal content: the text parts are rewritten, the image parts kept
     return [{**part, "text": fn(part["text"])} if part.get("type") == "text" else part for part in content]
 
 
 def apply(record, mapping):
     """A new record in the mapping's vocabulary; apply(apply(r, m), m.inverse()) == r."""
+    # user turns (the question, tool observations) go through mapping.observation, which changes
+    # nothing but an observation's JSON line
     rewrite = {
         "system": lambda t: _rewrite_system(t, mapping),
         "assistant": lambda t: _rewrite_assistant(t, mapping),
@@ -529,5 +551,6 @@ def plan(examples, schemas, mode, seed):
     if mode == "off" or not schemas:
         return None
     if mode == "per-run":
-        return [randomize(schemas, random.Random(seed))] * len(examples)
+        return [randomize(schemas, random.Random(seed))] * len(examples)  # one (schemas, mapping), shared
+    # a str seed is hashed deterministically (not by PYTHONHASHSEED): the same mapping in every process
     return [randomize(schemas, random.Random(f"{seed}:{ex['id']}")) for ex in examples]

@@ -59,8 +59,10 @@ add_device_flag(parser, "the models run")
 add_protocol_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of the generated test set, the sampler and ADL")
 parser.add_argument("--quick", action="store_true", help="smoke test: 2 examples per task, short turns")
+# new defaults under --quick (rollout.parse_flags): explicit flags still win
 QUICK = dict(n=2, max_new_tokens=24, max_turns=2, show=2)
 
+# tab10 colours: model i (or curve i) is drawn in PALETTE[i] in every chart and legend
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 # keys read from training logs: rollout.metrics' vocabulary (grpo.py logs it per step) plus reward and loss
 CURVE_SCALARS = ["reward", "accuracy", "format_valid_rate", "tool_success_rate", "loss"]
@@ -72,10 +74,11 @@ CURVE_SCALARS = ["reward", "accuracy", "format_valid_rate", "tool_success_rate",
 def tool_names(mode, add=()):
     """A tool mode -> canonical tool names offered ([] = the direct-answer prompt), extra tools appended."""
     names = tool_list(mode)
-    return names + [t for t in tool_list(",".join(add)) if t not in names]
+    return names + [t for t in tool_list(",".join(add)) if t not in names]  # --add-tools: after, no duplicates
 
 
 def is_tool_mode(s):
+    # tools join with '+' in a suffix: ',' already separates the models of --models
     return s in ("all", "none") or (bool(s) and all(t in TOOLS for t in s.split("+")))
 
 
@@ -83,15 +86,16 @@ def parse_models(spec, default_mode):
     """'tc=runs/tc/model,direct=runs/d/model:none' -> [(label, path, tool mode)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        label, _, path = item.rpartition("=")
-        head, _, mode = path.rpartition(":")
+        label, _, path = item.rpartition("=")  # no '=': an empty label, the whole item is the path
+        head, _, mode = path.rpartition(":")  # the text after the last ':'
+        # a suffix that is no tool mode stays part of the path
         path, mode = (head, mode) if head and is_tool_mode(mode) else (path, default_mode)
         if not label:  # runs/tc/model is labelled tc
             parts = os.path.normpath(path).split(os.sep)
             label = parts[-2] if len(parts) > 1 and parts[-1] in ("model", "final") else parts[-1]
         out.append((label, path, mode))
     labels = [m[0] for m in out]
-    if len(set(labels)) < len(labels):
+    if len(set(labels)) < len(labels):  # labels key results.json and the report
         raise ValueError(f"two models share a label in {labels}; name them LABEL=PATH")
     return out
 
@@ -99,7 +103,7 @@ def parse_models(spec, default_mode):
 def fmt(v, pct=False):
     if v is None:
         return "n/a"
-    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"  # rates in percent, counts such as CPS as they are
 
 
 def md_table(header, rows):
@@ -119,6 +123,7 @@ def markdown_table(results, task_list):
     rows = []
     for label, per_task in results.items():
         cells = [f"{fmt(per_task[t]['accuracy'], True)} / {fmt(per_task[t]['cps'])}" for t in task_list]
+        # macro means: every task weighs the same, whatever its n
         acc, cps = (mean(per_task[t][k] for t in task_list) for k in ("accuracy", "cps"))
         rows.append([label, *cells, f"{fmt(acc, True)} / {fmt(cps)}"])
     return md_table(["model", *task_list, "mean"], rows) + "\n\ncells: accuracy % / CPS (tool calls per sample)"
@@ -128,7 +133,7 @@ def markdown_table(results, task_list):
 
 
 def safe(name):
-    return re.sub(r"[^\w.-]", "_", str(name))
+    return re.sub(r"[^\w.-]", "_", str(name))  # ids and labels become file names
 
 
 def save_trajectories(out, label, examples, trajectories):
@@ -138,9 +143,10 @@ def save_trajectories(out, label, examples, trajectories):
     for ex, t in zip(examples, trajectories):
         paths = []
         for k, img in enumerate(t.images):
-            own = k >= len(ex["images"])
+            own = k >= len(ex["images"])  # made by a tool in this model's run, not an input
             rel = os.path.join("images", safe(label), f"{safe(ex['id'])}_{k + 1}.png") if own else \
                 os.path.join("images", "input", f"{safe(ex['id'])}_{k + 1}.png")
+            # an input is the same for every model: written once, under images/input
             if own or not os.path.exists(os.path.join(out, rel)):
                 os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
                 img.save(os.path.join(out, rel))
@@ -149,10 +155,13 @@ def save_trajectories(out, label, examples, trajectories):
         def part(p):
             if p.get("type") != "image":
                 return p
+            # an image part names its image 'img_k': index k - 1 of the trajectory's images
             k = int(str(p["image"]).rpartition("_")[2]) - 1
             return {**p, "path": paths[k] if 0 <= k < len(paths) else None}
+        # the messages as the rollout kept them, each image part given the path of its PNG
         messages = [{**m, "content": m["content"] if isinstance(m["content"], str) else [part(p) for p in m["content"]]}
                     for m in t.messages]
+        # generated_tokens: the ones of loss_mask, exactly the tokens the model sampled
         records.append({
             "model": label, "task": ex["task"], "example_id": ex["id"], "level": ex.get("meta", {}).get("level"),
             "question": ex["question"], "gold": ex["answer"], "answer": t.answer, "score": tasks.score(ex, t.answer),
@@ -170,6 +179,7 @@ def read_curves(spec):
     runs = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         label, _, path = item.rpartition("=")
+        # no label: the log's directory names it (runs/tg/log.jsonl -> tg)
         label = label or os.path.basename(os.path.dirname(os.path.abspath(path)))
         if not os.path.isfile(path):
             print(f"warning: --curves {path} does not exist; skipped", file=sys.stderr)
@@ -180,7 +190,7 @@ def read_curves(spec):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    continue  # e.g. a last line cut short by an interrupted run
                 if isinstance(rec, dict):
                     recs.append(rec)
         runs[label] = recs
@@ -188,6 +198,7 @@ def read_curves(spec):
 
 
 def number(v):
+    # v == v fails only for NaN; a bool is not a value to plot
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
@@ -198,6 +209,7 @@ def curve_charts(runs):
     for key in CURVE_SCALARS:
         lines = {}
         for label, recs in runs.items():
+            # x: the record's step, or its position in the log when it has none
             pts = [(r.get("step", i), r[key]) for i, r in enumerate(recs)
                    if number(r.get(key)) and number(r.get("step", i))]
             if pts:
@@ -232,24 +244,25 @@ def nice(v):
 
 def svg_lines(title, lines, width=420, height=240):
     """A line chart with min/max axis labels and a legend; x and y scaled to the data."""
-    left, right, top, bottom = 48, 12, 28, 56
+    left, right, top, bottom = 48, 12, 28, 56  # margins in px: y labels on the left, the legend below
     xs = [x for pts in lines.values() for x, _ in pts]
     ys = [y for pts in lines.values() for _, y in pts]
+    # a single step or a flat line still gets a non-zero range: sx and sy divide by it
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys + [0]), max(ys)
+    y0, y1 = min(ys + [0]), max(ys)  # the y axis starts at 0 unless a value lies below it
     y1 = y1 if y1 > y0 else y0 + 1
 
     def sx(x):  # data to pixel coordinates
         return left + (x - x0) / (x1 - x0) * (width - left - right)
 
-    def sy(y):
+    def sy(y):  # SVG's y grows downwards: flip
         return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
 
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<text x="{left}" y="16" class="title">{esc(title)}</text>',
            f'<line x1="{left}" y1="{sy(y0)}" x2="{width - right}" y2="{sy(y0)}" class="axis"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>']
-    for y in (y0, (y0 + y1) / 2, y1):
+    for y in (y0, (y0 + y1) / 2, y1):  # three grid lines with their labels: bottom, middle, top
         out.append(f'<line x1="{left}" y1="{sy(y):.1f}" x2="{width - right}" y2="{sy(y):.1f}" class="grid"/>'
                    f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{nice(y)}</text>')
     out.append(f'<text x="{left}" y="{height - bottom + 14}" text-anchor="middle">{nice(x0)}</text>'
@@ -257,12 +270,12 @@ def svg_lines(title, lines, width=420, height=240):
                f'<text x="{(left + width - right) / 2}" y="{height - bottom + 14}" text-anchor="middle">step</text>')
     for i, (name, pts) in enumerate(lines.items()):
         colour = PALETTE[i % len(PALETTE)]
-        pts = sorted(pts)
+        pts = sorted(pts)  # by step, whatever order the log holds them in
         d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         out.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
-        if len(pts) == 1:
+        if len(pts) == 1:  # a polyline of one point draws nothing
             out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{colour}"/>')
-        lx, ly = left + (i % 3) * 120, height - 26 + (i // 3) * 13
+        lx, ly = left + (i % 3) * 120, height - 26 + (i // 3) * 13  # legend: 3 entries a row, 120 px apart
         out.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="8" fill="{colour}"/>'
                    f'<text x="{lx + 14}" y="{ly}">{esc(name)[:18]}</text>')
     return "\n".join(out) + "</svg>"
@@ -270,10 +283,10 @@ def svg_lines(title, lines, width=420, height=240):
 
 def svg_bars(title, groups, series, values, width=440):
     """Horizontal grouped bars: one group per tool, one bar per model; values[(group, series)]."""
-    bar, gap, left, top = 11, 8, 110, 26
-    vmax = max([values.get((g, s), 0) for g in groups for s in series] + [1e-9])
+    bar, gap, left, top = 11, 8, 110, 26  # px: one bar per model, a gap after each tool, room for tool names
+    vmax = max([values.get((g, s), 0) for g in groups for s in series] + [1e-9])  # all zeros: no division by 0
     height = top + len(groups) * (len(series) * bar + gap) + 8
-    scale = (width - left - 52) / vmax
+    scale = (width - left - 52) / vmax  # px per call per sample; 52 px stay free for the longest bar's label
     out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            f'<text x="4" y="16" class="title">{esc(title)}</text>']
     y = top
@@ -281,6 +294,7 @@ def svg_bars(title, groups, series, values, width=440):
         out.append(f'<text x="{left - 6}" y="{y + len(series) * bar / 2 + 4}" text-anchor="end">{esc(g)}</text>')
         for i, s in enumerate(series):
             v = values.get((g, s), 0)
+            # a zero still shows as a 0.5-px sliver; the <title> is the hover text
             out.append(f'<rect x="{left}" y="{y}" width="{max(v * scale, 0.5):.1f}" height="{bar - 2}" '
                        f'fill="{PALETTE[i % len(PALETTE)]}"><title>{esc(s)}: {v:.2f}</title></rect>'
                        f'<text x="{left + v * scale + 4:.1f}" y="{y + bar - 3}">{v:.2f}</text>')
@@ -295,7 +309,7 @@ def svg_bars(title, groups, series, values, width=440):
 def data_uri(path, max_side=512):
     """A JPEG thumbnail as a data: URI (the full PNG stays next to trajectories.jsonl)."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = im.convert("RGB")  # JPEG has no alpha or palette
         im.thumbnail((max_side, max_side), Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=82)
@@ -307,20 +321,23 @@ def page_data(out, records, show):
     kept, seen, images = [], Counter(), {}
     for r in records:
         seen[r["model"], r["task"]] += 1
-        if seen[r["model"], r["task"]] > show:
+        if seen[r["model"], r["task"]] > show:  # the page holds at most `show` per model and task
             continue
         messages = []
         for m in r["messages"]:
+            # a plain-string content becomes one text part: the page's script reads a single shape
             content = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
             parts = []
             for p in content:
                 if p.get("type") == "image":
+                    # each image once per page, however many trajectories show it (every model shares the inputs)
                     if p.get("path") and p["path"] not in images and os.path.isfile(os.path.join(out, p["path"])):
                         images[p["path"]] = data_uri(os.path.join(out, p["path"]))
                     parts.append({"image": p.get("path"), "name": p.get("image")})
                 else:
                     parts.append({"text": p.get("text", "")})
             messages.append({"role": m["role"], "parts": parts})
+        # the fields the page's script (JS: card, body) reads
         kept.append({"model": r["model"], "task": r["task"], "id": r["example_id"], "level": r["level"],
                      "correct": r["score"] >= 1.0, "answer": r["answer"], "gold": r["gold"],
                      "finish": r["finish_reason"],
@@ -431,6 +448,7 @@ render();
 
 
 def heat(acc):
+    # hue 0 (red) at 0% to 120 (green) at 100%, a little darker as accuracy grows
     return "" if acc is None else f' style="background:hsl({int(120 * acc)},55%,{92 - 10 * acc:.0f}%)"'
 
 
@@ -438,7 +456,8 @@ def report_html(out, results, records, curves, show=20):
     """The self-contained page: tables, inline-SVG plots, and the trajectory browser."""
     labels = list(results["results"])
     task_list = results["tasks"]
-    R = results["results"]
+    R = results["results"]  # R[model][task]: rollout.metrics of that pair
+    # model i in PALETTE[i], the colour of its bars in svg_bars
     legend = '<p class="legend">' + "".join(f'<span><i style="background:{PALETTE[i % len(PALETTE)]}"></i>'
                                             f'{esc(m)}</span>' for i, m in enumerate(labels)) + "</p>"
     h = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>AdaReasoner evaluation</title>"
@@ -457,7 +476,7 @@ def report_html(out, results, records, curves, show=20):
              + "".join(f"<th>{esc(t)}</th>" for t in task_list) + "<th>mean</th></tr>")
     for m in labels:
         cells = [(R[m][t]["accuracy"], R[m][t]["cps"]) for t in task_list]
-        cells.append((mean(a for a, _ in cells), mean(c for _, c in cells)))
+        cells.append((mean(a for a, _ in cells), mean(c for _, c in cells)))  # the 'mean' column: macro means
         h.append(f"<tr><td>{esc(m)}</td><td class=\"l\">{esc(results['models'][m]['tool_mode'])}</td>" + "".join(
             f'<td class="cell"{heat(a)}><b>{fmt(a, True)}</b><span>({fmt(c)})</span></td>' for a, c in cells) + "</tr>")
     h.append("</table>")
@@ -482,6 +501,7 @@ def report_html(out, results, records, curves, show=20):
     h.append("<h2>Accuracy by level</h2><p class=\"meta\">vsp_*: grid size, jigsaw: candidates, vstar: question kind, "
              "guiqa: fields on the screen; accuracy % (n)</p>")
     for t in task_list:
+        # by_level keys are strings in JSON: numeric levels sort as numbers (3 < 10), then the named ones
         levels = sorted({lv for m in labels for lv in R[m][t].get("by_level", {})},
                         key=lambda s: level_key(int(s) if s.lstrip("-").isdigit() else s))
         if not levels:
@@ -498,6 +518,8 @@ def report_html(out, results, records, curves, show=20):
     # tool call frequency
     h.append("<h2>Tool calls per sample</h2>" + legend + '<div class="charts">')
     for t in task_list:
+        # the tools any model called here, in registry order, then names outside TOOLS (calls to tools that
+        # do not exist still count)
         used = {k for m in labels for k in R[m][t]["calls_per_sample_per_tool"]}
         groups = [k for k in TOOLS if k in used] + sorted(used - set(TOOLS))
         if not groups:
@@ -516,7 +538,7 @@ def report_html(out, results, records, curves, show=20):
                     if charts else "<p>the logs hold no plottable values</p>"))
 
     # trajectories
-    kept, images = page_data(out, records, show)
+    kept, images = page_data(out, records, show)  # thumbnails as data: URIs, no files beside the page
     h.append(f"<h2>Trajectories</h2><p class=\"meta\">the first {show} per model and task (click an image to enlarge "
              "it); all of them with full-size images are in trajectories.jsonl and images/</p>"
              '<div class="filters">task <select id="f-task"><option value="">all</option></select>'
@@ -524,6 +546,7 @@ def report_html(out, results, records, curves, show=20):
              'outcome <select id="f-outcome"><option value="">all</option><option value="correct">correct</option>'
              '<option value="wrong">wrong</option></select><span id="count" class="meta"></span></div>'
              '<div id="list"></div>')
+    # the data as JSON script elements that JS parses; script_json keeps any text from closing them
     h.append(f'<script type="application/json" id="trajs">{script_json(kept)}</script>'
              f'<script type="application/json" id="imgs">{script_json(images)}</script><script>{JS}</script>')
     h.append("</body></html>")
@@ -537,6 +560,7 @@ def write_outputs(out, settings, runs, curves=None):
     """runs: {label: {"path", "tool_mode", "tools", "examples", "trajectories", "seconds"}} -> results dict; writes
     results.json, trajectories.jsonl, images/ and report.html under `out`."""
     os.makedirs(out, exist_ok=True)
+    # the tasks present, in the canonical TASKS order whatever the examples' order
     task_list = [t for t in tasks.TASKS if any(ex["task"] == t for r in runs.values() for ex in r["examples"])]
     results = {"command": settings.get("command", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "device": settings.get("device", ""), "settings": settings, "tasks": task_list,
@@ -554,6 +578,7 @@ def write_outputs(out, settings, runs, curves=None):
                                     "samples_per_s": n / run["seconds"] if run.get("seconds") else None}
         results["results"][label] = {}
         for t in task_list:
+            # metrics per task over aligned lists: trajs[i] answers exs[i]
             idx = [i for i, ex in enumerate(exs) if ex["task"] == t]
             results["results"][label][t] = metrics([exs[i] for i in idx], [trajs[i] for i in idx])
         records += save_trajectories(out, label, exs, trajs)
@@ -571,10 +596,12 @@ def load_examples(args, task_list):
     if args.data:
         per_task, examples = Counter(), []
         for ex in tasks.load(args.data):
+            # --n with --data: the first n of each task, in file order
             if ex["task"] in task_list and (args.n is None or per_task[ex["task"]] < args.n):
                 per_task[ex["task"]] += 1
                 examples.append(ex)
         return examples
+    # generated: n per task (20 unless --n), the same examples for every model
     return [ex for t in task_list for ex in tasks.generate(t, args.n or 20, split=args.split, seed=args.seed)]
 
 
@@ -587,6 +614,7 @@ def main(argv=None):
     add = [t for t in args.add_tools.split(",") if t]
     try:
         models = parse_models(args.models, args.tools)
+        # each distinct mode resolved once; an unknown tool fails here
         modes = {mode: tool_names(mode, add) for _, _, mode in models}
     except ValueError as e:
         parser.error(str(e))
@@ -594,6 +622,7 @@ def main(argv=None):
     if missing:  # before any model runs, not after an hour of the first one
         parser.error(f"model directories not found: {missing}")
     device = resolve_device(args.device)
+    # the command line that reruns this evaluation, for results.json and the report
     command = "python " + " ".join(shlex.quote(a) for a in ([os.path.basename(sys.argv[0]) or "evaluate.py"] +
                                                             (sys.argv[1:] if argv is None else list(argv))))
     settings = {**vars(args), "command": command, "device": device, "tasks": task_list}
@@ -601,13 +630,16 @@ def main(argv=None):
     if not examples:
         parser.error("no examples to evaluate (check --tasks, --n and --data)")
     os.makedirs(args.out, exist_ok=True)
+    # flushed model by model: after an interruption this log still holds the models already done
     log = open(os.path.join(args.out, "log.jsonl"), "w")
     runs = {}
     for label, path, mode in models:
+        # one model in memory at a time: loaded here, deleted at the end of its turn
         model, processor = load_policy(path, device=device)
         offered, protocol = modes[mode], protocol_of(args.protocol, path)
         if protocol.name != "ours" and args.adl != "off":
             parser.error("--adl rewrites this project's protocol only; it does not combine with --protocol official")
+        # ADL mappings seeded by --seed (per sample, and the example id): the same tools offered, the same names
         plan = adl.plan(examples, protocol.schemas(offered), args.adl, args.seed)
         t0 = time.perf_counter()
         trajs, per_task = evaluate(model, processor, examples, offered, plan, args.batch_size, f"eval {label}",
@@ -624,7 +656,7 @@ def main(argv=None):
         log.write(json.dumps({"model": label, "samples": len(examples), "seconds": seconds,
                               "samples_per_s": len(examples) / seconds}) + "\n")
         log.flush()
-        del model, processor
+        del model, processor  # free the memory before the next model loads
     log.close()
     results = write_outputs(args.out, settings, runs, read_curves(args.curves))
     print(markdown_table(results["results"], results["tasks"]))

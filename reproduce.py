@@ -56,12 +56,13 @@ parser.add_argument("--report-only", action="store_true", help="rewrite summary.
 # experiments 2, 3 and 5-transfer: smaller than the stage defaults so the whole run fits in ~2 h on 2 cores
 SMALL_TC = ["--n-per-task", "300", "--epochs", "2"]
 SMALL_RL = ["--steps", "30"]
-NO_ASTAR = ",".join(t for t in TOOLS if t != "AStar")
-TRANSFER_RL = "jigsaw,vsp_verify,guiqa"
+NO_ASTAR = ",".join(t for t in TOOLS if t != "AStar")  # every tool but AStar, as a --tools list
+TRANSFER_RL = "jigsaw,vsp_verify,guiqa"  # jigsaw as in TC, then two tasks TC never showed
 TASKS = list(TASK_NAMES)
-UNSEEN = ["vsp_verify", "guiqa"]
+UNSEEN = ["vsp_verify", "guiqa"]  # the transfer tasks unseen in TC: the ones evaluated
+# (the model's label in eval_main, its name in the tables)
 MAIN = [("base", "Base"), ("direct", "Direct-SFT"), ("tc", "TC"), ("tg", "TG"), ("tctg", "TC+TG")]
-ADOPT_RL = "vsp_nav,vsp_verify"
+ADOPT_RL = "vsp_nav,vsp_verify"  # AStar helps on vsp_nav, not on vsp_verify: adopt and discard from one RL run
 
 # -----------------------------------------------------------------------------
 # the steps
@@ -69,15 +70,17 @@ ADOPT_RL = "vsp_nav,vsp_verify"
 
 def steps(args):
     """[(name, argv)] in run order; every path is under args.out."""
+    # every stage gets the same device and seed, and --quick when this run has it
     common = ["--device", args.device, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
     small_tc, small_rl = ([], []) if args.quick else (SMALL_TC, SMALL_RL)  # --quick sizes win over SMALL
 
     def o(*parts):
         return os.path.join(args.out, *parts)
 
-    def model(step):
+    def model(step):  # a stage's final model directory
         return o(step, "model")
 
+    # --eval-n 0: the training stages skip their own final evaluation; the eval_* steps measure every model alike
     def coldstart(name, *a):
         return name, ["coldstart.py", "--out", o(name), "--eval-n", "0", *a, *common]
 
@@ -94,8 +97,9 @@ def steps(args):
         # 1. main table (stage defaults) and 4. modulate, 6. tool statistics
         coldstart("direct", "--no-tools"),
         coldstart("tc"),
-        grpo("tg", "tiny", "--tools", "all"),
-        grpo("tctg", "tc"),
+        grpo("tg", "tiny", "--tools", "all"),  # TG: RL from the base, no TC
+        grpo("tctg", "tc"),  # TC+TG: RL from the TC model
+        # Base: the pretrained tiny with the tools offered; Direct-SFT answers with the direct-answer prompt (:none)
         evaluate("eval_main", [("base", "tiny"), ("direct", model("direct") + ":none"), ("tc", model("tc")),
                                ("tg", model("tg")), ("tctg", model("tctg"))],
                  "--curves", ",".join(f"{s}={o(s, 'log.jsonl')}" for s in ("tc", "tg", "tctg"))),
@@ -104,6 +108,7 @@ def steps(args):
         grpo("tg_adopt", "tc_noastar", "--tasks", ADOPT_RL, "--tools", "all", *small_rl),
         evaluate("eval_adopt", [("before", model("tc_noastar")), ("after", model("tg_adopt"))],
                  "--tasks", ADOPT_RL, "--tools", "all", "--curves", f"adopt={o('tg_adopt', 'log.jsonl')}"),
+        # discard: vsp_verify without AStar, against eval_adopt's vsp_verify with it
         evaluate("eval_discard", [("before", model("tc_noastar")), ("after", model("tg_adopt"))],
                  "--tasks", "vsp_verify", "--tools", NO_ASTAR),
         # 5. ADL: the same data as tc, a fresh mapping per trajectory
@@ -115,6 +120,7 @@ def steps(args):
         coldstart("tc_jigsaw_adl", "--tasks", "jigsaw", "--adl", *small_tc),
         grpo("tg_transfer", "tc_jigsaw", "--tasks", TRANSFER_RL, *small_rl),
         grpo("tg_transfer_adl", "tc_jigsaw_adl", "--tasks", TRANSFER_RL, "--adl", *small_rl),
+        # only the tasks unseen in TC, for all four transfer models
         evaluate("eval_transfer", [("tc", model("tc_jigsaw")), ("tc_adl", model("tc_jigsaw_adl")),
                                    ("tctg", model("tg_transfer")), ("tctg_adl", model("tg_transfer_adl"))],
                  "--tasks", ",".join(UNSEEN)),
@@ -124,21 +130,24 @@ def steps(args):
 def run_steps(args, plan):
     """Run every step not yet recorded as done; stop at the first failure (its log names the cause)."""
     done_path = os.path.join(args.out, "steps.json")
+    # step name -> {command, seconds, finished} of the steps that completed
     done = json.load(open(done_path)) if os.path.exists(done_path) else {}
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     for i, (name, argv) in enumerate(plan, 1):
         command = " ".join(shlex.quote(a) for a in ["python"] + argv)
+        # done only with the very same command: a changed flag (say --eval-n) runs the step again
         if done.get(name, {}).get("command") == command:
             print(f"[{i}/{len(plan)}] {name}: done ({done[name]['seconds']:.0f} s), skipped")
             continue
         # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
         ckpt = os.path.join(args.out, name, "ckpt")
+        # evaluate.py has no --resume: an evaluation simply runs again
         resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(ckpt + s)
                                                                   for s in ("", ".tmp", ".old")) else []
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()
-        with open(log_path, "a") as log:
+        with open(log_path, "a") as log:  # appended: a rerun's output follows the failed attempt's
             # the stage scripts sit next to this file; paths in argv stay relative to the caller's directory
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
             rc = subprocess.call([sys.executable, script] + argv[1:] + resume, stdout=log, stderr=subprocess.STDOUT)
@@ -146,6 +155,7 @@ def run_steps(args, plan):
         if rc != 0:
             sys.exit(f"step {name} failed (exit {rc}) after {seconds:.0f} s; see {log_path}. "
                      "Rerunning reproduce.py continues from this step.")
+        # recorded only after success; written to .tmp and renamed, so a kill never leaves a half-written steps.json
         done[name] = {"command": command, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(done_path + ".tmp", "w") as f:
             json.dump(done, f, indent=1)
@@ -158,11 +168,12 @@ def run_steps(args, plan):
 
 
 def results(args, step):
+    # {model label: {task: rollout.metrics}}
     return json.load(open(os.path.join(args.out, step, "results.json")))["results"]
 
 
 def pct(v):
-    return "n/a" if v is None else f"{100 * v:.0f}%"
+    return "n/a" if v is None else f"{100 * v:.0f}%"  # whole points: the intervals are 10-20 wide at n = 100
 
 
 def num(v):
@@ -170,7 +181,7 @@ def num(v):
 
 
 def calls(r, tool):
-    return r["calls_per_sample_per_tool"].get(tool, 0.0)
+    return r["calls_per_sample_per_tool"].get(tool, 0.0)  # a tool never called is absent: 0
 
 
 def with_ci(m):
@@ -181,6 +192,7 @@ def with_ci(m):
 
 def main_table(args):
     r = results(args, "eval_main")
+    # per MAIN model: accuracy [95% interval] per task, then the macro mean
     rows = [[label] + [with_ci(r[key][t]) for t in TASKS] + [pct(mean(r[key][t]["accuracy"] for t in TASKS))]
             for key, label in MAIN]
     return ("1. Main table: accuracy, tools offered", f"{args.eval_n} test examples per task, greedy; each cell the "
@@ -190,6 +202,7 @@ def main_table(args):
 
 def adopt_curve(args):
     """[(RL step, AStar calls per vsp_nav sample)] from the adopt run's log (sampled rollouts, per task)."""
+    # one record per RL step; by_task: that step's sampled rollouts, per task (a step without vsp_nav is skipped)
     log = [json.loads(line) for line in open(os.path.join(args.out, "tg_adopt", "log.jsonl"))]
     return [(rec["step"], calls(rec["by_task"]["vsp_nav"], "AStar")) for rec in log
             if "vsp_nav" in rec.get("by_task", {})]
@@ -197,13 +210,15 @@ def adopt_curve(args):
 
 def adopt_tables(args):
     curve = adopt_curve(args)
-    chunks = max(1, min(5, len(curve)))
-    size = -(-len(curve) // chunks)
+    chunks = max(1, min(5, len(curve)))  # at most 5 blocks of steps: the table stays short
+    size = -(-len(curve) // chunks)  # steps per block, rounded up
+    # 'first-last step' and the block's mean AStar calls per sample
     rows = [[f"{part[0][0]}-{part[-1][0]}", num(mean(c for _, c in part))]
             for part in (curve[k:k + size] for k in range(0, len(curve), size))]
-    r, d = results(args, "eval_adopt"), results(args, "eval_discard")
+    r, d = results(args, "eval_adopt"), results(args, "eval_discard")  # d: vsp_verify without AStar
     before_after = [[label, with_ci(r[label]["vsp_nav"]), num(calls(r[label]["vsp_nav"], "AStar")),
                      pct(r[label]["vsp_nav"]["format_valid_rate"])] for label in ("before", "after")]
+    # vsp_verify with AStar offered (eval_adopt), then without it (eval_discard)
     discard = [[label, with_ci(r[label]["vsp_verify"]), num(calls(r[label]["vsp_verify"], "AStar")),
                 with_ci(d[label]["vsp_verify"])] for label in ("before", "after")]
     return [
@@ -220,6 +235,7 @@ def adopt_tables(args):
 
 def modulate_table(args):
     r = results(args, "eval_main")
+    # Direct-SFT has no tools and is left out
     rows = [[label, num(calls(r[key]["vsp_nav"], "Point")), num(calls(r[key]["vsp_verify"], "Point"))]
             for key, label in MAIN if key != "direct"]
     return ("4. Modulate: Point calls per sample", "The paper: after RL the model calls Point more on the task "
@@ -230,6 +246,7 @@ def modulate_table(args):
 def adl_tables(args):
     canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
     rows = []
+    # each model under each naming: canonical, then randomized
     for key, label in (("tc", "TC"), ("tc_adl", "TC + ADL")):
         for cond, r in (("canonical", canonical), ("randomized", randomized)):
             rows.append([label, cond] + [with_ci(r[key][t]) for t in TASKS]
@@ -237,6 +254,7 @@ def adl_tables(args):
     tr = results(args, "eval_transfer")
     labels = [("tc", "TC jigsaw"), ("tc_adl", "TC jigsaw + ADL"), ("tctg", "TC jigsaw, TG 3 tasks"),
               ("tctg_adl", "TC jigsaw + ADL, TG 3 tasks + ADL")]
+    # accuracy, then CPS, on the tasks TC never showed
     transfer = [[label] + [with_ci(tr[key][t]) for t in UNSEEN] + [num(tr[key][t]["cps"]) for t in UNSEEN]
                 for key, label in labels]
     return [
@@ -251,6 +269,7 @@ def adl_tables(args):
 
 def tool_table(args):
     r = results(args, "eval_main")
+    # every main model but Direct-SFT (no tools), one row per task
     rows = [[label, t, pct(r[key][t]["accuracy"]), num(r[key][t]["cps"]), pct(r[key][t]["tool_success_rate"]),
              pct(r[key][t]["format_valid_rate"])] for key, label in MAIN if key != "direct" for t in TASKS]
     return ("6. Tool statistics", "CPS: tool calls per sample; success: share of calls that returned success.",
@@ -272,6 +291,7 @@ def targets(args):
     """The reproduction issue's targets (the paper's shape at the tiny scale), each with the measured figure."""
     r, a, d = results(args, "eval_main"), results(args, "eval_adopt"), results(args, "eval_discard")
     checks = []
+    # the absolute accuracy targets of TC+TG, per task
     for t, target in (("vsp_nav", 0.95), ("vsp_verify", 0.90), ("jigsaw", 0.90), ("guiqa", 0.90), ("vstar", 0.80)):
         checks.append((f"TC+TG >= {pct(target)} on {t}", with_ci(r["tctg"][t]), at_least(r["tctg"][t], target)))
     apart = 0
@@ -279,7 +299,7 @@ def targets(args):
         tctg, others = r["tctg"][t], [r["tc"][t], r["tg"][t]]
         above = all(tctg["accuracy"] > o["accuracy"] for o in others)
         clear = above and all(separated(tctg, o) for o in others)
-        apart += clear
+        apart += clear  # tasks where TC+TG's interval clears both
         verdict = "yes, intervals apart" if clear else "above, intervals overlap" if above else "no"
         checks.append((f"TC+TG above TC and TG on {t}",
                        f"{with_ci(tctg)} vs {with_ci(r['tc'][t])} / {with_ci(r['tg'][t])}", verdict))
@@ -292,14 +312,17 @@ def targets(args):
         checks.append((f"Direct-SFT clearly below TC+TG on {t} (intervals apart)",
                        f"{with_ci(r['direct'][t])} vs {with_ci(r['tctg'][t])}",
                        "yes" if separated(r["tctg"][t], r["direct"][t]) else "no"))
+    # adopt: greedy evaluations before and after RL (eval_adopt offers all seven tools)
     before, after = calls(a["before"]["vsp_nav"], "AStar"), calls(a["after"]["vsp_nav"], "AStar")
     checks.append(("adopt: AStar calls per vsp_nav sample < 0.1 before RL, >= 0.8 after",
                    f"{num(before)} -> {num(after)}", "yes" if before < 0.1 and after >= 0.8 else "no"))
+    # a fraction: 0.30 is 30 points
     gain = a["after"]["vsp_nav"]["accuracy"] - a["before"]["vsp_nav"]["accuracy"]
     checks.append(("adopt: vsp_nav accuracy up >= 30 points over RL",
                    f"{with_ci(a['before']['vsp_nav'])} -> {with_ci(a['after']['vsp_nav'])}",
                    "yes" if gain >= 0.30 else "no"))
-    discard = calls(a["after"]["vsp_verify"], "AStar")
+    discard = calls(a["after"]["vsp_verify"], "AStar")  # eval_adopt offers AStar on vsp_verify too
+    # after RL: with AStar offered against without it
     gap = a["after"]["vsp_verify"]["accuracy"] - d["after"]["vsp_verify"]["accuracy"]
     checks.append(("discard: after RL <= 0.1 AStar calls per vsp_verify sample, accuracy within 5 points of the "
                    "run without AStar", f"{num(discard)} calls; {with_ci(a['after']['vsp_verify'])} vs "
@@ -308,6 +331,7 @@ def targets(args):
     checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
                    f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
     canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
+    # per model: the accuracy lost when the names are randomized, averaged over tasks
     loss = {key: mean(canonical[key][t]["accuracy"] - randomized[key][t]["accuracy"] for t in TASKS)
             for key in ("tc", "tc_adl")}
     checks.append(("ADL: the ADL model loses <= 10 points under random names, the non-ADL model >= 20",
@@ -323,6 +347,7 @@ def targets(args):
 
 
 def timing_table(done):
+    # commands in backticks: code in summary.md; report_html strips them again
     rows = [[name, f"{d['seconds'] / 60:.1f}", f"`{d['command']}`"] for name, d in done.items()]
     rows.append(["total", f"{sum(d['seconds'] for d in done.values()) / 60:.1f}", ""])
     return ("Steps", "Wall minutes of each step; every command runs on its own.", ["step", "minutes", "command"], rows)
@@ -346,14 +371,17 @@ def report_html(sections, head, links, figures):
          "code{font-size:12px}" + CHART_CSS + "</style>",
          f"<h1>AdaReasoner: tiny reproduction</h1><p>{html.escape(head)}</p>"]
     for title, note, header, rows in sections:
+        # html_table escapes every cell; the backticks are Markdown only
         h.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>"
                  + html_table(header, [[str(c).strip("`") for c in row] for row in rows]) + figures.get(title, ""))
     h.append("<h2>Per-experiment reports</h2><p>Trajectories with their images, training curves:</p><ul>")
+    # relative links: the page still works when OUT moves
     h += [f"<li><a href='{name}/report.html'>{name}</a></li>" for name in links]
     return "\n".join(h) + "</ul>\n"
 
 
 def write_report(args, done):
+    # in the summary's order; sections[1] is the adopt curve's table, the one the chart goes under
     sections = [main_table(args), *adopt_tables(args), modulate_table(args), *adl_tables(args), tool_table(args),
                 targets(args), timing_table(done)]
     total = sum(d["seconds"] for d in done.values()) / 60
@@ -362,22 +390,24 @@ def write_report(args, done):
             f"evaluations on {args.eval_n if not args.quick else 2} test examples per task.")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(markdown(sections, "## Reproduction summary\n\n" + head))
-    evals = [name for name in done if name.startswith("eval_")]
+    evals = [name for name in done if name.startswith("eval_")]  # each has its own report.html to link
     with open(os.path.join(args.out, "report.html"), "w") as f:
         curve = adopt_curve(args)  # the adopt curve: AStar calls per vsp_nav sample at every RL step
+        # keyed by the adopt-curve table's title: report_html draws the chart right under it
         figures = {sections[1][0]: svg_lines("AStar calls per vsp_nav sample during RL", {"AStar / sample": curve})}
         f.write(report_html(sections, head.replace("`", ""), evals, figures if curve else {}))
-    print(markdown(sections[:-1], head))
+    print(markdown(sections[:-1], head))  # the console leaves out the timing table
     print(f"wrote {args.out}/summary.md and {args.out}/report.html")
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     plan = steps(args)
-    if args.report_only:
+    if args.report_only:  # no step runs: the tables come from the outputs already there
         done = json.load(open(os.path.join(args.out, "steps.json")))
     else:
         done = run_steps(args, plan)
+    # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan)
     write_report(args, {name: done[name] for name, _ in plan if name in done})
 
 

@@ -19,14 +19,15 @@ from PIL import Image, ImageDraw
 from tools import COLOURS, MOVES, SCENE, SHAPES, astar, draw_text, parse_moves, text_size
 
 TASKS = ("vsp_nav", "vsp_verify", "jigsaw", "vstar", "guiqa")
-SPLITS = {"train": 0, "rl": 1, "test": 2}
+SPLITS = {"train": 0, "rl": 1, "test": 2}  # the index is part of every example's RNG seed (generate)
 CELL = 64        # grid tasks: pixels per cell, so a grid's size is its image size / 64
-LETTERS = "ABCD"
+LETTERS = "ABCD"  # option letters of jigsaw and vstar
 
 # -----------------------------------------------------------------------------
 # rendering helpers
 
 
+# cached by (draw_fn, size, args): the same shape in the same colour is drawn once; paste never changes it
 @functools.lru_cache(maxsize=256)
 def _patch(draw_fn, w, h, *args, ss=4):
     """A shape drawn on a transparent patch at `ss` times the size and averaged down:
@@ -37,7 +38,7 @@ def _patch(draw_fn, w, h, *args, ss=4):
 
 
 def _stamp(canvas, xy, size, draw_fn, *args):
-    patch = _patch(draw_fn, *size, *args)
+    patch = _patch(draw_fn, *size, *args)  # RGBA: its own alpha is the paste mask
     canvas.paste(patch, xy, patch)
 
 
@@ -45,14 +46,17 @@ def _texture(rng, h, w, base, amp, blobs=6):
     """A light RGB background around `base`: smooth blobs (computed at 1/8 size, then
     upsampled) plus grain, the same offset on every channel, applied with lookup tables."""
     sh, sw = max(2, h // 8), max(2, w // 8)
-    yy, xx = np.mgrid[0:sh, 0:sw] / max(sh, sw)
+    yy, xx = np.mgrid[0:sh, 0:sw] / max(sh, sw)  # both in units of the longer side: blobs stay round
     f = np.zeros((sh, sw))
     for _ in range(blobs):
+        # a Gaussian blob of random sign and a radius of 0.1-0.4 of the longer side
         cx, cy, r = rng.random(), rng.random(), 0.1 + 0.3 * rng.random()
         f += rng.uniform(-1, 1) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / r ** 2)
+    # centred on 124 so that with the grain (0..7) it averages ~128, clipped at 248 so 248 + 7 fits a uint8
     smooth = Image.fromarray(np.clip(amp * f + 124, 0, 248).astype(np.uint8)).resize((w, h), Image.BILINEAR)
     grain = np.frombuffer(rng.bytes(h * w), np.uint8).reshape(h, w) & 7   # 0..7
     offset = Image.fromarray(np.asarray(smooth) + grain)                    # 128 means no change
+    # one lookup table per channel adds (offset - 128) to its base value: a brightness offset, the hue stays
     return Image.merge("RGB", [offset.point([min(255, max(0, v + i - 128)) for i in range(256)]) for v in base])
 
 
@@ -65,14 +69,16 @@ def _layout(rng, split, sizes, verify):
     even tiny 3x3 grids never appear in two splits with different ice noise."""
     while True:
         n = int(rng.choice(sizes))
-        cells = [(c, r) for r in range(n) for c in range(n)]
+        cells = [(c, r) for r in range(n) for c in range(n)]  # (column, row), as tools.astar takes them
         order = rng.permutation(len(cells))
-        start, goal = cells[order[0]], cells[order[1]]
+        start, goal = cells[order[0]], cells[order[1]]  # two distinct cells; the rest may become holes
         density = rng.uniform(0.15, 0.3)
         holes = sorted(cells[i] for i in order[2:] if rng.random() < density)
         path = astar(start, goal, set(holes), n, n)
+        # verify is in the key: nav and verify layouts are bucketed independently
         key = json.dumps([n, start, goal, holes, verify]).encode()
-        bucket = int(hashlib.sha256(key).hexdigest(), 16) % 10
+        bucket = int(hashlib.sha256(key).hexdigest(), 16) % 10  # 0-7 train, 8 rl, 9 test
+        # reject and redraw: an unreachable gift, or a layout that belongs to another split
         if path and {"train": bucket < 8, "rl": bucket == 8, "test": bucket == 9}[split]:
             return n, start, goal, holes, path
 
@@ -81,7 +87,7 @@ def _elf(d, w, h):
     tunic, face = SCENE["elf"]
     d.polygon([(0.34 * w, 0.47 * h), (0.66 * w, 0.47 * h), (0.74 * w, 0.86 * h), (0.26 * w, 0.86 * h)], fill=tunic)
     d.polygon([(0.36 * w, 0.28 * h), (0.64 * w, 0.28 * h), (0.5 * w, 0.04 * h)], fill=tunic)       # hat
-    d.ellipse([0.36 * w, 0.22 * h, 0.64 * w, 0.50 * h], fill=face)
+    d.ellipse([0.36 * w, 0.22 * h, 0.64 * w, 0.50 * h], fill=face)  # face
     for ex in (0.45, 0.55):
         d.ellipse([(ex - 0.02) * w, 0.33 * h, (ex + 0.02) * w, 0.37 * h], fill=(30, 30, 30))
     d.rectangle([0.3 * w, 0.86 * h, 0.7 * w, 0.92 * h], fill=(90, 60, 30))                        # boots
@@ -93,12 +99,13 @@ def _gift(d, w, h):
     d.rectangle([0.18 * w, 0.32 * h, 0.82 * w, 0.42 * h], fill=(185, 28, 42))                    # lid
     d.rectangle([0.45 * w, 0.32 * h, 0.55 * w, 0.86 * h], fill=ribbon)
     d.rectangle([0.22 * w, 0.58 * h, 0.78 * w, 0.66 * h], fill=ribbon)
-    d.ellipse([0.36 * w, 0.18 * h, 0.5 * w, 0.33 * h], fill=ribbon)
+    d.ellipse([0.36 * w, 0.18 * h, 0.5 * w, 0.33 * h], fill=ribbon)  # the bow's two loops
     d.ellipse([0.5 * w, 0.18 * h, 0.64 * w, 0.33 * h], fill=ribbon)
 
 
 def _hole(d, w, h):
     water, ripple = SCENE["hole"]
+    # the light outline is far from every paint colour in SCENE: Point leaves it out of the hole
     d.ellipse([0.08 * w, 0.14 * h, 0.92 * w, 0.86 * h], fill=water, outline=(150, 190, 215), width=w // 40)
     for k in range(2):
         d.arc([(0.25 + 0.1 * k) * w, (0.3 + 0.1 * k) * h, (0.75 - 0.1 * k) * w, (0.7 - 0.1 * k) * h],
@@ -106,13 +113,15 @@ def _hole(d, w, h):
 
 
 def render_grid(rng, n, start, goal, holes):
-    size = n * CELL
+    size = n * CELL  # pixels: the image is n x n cells of 64 px
     img = _texture(rng, size, size, (205, 228, 242), 12)
     d = ImageDraw.Draw(img)
     for k in range(n + 1):  # faint cell borders, 2 px between cells
-        for v in (k * CELL - 1, k * CELL):
+        for v in (k * CELL - 1, k * CELL):  # the last column of one cell and the first of the next
             d.line([(v, 0), (v, size)], fill=(175, 205, 228))
             d.line([(0, v), (size, v)], fill=(175, 205, 228))
+    # each object drawn 56 x 56 px, 4 px inside its cell, jittered by up to 3 px: it never leaves the cell,
+    # so the cell under Point's centre pixel // 64 is the object's cell
     for cell, draw_fn in [(h, _hole) for h in holes] + [(start, _elf), (goal, _gift)]:
         jx, jy = rng.integers(-3, 4, 2)
         _stamp(img, (cell[0] * CELL + 4 + int(jx), cell[1] * CELL + 4 + int(jy)), (CELL - 8, CELL - 8), draw_fn)
@@ -123,13 +132,14 @@ def walk(meta, moves, off_grid="stay"):
     """Walk the elf -> (how the walk ends, the cell where): 'hole' (it stepped into one), 'off_grid' (a move left
     the grid, with off_grid='fail', as verification judges), 'goal' or 'short' (it stopped elsewhere). With
     off_grid='stay' (navigation scoring) an off-grid move leaves the elf in place."""
+    # cells are (column, row); holes as a set of tuples
     n, (x, y), holes = meta["grid"], meta["start"], {tuple(h) for h in meta["holes"]}
     for m in moves:
         dx, dy = MOVES[m]
         if not (0 <= x + dx < n and 0 <= y + dy < n):
             if off_grid == "fail":
                 return "off_grid", [x, y]
-            continue
+            continue  # off_grid='stay': the move is ignored, the walk goes on
         x, y = x + dx, y + dy
         if (x, y) in holes:
             return "hole", [x, y]
@@ -163,23 +173,26 @@ def _verify_moves(rng, n, start, goal, holes, path):
     """A candidate move sequence: about half of them safe, the others walk into a hole, stop
     short or leave the grid. The label comes from replaying, never from the intention."""
     meta = {"grid": n, "start": start, "goal": goal, "holes": holes}
-    want = bool(rng.random() < 0.5)
+    want = bool(rng.random() < 0.5)  # the label aimed at; the label kept is the replayed one
     free = [(c, r) for r in range(n) for c in range(n) if (c, r) not in holes]
-    for _ in range(20):
+    for _ in range(20):  # a few attempts at a candidate whose replayed label is `want`, else the last one
         moves = list(path)
         kind = str(rng.choice(["detour", "shortest"] if want else ["hole", "short", "offgrid"]))
         if kind == "detour":
+            # a safe detour: the shortest route through a random free cell (it may pass the gift and come back)
             via = free[rng.integers(len(free))]
             a, b = astar(start, via, set(holes), n, n), astar(via, goal, set(holes), n, n)
             moves = a + b if a is not None and b is not None else moves
         elif kind == "hole" and holes:
             h = holes[rng.integers(len(holes))]
+            # a route into hole h (the other holes avoided), then on to the gift ignoring holes; the walk stops at h
             a = astar(start, h, set(holes) - {h}, n, n)
             moves = a + astar(h, goal, set(), n, n) if a is not None else moves
         elif kind == "short":
             k = int(rng.integers(1, 3))
-            moves = moves[:-k] if len(moves) > k else moves
+            moves = moves[:-k] if len(moves) > k else moves  # drop the last 1-2 moves: stops short
         elif kind == "offgrid":
+            # walk the first i moves, then insert one that leaves the grid from there
             i = int(rng.integers(len(moves) + 1))
             x, y = start
             for m in moves[:i]:
@@ -194,8 +207,10 @@ def _verify_moves(rng, n, start, goal, holes, path):
 def _grid_task(rng, split, verify, sizes=tuple(range(3, 9))):
     n, start, goal, holes, path = _layout(rng, split, sizes, verify)
     img = render_grid(rng, n, start, goal, holes)
+    # level: the grid size, the axis the report breaks accuracy down by
     meta = {"level": n, "grid": n, "start": list(start), "goal": list(goal), "holes": [list(h) for h in holes]}
     if not verify:
+        # the reference is one shortest route; score() accepts any safe one
         return str(rng.choice(_NAV_Q)), [img], ",".join(path), meta
     moves, safe = _verify_moves(rng, n, start, goal, holes, path)
     meta["moves"] = ",".join(moves)
@@ -208,18 +223,21 @@ def _grid_task(rng, split, verify, sizes=tuple(range(3, 9))):
 def _picture(rng, size):
     """Gradients, stripes and shapes, never darker than 27 so that only the hole is black."""
     half = size // 2  # the gradient and stripes are smooth: compute them at half size
+    # coordinates in [0, 1) of the half-size grid
     yy, xx = np.ogrid[0:half, 0:half]
     yy, xx = yy.astype(np.float32) / half, xx.astype(np.float32) / half
     c1, c2, c3 = (rng.uniform(40, 255, 3).astype(np.float32) for _ in range(3))
     a = rng.uniform(0, 2 * np.pi)
+    # a linear gradient from c2 to c1 along a random direction
     t = ((np.cos(a) * xx + np.sin(a) * yy + 1) / 2)[..., None]
     b = rng.uniform(0, 2 * np.pi)
+    # stripes of a random direction and frequency, mixing in 0-0.7 of c3
     stripes = 0.35 + 0.35 * np.sin((np.cos(b) * xx + np.sin(b) * yy) * rng.uniform(6, 20) * np.pi)[..., None]
     img = (c1 * t + c2 * (1 - t)) * (1 - stripes) + c3 * stripes
     # shapes drawn at twice the size and averaged down: antialiased edges
     pic = Image.fromarray(np.clip(img, 30, 255).astype(np.uint8)).resize((2 * size, 2 * size), Image.BILINEAR)
     d = ImageDraw.Draw(pic)
-    for _ in range(rng.integers(4, 9)):
+    for _ in range(rng.integers(4, 9)):  # 4-8 shapes, coordinates in the 2x canvas
         x, y = rng.uniform(0, 2 * size, 2)
         r = rng.uniform(0.1, 0.4) * size
         colour = tuple(int(v) for v in rng.uniform(30, 255, 3))
@@ -230,6 +248,7 @@ def _picture(rng, size):
             d.rectangle([x - r, y - r * 0.6, x + r, y + r * 0.6], fill=colour)
         else:
             d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=colour)
+    # minus 0..3 of grain after the clip at 30: every pixel stays >= 27, no uint8 wrap-around
     grain = np.frombuffer(rng.bytes(size * size * 3), np.uint8).reshape(size, size, 3) & 3
     return Image.fromarray(np.asarray(pic.resize((size, size), Image.BOX)) - grain)
 
@@ -244,22 +263,23 @@ _JIGSAW_Q = [
 
 
 def _jigsaw(rng, split, cell=112, candidates=(2, 3)):
-    pic = _picture(rng, 3 * cell)
-    k = int(rng.choice(candidates))
-    r0, c0 = rng.integers(0, 2, 2)
+    pic = _picture(rng, 3 * cell)  # 3 x 3 cells of `cell` px (336 px at the default 112)
+    k = int(rng.choice(candidates))  # candidates shown, the answer included; also the level
+    r0, c0 = rng.integers(0, 2, 2)  # the window's top-left cell (row, column): a 2 x 2 window fits at 0 or 1
     window = pic.crop((c0 * cell, r0 * cell, (c0 + 2) * cell, (r0 + 2) * cell))
-    hr, hc = rng.integers(0, 2, 2)
+    hr, hc = rng.integers(0, 2, 2)  # the blacked-out cell inside the window
+    # pixel box [x0, y0, x1, y1] in window coordinates
     hole = [int(hc) * cell, int(hr) * cell, (int(hc) + 1) * cell, (int(hr) + 1) * cell]
-    piece = window.crop(hole)
+    piece = window.crop(hole)  # cut before the hole is painted black
     window.paste((0, 0, 0), hole)
     # distractors: cells outside the window, same palette and texture as the answer
     outside = [(r, c) for r in range(3) for c in range(3) if not (r0 <= r < r0 + 2 and c0 <= c < c0 + 2)]
-    picks = rng.choice(len(outside), k - 1, replace=False)
+    picks = rng.choice(len(outside), k - 1, replace=False)  # 5 cells lie outside the window
     pieces = [pic.crop((outside[i][1] * cell, outside[i][0] * cell, (outside[i][1] + 1) * cell,
                         (outside[i][0] + 1) * cell)) for i in picks]
     answer = int(rng.integers(k))
-    pieces.insert(answer, piece)
-    cands = " ".join(f"{LETTERS[i]}: img_{i + 2}." for i in range(k))
+    pieces.insert(answer, piece)  # the answer's letter: its position among the candidates
+    cands = " ".join(f"{LETTERS[i]}: img_{i + 2}." for i in range(k))  # img_1 is the window, the candidates follow
     meta = {"level": k, "hole": hole, "cell": cell}
     return str(rng.choice(_JIGSAW_Q)).format(cands=cands), [window] + pieces, LETTERS[answer], meta
 
@@ -299,10 +319,12 @@ def _vstar(rng, split, canvas=1024, target_px=(14, 22), objects=(30, 45)):
     kind = str(rng.choice(list(_VSTAR_Q)))
     names = list(COLOURS)
     colour, shape = str(rng.choice(names)), str(rng.choice(SHAPES))
-    count = int(rng.integers(1, 5)) if kind == "count" else 1
-    n = int(rng.integers(*objects))
+    count = int(rng.integers(1, 5)) if kind == "count" else 1  # 1-4 targets to count
+    n = int(rng.integers(*objects))  # objects on the canvas, targets included (30-44 by default)
     others = [c for c in names if c != colour]
-    near = SIMILAR[colour]
+    near = SIMILAR[colour]  # about half the distractors draw a look-alike colour
+    # targets first, on an almost empty canvas: none is dropped in practice, and the count answer counts
+    # the targets actually drawn
     specs = [(colour, shape, True)] * count
     while len(specs) < n:  # distractors never share the target's identifying attribute(s)
         c = str(rng.choice(near if rng.random() < 0.5 else names))
@@ -315,26 +337,31 @@ def _vstar(rng, split, canvas=1024, target_px=(14, 22), objects=(30, 45)):
     placed, targets = [], []
     for c, s, is_target in specs:
         for _ in range(200):
+            # side in px: targets 14-22, distractors 12-26, so size alone does not give a target away
             size = int(rng.integers(target_px[0], target_px[1] + 1)) if is_target else int(rng.integers(12, 27))
-            x, y = rng.integers(8, canvas - size - 8, 2)
+            x, y = rng.integers(8, canvas - size - 8, 2)  # top-left corner, at least 8 px from every edge
+            # with sides of 12-26 px this leaves a gap of more than 7 px between any two objects, so Point's
+            # connected components never merge two of them
             if all(abs(x - px) > (size + ps) / 2 + 14 or abs(y - py) > (size + ps) / 2 + 14 for px, py, ps in placed):
                 break
-        else:
+        else:  # 200 tries without room: drop this object
             continue
         placed.append((x, y, size))
+        # up to 12 per channel off the palette colour: Point matches the nearest palette colour within 60
         jitter = rng.integers(-12, 13, 3)
         fill = tuple(int(v) for v in np.clip(np.array(COLOURS[c]) + jitter, 0, 255))
         _stamp(img, (int(x), int(y)), (size, size), _shape, s, fill)
         if is_target:
-            targets.append([int(x) + size / 2, int(y) + size / 2, size])
+            targets.append([int(x) + size / 2, int(y) + size / 2, size])  # [centre x, centre y, side] in px
     if kind == "color":
         options, correct = [colour] + list(rng.choice(others, 3, replace=False)), colour
     elif kind == "shape":
         options, correct = list(SHAPES), shape
     else:
+        # the true count and three other counts from 1-6
         options, correct = [str(len(targets))] + [str(v) for v in rng.choice(
             [v for v in range(1, 7) if v != len(targets)], 3, replace=False)], str(len(targets))
-    options = [str(o) for o in rng.permutation(options)]
+    options = [str(o) for o in rng.permutation(options)]  # shuffled: the letter of the answer is random
     question = str(rng.choice(_VSTAR_Q[kind])).format(colour=colour, shape=shape)
     question += "\n" + " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)) + "\nAnswer with the letter."
     meta = {"level": kind, "targets": targets, "colour": colour, "shape": shape, "options": options}
@@ -379,19 +406,22 @@ _GUI_Q = ["What is the value of the '{f}' field on this screen?",
 
 def _guiqa(rng, split, size=(640, 480), fields=(4, 7)):
     w, h = size
-    k = int(rng.integers(fields[0], fields[1] + 1))
+    k = int(rng.integers(fields[0], fields[1] + 1))  # fields on the screen (4-7): the level
     names = [str(f) for f in rng.choice(list(_FIELDS), k, replace=False)]
     values = [_FIELDS[f](rng) for f in names]
     img = _texture(rng, h, w, (244, 245, 248), 6)
     d = ImageDraw.Draw(img)
-    header = tuple(int(v) for v in rng.integers(185, 235, 3))
-    d.rectangle([0, 0, w, 40], fill=header)
+    header = tuple(int(v) for v in rng.integers(185, 235, 3))  # light: OCR's ink is grey < 110
+    d.rectangle([0, 0, w, 40], fill=header)  # a 40-px title bar
     draw_text(img, (16, 13), str(rng.choice(_TITLES)), (25, 25, 35), scale=2)
     draw_text(img, (w - 60, 17), "Help", (40, 40, 60))
-    row = min(52, (h - 120) // k)
+    row = min(52, (h - 120) // k)  # px per field: the fields fit between the title bar and the buttons
+    # the longest label ('Tracking No:') is 71 px wide, so a value starts 80+ px right of its label:
+    # OCR splits them at a gap of more than 12 px
     label_x, box_x = 24, 24 + int(rng.integers(150, 190))
     for i, (name, value) in enumerate(zip(names, values)):
         y = 64 + i * row
+        # the value's white box; the text sits 8 px below its top
         d.rectangle([box_x, y, w - 32, y + 22], fill=(255, 255, 255), outline=(185, 190, 200))
         draw_text(img, (label_x, y + 8), name + ":", (60, 60, 75))
         draw_text(img, (box_x + 6, y + 8), value, (20, 20, 25))
@@ -399,7 +429,7 @@ def _guiqa(rng, split, size=(640, 480), fields=(4, 7)):
         bx = w - 200 + j * 90
         d.rectangle([bx, h - 40, bx + 70, h - 16], fill=(215, 225, 240), outline=(160, 175, 200))
         tw, _ = text_size(label)
-        draw_text(img, (bx + 35 - tw // 2, h - 31), label, (30, 40, 70))
+        draw_text(img, (bx + 35 - tw // 2, h - 31), label, (30, 40, 70))  # centred on the 70-px button
     target = int(rng.integers(k))
     question = str(rng.choice(_GUI_Q)).format(f=names[target])
     return question, [img], values[target], {"level": k, "field": names[target]}
@@ -419,6 +449,7 @@ def generate(task, n, split="test", seed=0, **knobs):
         raise ValueError(f"unknown task {task!r} or split {split!r}; tasks: {TASKS}, splits: {list(SPLITS)}")
     out = []
     for i in range(n):
+        # one generator per example: example i is the same whatever n is, and no two tasks or splits share a stream
         rng = np.random.default_rng([SPLITS[split], TASKS.index(task), seed, i])
         question, images, answer, meta = _GENERATORS[task](rng, split, **knobs)
         out.append({"id": f"{task}-{split}-{seed}-{i}", "task": task, "question": question,
@@ -432,6 +463,7 @@ def extract_answer(text):
     if not responses:
         return None
     r = responses[-1]
+    # from the last \boxed{ backwards: an unclosed last one falls back to an earlier balanced one
     for start in reversed([m.end() for m in re.finditer(r"\\boxed\{", r)]):
         depth = 1
         for j in range(start, len(r)):
@@ -452,6 +484,7 @@ def is_format_valid(assistant_turns):
             want = 1 if tag in ("think", action) else 0
             if turn.count(f"<{tag}>") != want or turn.count(f"</{tag}>") != want:
                 return False
+        # each tag occurs exactly once, so index() finds it: the think block must close before the action opens
         if not (turn.index("<think>") < turn.index("</think>") <= turn.index(f"<{action}>")
                 < turn.index(f"</{action}>")):
             return False
@@ -463,6 +496,7 @@ def _norm(s):
 
 
 def _letter(s):
+    # 'B', '(b)', 'B.', 'b:' -> 'B'; 'B because ...' -> None
     m = re.fullmatch(r"\(?\s*([a-d])\s*\)?[.:]?", s.strip().lower())
     return m.group(1).upper() if m else None
 
@@ -473,14 +507,17 @@ def score(example, answer):
         return 0.0
     task, meta = example["task"], example["meta"]
     if task == "vsp_nav":
+        # any route that reaches the gift safely scores, not only the reference
         moves = parse_moves(str(answer))
         return float(moves is not None and replay(meta, moves, "stay"))
     if task == "vsp_verify":
+        # 'Yes.' and 'yes!' count
         return float(_norm(answer).strip(".!") == example["answer"].lower())
     if task in ("jigsaw", "vstar"):
         options = [_norm(o) for o in meta.get("options", [])]  # vstar also accepts the option's text
         given = _letter(str(answer)) or (LETTERS[options.index(_norm(answer))] if _norm(answer) in options else None)
         return float(given == example["answer"])
+    # guiqa: the field's exact value, up to case and runs of whitespace
     return float(_norm(answer) == _norm(example["answer"]))
 
 
@@ -489,7 +526,7 @@ def save(examples, dir):
     os.makedirs(os.path.join(dir, "images"), exist_ok=True)
     with open(os.path.join(dir, "examples.jsonl"), "w") as f:
         for ex in examples:
-            paths = []
+            paths = []  # relative to dir, so a saved dataset can be moved
             for k, img in enumerate(ex["images"]):
                 paths.append(f"images/{ex['id']}_{k + 1}.png")
                 img.save(os.path.join(dir, paths[-1]), compress_level=1)  # noisy canvases: level 6 is 4x slower
@@ -548,7 +585,7 @@ def map_meta(text):
     n = len(rows)
     if not n or any(len(r) != n for r in rows):
         raise ValueError(f"the map is not a square grid: {text[:80]}")
-    cells = {(c, r): v for r, row in enumerate(rows) for c, v in enumerate(row)}
+    cells = {(c, r): v for r, row in enumerate(rows) for c, v in enumerate(row)}  # (column, row) -> one of S, G, H, F
     find = [k for k, v in cells.items() if v == "S"], [k for k, v in cells.items() if v == "G"]
     if len(find[0]) != 1 or len(find[1]) != 1:
         raise ValueError(f"the map needs one S and one G: {text[:80]}")
@@ -576,12 +613,14 @@ def read_parquet(path):
     examples, skipped = [], {}
     for i, row in enumerate(table.to_pylist()):
         source = row["data_source"]
+        # path_nav, path_ver and jigsaw* score exactly here; the others need the authors' LLM judge
         task = {"path_nav": "vsp_nav", "path_ver": "vsp_verify"}.get(source) or \
             ("jigsaw" if str(source).startswith("jigsaw") else None)
         if task is None:
             skipped[source] = skipped.get(source, 0) + 1
             continue
         try:
+            # the first user turn: the question, with one <image> placeholder per image
             user = [m for m in row["prompt"] if m["role"] == "user"][0]["content"]
             images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in row["images"]]
             if user.count("<image>") != len(images):
@@ -595,6 +634,7 @@ def read_parquet(path):
             elif task == "vsp_verify":
                 meta, answer = {"level": "parquet"}, {"yes": "Yes", "no": "No"}[truth.strip().lower()]
             else:
+                # jigsaw: the option letter, from extra_info's answer or the ground truth
                 meta, answer = {"level": "parquet"}, str(info.get("answer") or truth).strip().upper()[:1]
         except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
             raise InputError(f"{path}, row {i} ({source}): malformed RL record: {e}") from None

@@ -110,8 +110,10 @@ $ ..#.. .#### #.#.. .###. ..#.# ####. ..#..
 ? .###. #...# ....# ...#. ..#.. ..... ..#..
 = ..... ..... ##### ..... ##### ..... .....
 """
+# FONT[i] is the glyph of FONT_CHARS[i]: draw_text and OCR both index glyphs by that position
 FONT_CHARS = " " + "".join(line[0] for line in _GLYPHS.strip().splitlines())
 FONT = np.zeros((len(FONT_CHARS), FONT_H, FONT_W), dtype=bool)  # index 0 is the space
+# each _GLYPHS line: its character, then 7 rows of 5 columns, '#' ink and '.' blank
 for _i, _line in enumerate(_GLYPHS.strip().splitlines(), start=1):
     FONT[_i] = [[c == "#" for c in row] for row in _line[2:].split()]
 
@@ -127,8 +129,10 @@ def draw_text(img, xy, text, color=(0, 0, 0), scale=1):
     assert not missing, f"characters {sorted(missing)} are not in the font"
     cells = FONT[[FONT_CHARS.index(c) for c in text]]                   # (n, 7, 5)
     cells = np.pad(cells, ((0, 0), (0, 0), (0, 1)))                      # the gap column
+    # glyphs side by side, (7, n * 6) minus the trailing gap column: exactly text_size wide
     mask = cells.transpose(1, 0, 2).reshape(FONT_H, -1)[:, :-1]
-    mask = np.kron(mask, np.ones((scale, scale), dtype=bool))
+    mask = np.kron(mask, np.ones((scale, scale), dtype=bool))  # one font pixel -> a scale x scale block
+    # the mask as paste's alpha: only ink pixels change, the background stays
     img.paste(tuple(color), xy, Image.fromarray(mask.astype(np.uint8) * 255))
 
 # -----------------------------------------------------------------------------
@@ -145,11 +149,13 @@ SCENE = {  # FrozenLake objects: each is painted in a few colours, all of which 
     "gift": [(200, 30, 45), (245, 200, 40)],        # box, ribbon
     "hole": [(20, 50, 95), (45, 85, 135)],          # water, ripples
 }
+# a word Point accepts for a scene object -> the SCENE key whose paint colours it looks for
 SYNONYMS = {
     "elf": "elf", "player": "elf", "start": "elf", "person": "elf", "character": "elf", "agent": "elf",
     "gift": "gift", "goal": "gift", "present": "gift", "box": "gift", "treasure": "gift",
     "hole": "hole", "obstacle": "hole", "water": "hole", "trap": "hole",
 }
+# 'rectangle' counts as a square: the search scenes draw no other rectangle
 _SHAPE_WORDS = {"circle": "circle", "dot": "circle", "disk": "circle", "ball": "circle",
                 "square": "square", "rectangle": "square", "triangle": "triangle", "star": "star"}
 
@@ -164,12 +170,13 @@ class ToolError(Exception):
 @dataclass
 class ToolResult:
     status: str                        # "success" | "error"
-    data: dict = field(default_factory=dict)
-    image: Image.Image | None = None
+    data: dict = field(default_factory=dict)  # JSON fields, merged into the observation next to name and status
+    image: Image.Image | None = None  # a tool-made image: the rollout appends it as img_{k+1}
     error: str | None = None
 
 
 def _short(v, n=60):
+    # errors quote the value the model sent, cut to n characters so a huge argument cannot flood the context
     s = json.dumps(v) if not isinstance(v, str) else repr(v)
     return s if len(s) <= n else s[:n] + "..."
 
@@ -182,28 +189,31 @@ def _numbers(args, name, count):
             v = json.loads(v)
         except ValueError:
             raise ToolError(f"argument '{name}' must be a list of {count} numbers; got {_short(args[name])}")
+    # bool is a subclass of int: True must not pass as the coordinate 1, nor NaN or inf as a pixel
     ok = isinstance(v, (list, tuple)) and len(v) == count and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
     if not ok:
         raise ToolError(f"argument '{name}' must be a list of {count} finite numbers; got {_short(args[name])}")
     if any(x < 0 or x > MAX_COORD for x in v):
         raise ToolError(f"argument '{name}' must hold pixel coordinates between 0 and {MAX_COORD}; got {_short(v)}")
-    return [int(round(x)) for x in v]
+    return [int(round(x)) for x in v]  # fractional pixels round to the nearest whole pixel
 
 
 def _image(args, name, images):
     v = args[name]
+    # img_1..img_N, 1-based, in the order images joined the trajectory: the inputs, then each tool-made one
     m = re.fullmatch(r"\s*img_(\d+)\s*", v) if isinstance(v, str) else None
     if not m or not 1 <= int(m.group(1)) <= len(images):
         have = f"img_1 to img_{len(images)}" if images else "no images yet"
         raise ToolError(f"argument '{name}' must name an image ({have}); got {_short(v)}")
     img = images[int(m.group(1)) - 1]
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # the tools read pixels as (h, w, 3) arrays
 
 
 def _box(args, name, img, img_name):
     x1, y1, x2, y2 = _numbers(args, name, 4)
     w, h = img.size
+    # x2, y2 exclusive (PIL's crop box): a box may touch the right and bottom edge but never be empty
     if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
         raise ToolError(f"argument '{name}' must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 inside "
                         f"{img_name} ({w}x{h}); got {_short(args[name])}")
@@ -212,7 +222,7 @@ def _box(args, name, img, img_name):
 
 def _int(args, name, default, lo, hi):
     v = args.get(name, default)
-    if isinstance(v, float) and v.is_integer():
+    if isinstance(v, float) and v.is_integer():  # models write 64.0 for 64 as often as not
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ToolError(f"argument '{name}' must be an integer from {lo} to {hi}; got {_short(v)}")
@@ -232,37 +242,44 @@ def components(mask, min_area=1):
     a boolean mask, in reading order. Union-find over horizontal runs: a few hundred runs
     per scene, so a Python loop over them is fast where a per-pixel one would not be."""
     h, w = mask.shape
+    # a False column padded on each side, so every run has both edges; d is (h, w + 1): +1 at a run's first
+    # column, -1 one past its last
     d = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
     ys, xs = np.divmod(np.flatnonzero(d), w + 1)            # row-major: start, end, start, end...
-    ry, rx0, rx1 = ys[0::2], xs[0::2], xs[1::2]
-    parent = list(range(len(ry)))
+    ry, rx0, rx1 = ys[0::2], xs[0::2], xs[1::2]  # per run: row, first column, end column (exclusive)
+    parent = list(range(len(ry)))  # union-find over runs, not pixels
 
     def find(i):
         while parent[i] != i:
-            parent[i] = parent[parent[i]]
+            parent[i] = parent[parent[i]]  # path halving: trees stay flat without recursion
             i = parent[i]
         return i
+    # the runs of row y are row_start[y]:row_start[y + 1] (ry is sorted: runs come in row-major order)
     row_start = np.searchsorted(ry, np.arange(h + 1))
+    # join every run to the runs of the row above that touch it; both rows are sorted left to right, so `a`
+    # only moves forward and each pair of rows is one linear sweep
     for y in range(1, h):
         a, b = row_start[y - 1], row_start[y]
         for j in range(b, row_start[y + 1]):
             while a < b and rx1[a] < rx0[j]:  # runs above that end left of this one, diagonals included
                 a += 1
             k = a
-            while k < b and rx0[k] <= rx1[j]:
+            while k < b and rx0[k] <= rx1[j]:  # starts at most one column past this run: touching
                 parent[find(k)] = find(j)
                 k += 1
     if not parent:
         return []
+    # roots -> dense labels 0..n-1, one per component; run i belongs to component label[i]
     _, label = np.unique([find(i) for i in range(len(ry))], return_inverse=True)
     n = label.max() + 1
-    area = np.bincount(label, rx1 - rx0, n)
+    area = np.bincount(label, rx1 - rx0, n)  # pixels per component: its run lengths summed
+    # bounding boxes by scattered min / max over each component's runs; y2 is the last row + 1, exclusive like x2
     x1, y1 = np.full(n, w), np.full(n, h)
     x2, y2 = np.zeros(n, int), np.zeros(n, int)
     np.minimum.at(x1, label, rx0), np.minimum.at(y1, label, ry)
     np.maximum.at(x2, label, rx1), np.maximum.at(y2, label, ry + 1)
     boxes = [([int(x1[i]), int(y1[i]), int(x2[i]), int(y2[i])], int(area[i])) for i in range(n) if area[i] >= min_area]
-    boxes.sort(key=lambda b: (b[0][1], b[0][0]))
+    boxes.sort(key=lambda b: (b[0][1], b[0][0]))  # reading order: top edge, then left edge
     return boxes
 
 
@@ -273,6 +290,7 @@ def components(mask, min_area=1):
 def _words(description):
     out = []
     for w in re.findall(r"[a-z]+", description.lower()):
+        # the word, then without a plural 's' or 'es' ('holes', 'boxes'): the first known form counts
         for cand in (w, w[:-1] if w.endswith("s") else None, w[:-2] if w.endswith("es") else None):
             if cand and (cand in SYNONYMS or cand in COLOURS or cand in _SHAPE_WORDS):
                 out.append(cand)
@@ -284,9 +302,9 @@ def _shape_of(mask_crop):
     """Upright shapes differ in how much of their bounding box they fill; a triangle and a
     star fill about as much, but only the triangle stands on a full bottom row."""
     fill = mask_crop.mean()
-    if fill >= 0.66:
+    if fill >= 0.66:  # a disc fills pi / 4 = 0.79 of its box, a square ~1, a triangle 0.5
         return "square" if fill >= 0.9 else "circle"
-    return "triangle" if mask_crop[-1].mean() > 0.7 else "star"
+    return "triangle" if mask_crop[-1].mean() > 0.7 else "star"  # a star's bottom row: two tips
 
 
 def point(args, images):
@@ -311,20 +329,23 @@ def point(args, images):
         return sum((px[k] - np.array(colours)[:, k]) ** 2 for k in range(3))
     if objects:  # a scene object: every pixel close to one of its paint colours
         hit = (dist2([c for o in objects for c in SCENE[o]]) < 45 ** 2).any(-1)
-        min_area = 60
+        min_area = 60  # pixels: a fringe of stray pixels is not one of the 56-px objects
     else:        # search scenes: nearest palette colour, so that similar colours stay apart
         d = dist2(list(COLOURS.values()))
         hit = d.min(-1) < 60 ** 2
         if colours:
+            # a colour word keeps the pixels whose nearest palette colour is that one: orange never passes as red
             hit &= np.isin(d.argmin(-1), [list(COLOURS).index(c) for c in colours])
-        min_area = 12
+        min_area = 12  # vstar objects are 12-26 px a side, their areas far above this
+    # the hits back on a full (h, w) mask, for the connected components
     mask = np.zeros(a.shape[:2], bool)
     mask[ys[hit], xs[hit]] = True
     points = []
     for (x1, y1, x2, y2), _ in components(mask, min_area):
+        # a shape word filters the search scenes only, and only the first one counts
         if shapes and not objects and _shape_of(mask[y1:y2, x1:x2]) != shapes[0]:
             continue
-        points.append([(x1 + x2) // 2, (y1 + y2) // 2])
+        points.append([(x1 + x2) // 2, (y1 + y2) // 2])  # the box centre, [x, y] in pixels
     return ToolResult("success", {"points": sorted(points, key=lambda p: (p[1], p[0]))})
 
 # -----------------------------------------------------------------------------
@@ -335,12 +356,14 @@ MOVES = {"R": (1, 0), "D": (0, 1), "L": (-1, 0), "U": (0, -1)}
 
 def astar(start, goal, blocked, cols, rows):
     """Shortest path of moves from cell start to cell goal ((col, row) tuples), None if unreachable."""
+    # heap of (f = g + Manhattan distance to the goal, g, cell): among equal f the smaller g pops first
     frontier = [(abs(goal[0] - start[0]) + abs(goal[1] - start[1]), 0, start)]
-    came = {start: None}
+    came = {start: None}  # cell -> (previous cell, move); a cell is claimed when first pushed
     while frontier:
         _, g, cell = heapq.heappop(frontier)
         if cell == goal:
             path = []
+            # follow the back-pointers from the goal to the start, then reverse
             while came[cell]:
                 cell, move = came[cell]
                 path.append(move)
@@ -355,14 +378,15 @@ def astar(start, goal, blocked, cols, rows):
 
 
 def astar_tool(args, images):
-    cell = _int(args, "cell_size", 64, 1, 4096)
+    cell = _int(args, "cell_size", 64, 1, 4096)  # pixels per cell; 64 is tasks.CELL
+    # pixel [x, y] -> cell (column, row) by integer division: any pixel inside a cell names that cell
     start, goal = (tuple(v // cell for v in _numbers(args, k, 2)) for k in ("start", "goal"))
     obstacles = args["obstacles"]
     if isinstance(obstacles, str):
         try:
             obstacles = json.loads(obstacles)
         except ValueError:
-            pass
+            pass  # not JSON: the list check below reports it
     if not isinstance(obstacles, list) or len(obstacles) > 4096:
         raise ToolError("argument 'obstacles' must be a list of [x, y] pixel points (at most 4096); got "
                         f"{_short(args['obstacles'])}")
@@ -374,12 +398,15 @@ def astar_tool(args, images):
             raise ToolError(f"argument 'obstacles' must be a list of [x, y] pixel points; item {i} is {_short(o)}")
     if "grid_size" in args:
         g = args["grid_size"]
+        # one number: a square grid
         g = [g, g] if isinstance(g, (int, float)) and not isinstance(g, bool) else g
         cols, rows = _numbers({"grid_size": g}, "grid_size", 2) if isinstance(g, (list, str)) else (None, None)
+        # 256 cells a side bounds the search's time and memory; 0 or a non-list lands here too
         if not cols or not rows or cols > 256 or rows > 256:
             raise ToolError("argument 'grid_size' must be an integer or [cols, rows] from 1 to 256 cells; got "
                             f"{_short(args['grid_size'])}")
     else:
+        # no grid_size: the grid ends at the farthest cell named, so the path cannot detour beyond it
         cells = [start, goal, *blocked]
         cols, rows = max(c[0] for c in cells) + 1, max(c[1] for c in cells) + 1
         if cols > 256 or rows > 256:
@@ -402,6 +429,7 @@ def astar_tool(args, images):
 
 def parse_moves(text):
     """'R,R,D', 'RRD', 'r r d', 'right, down' -> ['R', 'R', 'D']; None if anything else is in it."""
+    # whole words first ('right' -> 'r'), then every separator models write: spaces, commas, arrows, brackets
     s = re.sub(r"right|left|up|down", lambda m: m.group(0)[0], text.lower())
     s = re.sub(r"[\s,;>→\-\[\]()'\"]+", "", s)
     return list(s.upper()) if re.fullmatch(r"[lrud]*", s) else None
@@ -418,12 +446,13 @@ def _colour(v):
     if not m:
         raise ToolError(f"argument 'line_color' must be a colour name ({', '.join(LINE_COLOURS)}) or '#rrggbb'; got "
                         f"{_short(v)}")
-    return tuple(int(m.group(1)[i:i + 2], 16) for i in (0, 2, 4))
+    return tuple(int(m.group(1)[i:i + 2], 16) for i in (0, 2, 4))  # '#rrggbb' -> (r, g, b)
 
 
 def draw_2d_path(args, images):
     img = _image(args, "image", images).copy()
     x, y = _numbers(args, "start_point", 2)
+    # only the start must be inside; later moves may leave the image (PIL clips what it draws)
     if not (x < img.width and y < img.height):
         raise ToolError(f"argument 'start_point' must lie inside {args['image']} ({img.width}x{img.height}); got "
                         f"{[x, y]}")
@@ -434,12 +463,13 @@ def draw_2d_path(args, images):
     step = _int(args, "step", 64, 1, 1024)
     colour = _colour(_text(args, "line_color", "magenta"))
     draw = ImageDraw.Draw(img)
-    width = max(2, step // 16)
+    width = max(2, step // 16)  # pixels: 4 for 64-px cells
     for m in moves:
         dx, dy = MOVES[m]
         nx, ny = x + dx * step, y + dy * step
         draw.line([(x, y), (nx, ny)], fill=colour, width=width)
         head = max(4, step // 5)  # arrowhead: two short strokes back from the tip
+        # each stroke: `head` px back along the move and head / 2 px out to one side ((dy, dx) is perpendicular)
         for side in (1, -1):
             draw.line([(nx, ny), (nx - dx * head + side * dy * head // 2, ny - dy * head + side * dx * head // 2)],
                       fill=colour, width=width)
@@ -455,8 +485,9 @@ def detect_black_area(args, images):
     threshold = _int(args, "threshold", 10, 0, 255)
     min_area = _int(args, "min_area", 100, 1, 10 ** 8)
     a = np.asarray(img)
+    # every channel at most threshold: the jigsaw hole is 0, its picture never darker than 27 (tasks._picture)
     mask = (a[..., 0] <= threshold) & (a[..., 1] <= threshold) & (a[..., 2] <= threshold)
-    boxes = [b for b, _ in components(mask, min_area)]
+    boxes = [b for b, _ in components(mask, min_area)]  # [x1, y1, x2, y2], x2 and y2 exclusive
     return ToolResult("success", {"bounding_boxes": boxes})
 
 
@@ -474,9 +505,10 @@ def crop(args, images):
     img = _image(args, "image", images)
     x1, y1, x2, y2 = _box(args, "coordinates", img, args["image"])
     out = img.crop((x1, y1, x2, y2))
-    zoom = max(1.0, CROP_MIN_SIDE / min(out.size))
+    zoom = max(1.0, CROP_MIN_SIDE / min(out.size))  # upscale only: a large box keeps its pixels
     if zoom > 1:
         out = out.resize((round(out.width * zoom), round(out.height * zoom)), Image.BICUBIC)
+    # call_tool then caps the long side at MAX_SIDE, which undoes part of the zoom of a long thin box
     return ToolResult("success", {"box": [x1, y1, x2, y2], "zoom": round(zoom, 2)}, out)
 
 # -----------------------------------------------------------------------------
@@ -487,45 +519,51 @@ def _read(ink):
     """Decode one text line (a tight boolean box); the alignment whose glyphs explain the ink
     exactly wins. Returns (text, cost)."""
     h, w = ink.shape
-    scale = 1 if h <= FONT_H else 2
-    best = ("", 1 << 30)
-    pitch = (FONT_W + 1) * scale
+    scale = 1 if h <= FONT_H else 2  # guiqa draws text at scale 1 (7 px tall) or 2 (14 px)
+    best = ("", 1 << 30)  # (text, cost): cost counts the pixels the decoding gets wrong
+    pitch = (FONT_W + 1) * scale  # pixels per glyph cell: 5 columns and the gap
     for dy in range(0, FONT_H - -(-h // scale) + 1):     # glyph rows above the top ink row
         for dx in range(0, FONT_W):                      # glyph columns left of the first ink column
-            n = -(-(w + dx * scale) // pitch)
+            n = -(-(w + dx * scale) // pitch)  # glyph cells the line spans at this offset (ceil)
+            # the ink placed at this offset in a glyph-aligned blank canvas, (7 * scale, n * pitch)
             region = np.zeros((FONT_H * scale, n * pitch), bool)
             region[dy * scale:dy * scale + h, dx * scale:dx * scale + w] = ink
+            # the centre pixel of every scale x scale block: one sample per font pixel, (7, n, 6)
             cells = region.reshape(FONT_H, scale, n, FONT_W + 1, scale)[:, scale // 2, :, :, scale // 2]
             cells = cells.transpose(1, 0, 2)             # (n, 7, 6): 5 glyph columns + the gap
+            # (n, characters): font pixels that differ from each glyph
             dist = (cells[:, None, :, :FONT_W] != FONT[None]).sum((2, 3))
-            idx = dist.argmin(1)
+            idx = dist.argmin(1)  # nearest glyph per cell; a blank cell reads as the space
+            # re-render the decoding at full size: the cost also sees ink in gap columns and between the samples
             ideal = np.pad(FONT[idx], ((0, 0), (0, 0), (0, 1))).transpose(1, 0, 2).reshape(FONT_H, -1)
             cost = int((np.kron(ideal, np.ones((scale, scale), bool)) != region).sum())
             if cost < best[1]:
                 best = ("".join(FONT_CHARS[i] for i in idx).strip(), cost)
-            if cost == 0:
+            if cost == 0:  # an exact match: no other alignment can beat it
                 return best
     return best
 
 
 def ocr(args, images):
     img = _image(args, "image", images)
-    ink = np.asarray(img.convert("L")) < 110
+    ink = np.asarray(img.convert("L")) < 110  # dark text; the boxes, outlines and header (grey >= 185) stay out
     detections = []
     rows = np.flatnonzero(ink.any(1))
     # text lines: runs of ink rows; a glyph's own blank row (the 'i' dot, ':') is at most 2 px
     bands = np.split(rows, np.flatnonzero(np.diff(rows) > 3) + 1) if rows.size else []
     for band in bands:
-        y1, y2 = band[0], band[-1] + 1
+        y1, y2 = band[0], band[-1] + 1  # y2 exclusive
+        # the band's scale only sets the gap that splits it into segments; _read finds each segment's own
         scale = 1 if y2 - y1 <= FONT_H else 2
         cols = np.flatnonzero(ink[y1:y2].any(0))
         # labels and values on one row are further apart than any two words (space + glyph sides)
         for seg in np.split(cols, np.flatnonzero(np.diff(cols) > 12 * scale) + 1):
             x1, x2 = seg[0], seg[-1] + 1
             sub = ink[y1:y2, x1:x2]
+            # a segment can be shorter than its band ('Help' beside the 2x title): trim it to its own ink rows
             ys = np.flatnonzero(sub.any(1))
             text, cost = _read(sub[ys[0]:ys[-1] + 1])
-            if text and cost <= 2 * scale * scale:
+            if text and cost <= 2 * scale * scale:  # about two font pixels wrong at most
                 detections.append({"text": text, "bbox": [int(x1), int(y1 + ys[0]), int(x2), int(y1 + ys[-1] + 1)]})
     return ToolResult("success", {"detections": detections})
 
@@ -543,6 +581,8 @@ def _schema(name, description, params, required):
 
 _IMG = "name of an image, e.g. 'img_1'"
 _BOX = "[x1, y1, x2, y2] box in absolute pixels of the image, origin top-left"
+# canonical name -> (the JSON schema the model sees, the implementation (args, images) -> ToolResult);
+# this order is the order of schemas() and of the system prompt's tool list
 TOOLS = {
     "Point": (_schema(
         "Point", "Find every object matching a description and return the pixel centres of each "
@@ -604,6 +644,7 @@ def tool_list(spec):
 
 def schemas(names=None):
     """The JSON function schemas of the named tools (all by default), in registry order."""
+    # copies: a caller may edit what it gets, the registry stays as written
     return [copy.deepcopy(s) for n, (s, _) in TOOLS.items() if names is None or n in names]
 
 
@@ -618,6 +659,7 @@ def _run(name, params, images):
             raise ToolError(f"the parameters of '{name}' must be a JSON object; got {_short(params)}")
     if not isinstance(params, dict):
         raise ToolError(f"the parameters of '{name}' must be a JSON object; got {_short(params)}")
+    # missing and unknown arguments are checked here for every tool; each tool checks its own values
     spec = schema["function"]["parameters"]
     missing = [p for p in spec["required"] if p not in params]
     extra = [p for p in params if p not in spec["properties"]]
@@ -640,7 +682,7 @@ def call_tool(name, params, images, timeout=5.0):
     Python cannot stop a thread, so a call past its limit keeps its thread until the tool returns; each thread holds
     one of MAX_TOOL_THREADS slots until then, so hung tools can never pile up threads: with every slot held, a
     call waits up to `timeout` for one and otherwise reports that the tools are busy."""
-    box = {}
+    box = {}  # the worker writes here; a write after the timeout is never read
 
     def work():
         try:
@@ -658,12 +700,14 @@ def call_tool(name, params, images, timeout=5.0):
                                          "tool calls are still running past their limit")
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
+    # the wait for a slot counts against the same `timeout`
     worker.join(max(0.0, timeout - (time.perf_counter() - t0)))
     result = box.get("result")
-    if result is None:
+    if result is None:  # still running: abandoned; its slot frees when it ends
         return ToolResult("error", error=f"tool {_short(name)} timed out after {timeout} s")
     if not isinstance(result, ToolResult):
         return ToolResult("error", error=f"tool {_short(name)} returned no result")
+    # thumbnail() works in place and keeps the aspect ratio; copy first
     if result.image is not None and max(result.image.size) > MAX_SIDE:
         result.image = result.image.copy()
         result.image.thumbnail((MAX_SIDE, MAX_SIDE), Image.BICUBIC)
@@ -672,6 +716,7 @@ def call_tool(name, params, images, timeout=5.0):
 
 def observation(name, result, image_name=None):
     """The protocol's tool observation text for a result."""
+    # one JSON line first (adl.Mapping.observation parses exactly that line), then the image's name
     if result.status == "success":
         text = json.dumps({"name": name, "status": "success", **result.data}, ensure_ascii=False)
     else:
@@ -747,10 +792,11 @@ def _official_params(canonical, params):
     the parameters our tools do not take (line_width, pixel_coordinate, rect_similarity, resize) dropped."""
     if not isinstance(params, dict):
         return params  # ours reports the error
-    p = {**OFFICIAL_DEFAULTS.get(canonical, {}), **params}
+    p = {**OFFICIAL_DEFAULTS.get(canonical, {}), **params}  # the call's own values win
     if canonical == "Draw2DPath" and p.get("pixel_coordinate") is False:  # 1-based grid cell -> its centre pixel
         step = p.get("step", 64)
         p["start_point"] = [(c - 1) * step + step // 2 for c in p["start_point"]]
+    # 'bbox' is taken as another name of Crop's box
     if canonical == "Crop" and "bbox" in p and "coordinates" not in p:
         p["coordinates"] = p.pop("bbox")
     known = TOOLS[canonical][0]["function"]["parameters"]["properties"]
@@ -770,11 +816,12 @@ def official_result(name, result, images, params):
         return ToolResult("error", {"tool_response_from": name, "status": "failed", "message": err,
                                     "error_code": code}, error=err)
     d, image = result.data, result.image
-    fields = {}
+    fields = {}  # the official field names, per tool
     if name == "Point":
         fields["points"] = [{"x": x, "y": y} for x, y in d["points"]]
         if not d["points"]:
             fields["message"] = "No valid points detected in the response."
+        # the size of the image searched (Point returns no image)
         fields["image_dimensions_pixels"] = _size(_image(params, "image", images))
     elif name == "AStarWithPixelCoordinate":
         fields["path"] = d["path"]
@@ -798,6 +845,7 @@ def official_result(name, result, images, params):
 def official_call(name, params, images, timeout=5.0):
     """Run a call written in the official protocol (its tool names and parameters) -> a ToolResult whose data are
     the official result fields. An unknown name fails as ours does."""
+    # official name -> canonical; only AStar's differs
     canonical = {v: k for k, v in OFFICIAL_NAMES.items()}.get(name, name)
     if canonical not in TOOLS or name in OFFICIAL_NAMES:  # 'AStar' is our name, not an official one
         return official_result(name, ToolResult("error", error=f"Tool {_short(name)} not found."), images, params)
@@ -808,6 +856,8 @@ def official_call(name, params, images, timeout=5.0):
 def official_observation(name, result, image_name=None):
     """The official RL observation: the result's Python dict repr after a newline; a returned image adds the line
     naming it (the engine appends the image itself)."""
+    # a result without official fields (rollout's own errors: an unparsable call, a too elongated image)
+    # reads as error 201, a bad argument
     d = result.data if result.data else {"tool_response_from": name, "status": "failed", "message": result.error,
                                          "error_code": 201}
     text = f"\n{d!r}"
