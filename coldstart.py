@@ -5,7 +5,8 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
    (tools.call_tool) on the example's own images and records what they return, verbatim. It may read the
    example's ground truth (meta) to decide what to do next, never to invent an observation. Kinds:
    direct (the efficient plan), reflect (try, see it is wrong, undo, retry), tool_failure (a call fails or
-   finds nothing; fix the arguments or stop relying on the tool), no_tool (easy cases answered directly).
+   finds nothing; fix the arguments or stop relying on the tool), no_tool (3x3 lakes answered by eye: the one
+   easy case the model can see).
    Every trajectory is checked: format-valid and its answer scores 1. Output: OUT/data/train.jsonl + images/.
 2. SFT. Loss only on assistant tokens (rollout.encode_conversation's mask), AdamW, warmup + cosine,
    gradient clipping and accumulation, length-grouped batches, bf16 autocast on CUDA (rollout.train_autocast),
@@ -36,6 +37,7 @@ from tqdm import tqdm
 import adl
 import rollout
 import tasks
+import tiny
 import tools
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
@@ -70,6 +72,8 @@ parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (
 parser.add_argument("--warmup", type=int, default=30, help="warmup steps (linear), then cosine decay to 10%%")
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
+parser.add_argument("--replay", type=int, default=0, help="pretraining items (tiny.py's copy drills and synthetic "
+                    "text tool use) added to every micro-batch, so TC does not wash out the base's generic copying")
 parser.add_argument("--max-len", type=int, default=2048, help="drop training sequences longer than this many tokens")
 parser.add_argument("--ckpt-every", type=int, default=100,
                     help="checkpoint every N optimizer steps (0: only at the end)")
@@ -94,6 +98,11 @@ parser.add_argument("--quick", action="store_true",
 QUICK = dict(n_per_task=6, epochs=0.34, batch_size=2, warmup=2, ckpt_every=2, eval_n=1, eval_max_new_tokens=16,
              eval_max_turns=2)
 KINDS = ("direct", "reflect", "tool_failure", "no_tool")
+# tasks with an easy case the model can see (a 3x3 lake: the only grid the tiny processor does not shrink); elsewhere
+# a no-tool answer would follow no visible cue, and TC would teach a branch taken at random (measured: a model that
+# answers guiqa without OCR), so their no_tool share goes to direct
+NO_TOOL_TASKS = ("vsp_nav", "vsp_verify")
+REPLAY_MIX = (("copy", 0.25), ("tools", 0.75))  # --replay: the generic skills TC builds on, without pictures
 
 # -----------------------------------------------------------------------------
 # thinking templates: several per step, so the model learns the step, not one sentence
@@ -134,17 +143,21 @@ THINK = {
     "nav_ok": ["The new arrows avoid every hole and end on the gift.",
                "This time the path is safe and reaches the present.",
                "Confirmed: the route goes around the holes to the gift."],
-    "nav_small": ["The grid is only 3x3 and the route is easy to see, so no tool is needed.",
-                  "A tiny grid: I can trace the way to the gift by eye.",
-                  "This small lake needs no tools; the path is obvious."],
+    # every grid trajectory opens by judging the lake's size, so the no-tool branch (3x3 only) follows a thought
+    # the model can ground in the image (the tiny processor shrinks every grid but the 3x3 one to 224 px)
+    "grid_small": ["The lake is a small 3x3 grid.", "This grid is small, only 3x3 cells.",
+                   "A small lake: the grid is 3x3."],
+    "grid_large": ["The lake is larger than 3x3.", "This grid is bigger than 3x3 cells.",
+                   "The lake has more than 3x3 cells."],
+    "nav_small": ["The route is easy to see, so no tool is needed.", "I can trace the way to the gift by eye.",
+                  "It needs no tools; the path is obvious."],
     "verify_elf": ["To check the path I first find where the elf starts.",
                    "The moves start at the elf; let me locate it.",
                    "I need the elf's position to draw the path from it."],
     "verify_draw": ["Now I draw the given moves from the elf and look where they lead.",
                     "Let me draw the path {moves} on the grid.",
                     "Drawing the moves as arrows shows whether they are safe."],
-    "verify_small": ["The grid is small enough to follow the moves by eye.",
-                     "A 3x3 grid: I can trace the path without tools.",
+    "verify_small": ["It is small enough to follow the moves by eye.", "I can trace the path without tools.",
                      "No tool needed; I follow the moves on the small grid."],
     "verify_wrongstart": ["Let me draw the path from the top-left corner.",
                           "I draw the moves starting at the first cell.",
@@ -164,9 +177,6 @@ THINK = {
     "jig_accept": ["Piece {letter} continues the colours and shapes across every edge.",
                    "With {letter} inserted the picture looks seamless.",
                    "Candidate {letter} fits: no seams at the borders."],
-    "jig_small": ["Comparing the pieces with the border of the gap directly, one clearly matches.",
-                  "I can see which piece continues the picture without tools.",
-                  "The matching piece is obvious from the colours."],
     "vstar_point": ["The object is tiny; let me find it first.", "I locate the {what} in the large image.",
                     "The target is small, so I search for it with Point."],
     "vstar_crop": ["Found it. I zoom in on the object to see it clearly.", "Let me crop around it and look closer.",
@@ -179,20 +189,18 @@ THINK = {
                     "The search returned {n} points, one per object."],
     "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.",
                      "In the crop the answer is plain."],
-    "vstar_small": ["I can see it well enough without tools.", "The object is visible directly.",
-                    "No zoom needed for this one."],
     "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
                 "OCR gives me every label and value on the screen."],
-    "gui_answer": ["The field '{field}' holds the value on the same row.",
-                   "Next to the label {field} I read the value.",
-                   "The OCR line after '{field}:' is the answer."],
+    # the label's detection and the next one, quoted as the observation has them: one contiguous span the model
+    # copies by induction from the label on, so the value arrives by copying instead of a jump over the label's box
+    "gui_answer": ["The OCR reads {pair}: the value on the row of '{field}'.",
+                   "In the detections: {pair}. The second text is the value of '{field}'.",
+                   "Label and value: {pair}."],
     "gui_header": ["Let me zoom into the top of the screen first.", "I crop the top bar to read it.",
                    "First a look at the top of the screen."],
     "gui_wrong": ["That is only the title bar, not the field I need. Let me read the whole screen.",
                   "The crop shows the header, not the field. I use OCR on the full screen instead.",
                   "Wrong region: no field there. OCR on everything."],
-    "gui_small": ["The field is readable directly.", "I can read the value without tools.",
-                  "The value is easy to read."],
     "retry": ["The tool reported an error: {error} Let me fix the arguments and call it again.",
               "That call failed ({error}). I correct it and retry.", "Error from the tool: {error} I fix the call."],
     "empty": ["The tool found nothing with these settings. Let me retry with the default settings.",
@@ -232,9 +240,15 @@ class Builder:
         self.ex, self.rng, self.meta, self.offered = ex, rng, ex["meta"], offered
         self.images = list(ex["images"])
         self.messages = rollout.build_messages(ex, tools.schemas(offered))
+        self.opening = ""  # a sentence the first assistant turn starts with (the grid tasks' size judgement)
 
     def think(self, key, **kw):
         return self.rng.choice(THINK[key]).format(**kw)
+
+    def opened(self, thought):
+        """The thought of the next turn, led by the opening sentence if no turn has used it yet."""
+        thought, self.opening = " ".join(t for t in (self.opening, thought) if t), ""
+        return thought
 
     def call(self, thought, name, params, expect="success"):
         if name not in self.offered:
@@ -243,6 +257,7 @@ class Builder:
         if expect and result.status != expect:
             raise Skip(f"{name} gave {result.status}: {result.error}")
         call = json.dumps({"name": name, "parameters": params}, ensure_ascii=False)
+        thought = self.opened(thought)
         self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><tool_call>{call}</tool_call>"})
         text, _ = rollout.add_observation(self.images, name, result)
         self.messages.append(rollout.observation_message(text, result.image))
@@ -257,6 +272,7 @@ class Builder:
 
     def answer(self, thought, answer):
         text = self.rng.choice(ANSWER[self.ex["task"]]).format(a=answer)
+        thought = self.opened(thought)
         self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><response>{text}</response>"})
         return answer
 
@@ -282,11 +298,17 @@ def route(m):
                                 m["grid"]))
 
 
+def size_opening(b, kind):
+    """The grid tasks' first sentence: is the lake 3x3 (the only size answered without tools) or larger."""
+    if kind == "no_tool" and b.meta["grid"] != 3:
+        raise Skip("no_tool is for 3x3 grids")
+    b.opening = b.think("grid_small" if b.meta["grid"] == 3 else "grid_large")
+
+
 def vsp_nav(b, kind):
     m = b.meta
+    size_opening(b, kind)
     if kind == "no_tool":
-        if m["grid"] != 3:
-            raise Skip("no_tool is for 3x3 grids")
         return b.answer(b.think("nav_small"), route(m))
     planner = "AStar" in b.offered
     failure = b.rng.choice(["point", "astar"] if planner else ["point"]) if kind == "tool_failure" else None
@@ -342,9 +364,8 @@ def verdict(meta):
 
 def vsp_verify(b, kind):
     m = b.meta
+    size_opening(b, kind)
     if kind == "no_tool":
-        if m["grid"] != 3:
-            raise Skip("no_tool is for 3x3 grids")
         return b.answer(b.think("verify_small") + " " + verdict(m), b.ex["answer"])
 
     def draw(start):  # Draw2DPath of the example's moves from `start`
@@ -370,8 +391,6 @@ def vsp_verify(b, kind):
 def jigsaw(b, kind):
     m, letters = b.meta, tasks.LETTERS[:len(b.ex["images"]) - 1]
     right = b.ex["answer"]
-    if kind == "no_tool":
-        return b.answer(b.think("jig_small"), right)
     if kind == "tool_failure":  # a min_area no region can reach: an empty answer, then the defaults
         boxes = b.retry("DetectBlackArea", {"image": "img_1", "min_area": 10 ** 7}, {"image": "img_1"},
                         b.think("jig_detect"), key="empty").data["bounding_boxes"]
@@ -394,8 +413,6 @@ def jigsaw(b, kind):
 
 def vstar(b, kind):
     m = b.meta
-    if kind == "no_tool":
-        return b.answer(b.think("vstar_small"), b.ex["answer"])
     what = {"color": m["shape"], "shape": m["colour"], "count": f"{m['colour']} {m['shape']}s"}[m["level"]]
     if kind == "tool_failure":  # Point with words it does not know, then the right ones
         points = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["tiny thing", "the object", "item"])},
@@ -425,8 +442,6 @@ def vstar(b, kind):
 
 def guiqa(b, kind):
     field = b.meta["field"]
-    if kind == "no_tool":
-        return b.answer(b.think("gui_small"), b.ex["answer"])
     if kind == "reflect":
         b.call(b.think("gui_header"), "Crop", {"image": "img_1", "coordinates": [0, 0, b.ex["images"][0].width, 40]})
         thought = b.think("gui_wrong")
@@ -440,7 +455,10 @@ def guiqa(b, kind):
     row = [d for d in dets if label and abs(d["bbox"][1] - label[0]["bbox"][1]) <= 2 and d is not label[0]]
     if len(label) != 1 or len(row) != 1 or tasks.score(b.ex, row[0]["text"]) != 1:
         raise Skip(f"OCR did not read field {field!r} as {b.ex['answer']!r}")
-    return b.answer(b.think("gui_answer", field=field), row[0]["text"])
+    if dets.index(row[0]) != dets.index(label[0]) + 1:  # the quote must be one span of the observation
+        raise Skip("the value is not the detection after its label")
+    pair = ", ".join(json.dumps(d, ensure_ascii=False) for d in (label[0], row[0]))
+    return b.answer(b.think("gui_answer", field=field, pair=pair), row[0]["text"])
 
 
 EXPERTS = {"vsp_nav": vsp_nav, "vsp_verify": vsp_verify, "jigsaw": jigsaw, "vstar": vstar, "guiqa": guiqa}
@@ -466,12 +484,21 @@ def quotas(shares, n):
     return counts
 
 
+def task_shares(task, shares):
+    """The kinds' shares for one task: those of --kinds, with no_tool folded into direct outside NO_TOOL_TASKS."""
+    if task in NO_TOOL_TASKS or "no_tool" not in shares:
+        return dict(shares)
+    out = {k: v for k, v in shares.items() if k != "no_tool"}
+    out["direct"] = out.get("direct", 0.0) + shares["no_tool"]
+    return out
+
+
 def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
     """Yields n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
     owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example).
     A generator, so that curation writes each record (and lets go of its full-size images) before the next."""
     rng = random.Random(f"{seed}-{task}")
-    left = quotas(shares, n)
+    left = quotas(task_shares(task, shares), n)
     pool, i = [], 0
     while sum(left.values()):
         if not pool:
@@ -740,9 +767,17 @@ def text_only(message):
         {**message, "content": [p for p in message["content"] if p["type"] == "text"]}
 
 
+def replay_item(processor, seed, micro, k):
+    """The k-th replayed pretraining item of a micro-batch, (ids, loss mask, images), a pure function of its place."""
+    return tiny.encode_item(processor, tiny.corpus_item(random.Random(f"{seed}-replay-{micro}-{k}"), REPLAY_MIX,
+                                                        images=False))
+
+
 def train(model, processor, records, images, device, optimizer, *, out, epochs, batch_size, grad_accum, lr, warmup,
-          clip, max_len, use_adl, seed, ckpt_every, stop_after=0, start_state=None):
-    """The SFT loop; returns (final loop state, total steps). `images[i]` holds record i's images (Packed) in order."""
+          clip, max_len, use_adl, seed, ckpt_every, replay=0, stop_after=0, start_state=None):
+    """The SFT loop; returns (final loop state, total steps). `images[i]` holds record i's images (Packed) in order.
+    replay: text-only pretraining items added to each micro-batch, drawn from (seed, micro-batch), so a resumed run
+    draws the same ones."""
     # sequence lengths without encoding pixels: text tokens plus each image's pad tokens (one per f x f pixels)
     f = processor.image_processor.patch_size * processor.merge
     lengths = [len(rollout.encode_conversation(processor, [text_only(m) for m in r["messages"]])[0])
@@ -771,9 +806,11 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
             if epoch not in plans:  # only the current epoch's plan is kept
                 plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
             batch = plans[epoch][pos]
-            micro.append([encode_record(records[keep[j]], processor, images[keep[j]],
+            mine = [k for k in range(len(batch) + replay) if k % world == rank]  # this rank's share, records first
+            micro.append([encode_record(records[keep[batch[k]]], processor, images[keep[batch[k]]],
                                         random.Random(f"{seed}-adl-{state['micro']}-{k}"), use_adl)
-                          for k, j in enumerate(batch) if k % world == rank])
+                          if k < len(batch) else replay_item(processor, seed, state["micro"], k - len(batch))
+                          for k in mine])
             state["micro"] += 1
         # loss tokens of the whole step, over every rank: the loss is a token-mean over the global batch
         count = rollout.all_sum([sum(int(sum(m[1:])) for b in micro for _, m, _ in b)])[0]
@@ -888,7 +925,8 @@ def main(argv=None):
     state, total = train(model, processor, records, images, device, optimizer, out=args.out, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                          clip=args.clip, max_len=args.max_len, use_adl=args.adl, seed=args.seed,
-                         ckpt_every=args.ckpt_every, stop_after=args.stop_after, start_state=state)
+                         ckpt_every=args.ckpt_every, replay=args.replay, stop_after=args.stop_after,
+                         start_state=state)
     if state["step"] < total:
         print(f"stopped after step {state['step']} of {total}; continue with --resume")
         rollout.barrier()  # rank 0's checkpoint is complete before any rank exits

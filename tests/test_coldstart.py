@@ -3,6 +3,7 @@ the assistant turns, a resumed run ends where an uninterrupted one does, and --q
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,7 +62,9 @@ def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
     _, records = data
     counts = collections.Counter((r["task"], r["kind"]) for r in records)
     for task in tasks.TASKS:
-        assert {k: counts[(task, k)] for k in coldstart.KINDS} == {k: coldstart.quotas(SHARES, N).get(k, 0) for k in coldstart.KINDS}
+        want = coldstart.quotas(coldstart.task_shares(task, SHARES), N)
+        assert {k: counts[(task, k)] for k in coldstart.KINDS} == {k: want.get(k, 0) for k in coldstart.KINDS}
+        assert (counts[(task, "no_tool")] > 0) == (task in coldstart.NO_TOOL_TASKS)  # answers by eye: 3x3 lakes only
     for rec in records:
         turns = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
         assert tasks.is_format_valid(turns), rec["id"]
@@ -72,6 +75,10 @@ def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
             assert set(call) == {"name", "parameters"} and call["name"] in tools.TOOLS
     kinds = {r["kind"] for r in records}
     assert kinds == set(coldstart.KINDS)
+    pair = re.compile(r'\{"text": "[^"]*", "bbox": \[[\d, ]*\]\}, \{"text": "([^"]*)", "bbox": \[[\d, ]*\]\}')
+    for r in (r for r in records if r["task"] == "guiqa"):  # the answer's thinking quotes the OCR output verbatim
+        quote = pair.search(r["messages"][-1]["content"])
+        assert quote.group(0) in r["messages"][-2]["content"][0]["text"] and quote.group(1) == r["answer"], r["id"]
     for r in records:  # a failure kind holds a failed or empty observation, the others none
         obs = [p["text"] for m in r["messages"][2:] if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
         errors = any('"status": "error"' in t for t in obs)
@@ -126,7 +133,7 @@ def run(args, out):
 
 def test_resume_ends_with_the_same_weights(tmp_path):
     args = ["--quick", "--tasks", "guiqa", "--n-per-task", "4", "--batch-size", "1", "--grad-accum", "2",
-            "--epochs", "2", "--ckpt-every", "0", "--adl"]
+            "--epochs", "2", "--ckpt-every", "0", "--adl", "--replay", "1"]
     run(args, tmp_path / "a")
     # the interrupted run: stops (and checkpoints) after 2 of 4 steps, then resumes; it reuses a's data
     os.makedirs(tmp_path / "b")
@@ -143,6 +150,15 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     log_b = [json.loads(l) for l in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in log_b] == [1, 2, 3, 4]
     assert [r["loss"] for r in log_a] == pytest.approx([r["loss"] for r in log_b], abs=1e-6)
+
+
+def test_replay_items_are_text_conversations_fixed_by_their_place():
+    processor = rollout.Processor.from_pretrained(os.path.join(ROOT, "tiny_base"))
+    a, again, other = (coldstart.replay_item(processor, 0, micro, k) for micro, k in ((3, 0), (3, 0), (3, 1)))
+    assert a == again and a != other  # a resumed run rebuilds the same items
+    ids, mask, images = a
+    assert images == [] and len(ids) == len(mask) and 0 < sum(mask) < len(mask)  # loss on assistant turns only
+    assert processor.decode(ids).startswith("<|im_start|>system")  # a conversation in this project's protocol
 
 
 def test_quick_end_to_end(tmp_path):

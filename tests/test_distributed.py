@@ -37,12 +37,20 @@ TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw",
       "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--lr", "1e-4", "--eval-n", "2", "--adl"]
 
 
-def test_tc_on_two_processes_equals_one(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+@pytest.fixture(scope="module")
+def tc_runs(tmp_path_factory):
+    """The same TC (curated data shared) on one process and on two: (one, two) output folders."""
+    tmp = tmp_path_factory.mktemp("tc")
+    one, two = str(tmp / "one"), str(tmp / "two")
     run(TC + ["--out", one])
     os.makedirs(two)
     os.symlink(os.path.join(one, "data"), os.path.join(two, "data"))  # the same curated data
     run(TC + ["--out", two], nproc=2)
+    return one, two
+
+
+def test_tc_on_two_processes_equals_one(tc_runs):
+    one, two = tc_runs
     assert_close(weights(os.path.join(one, "model")), weights(os.path.join(two, "model")))
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
@@ -54,15 +62,14 @@ def test_tc_on_two_processes_equals_one(tmp_path):
     assert not [f for f in os.listdir(two) if f.startswith("log.jsonl.")]
 
 
-def test_tc_two_processes_resume_after_a_stop(tmp_path):
-    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    flags = [a for a in TC if a != "--adl"] + ["--eval-n", "0", "--ckpt-every", "0"]
-    run(flags + ["--out", whole], nproc=2)
+def test_tc_two_processes_resume_after_a_stop(tc_runs, tmp_path):
+    """Stopped after step 1 of 2 and resumed, on two processes: the uninterrupted two-process run's weights exactly."""
+    whole, cut = tc_runs[1], str(tmp_path / "cut")
     os.makedirs(cut)
     os.symlink(os.path.join(whole, "data"), os.path.join(cut, "data"))
-    run(flags + ["--out", cut, "--stop-after", "1"], nproc=2)
+    run(TC + ["--out", cut, "--stop-after", "1", "--eval-n", "0"], nproc=2)
     assert not os.path.exists(os.path.join(cut, "model"))
-    run(flags + ["--out", cut, "--resume"], nproc=2)
+    run(TC + ["--out", cut, "--resume", "--eval-n", "0"], nproc=2)
     assert_close(weights(os.path.join(whole, "model")), weights(os.path.join(cut, "model")), tol=0)
 
 
