@@ -43,9 +43,12 @@ parser.add_argument("--out", default=None, help="append the result as a JSON lin
 def load(args):
     device = rollout.resolve_device(args.device)
     if args.config != "7b":
-        return rollout.load_policy(args.model, device=device)
+        return rollout.load_policy(args.model, device=device)  # bf16 weights on CUDA, fp32 on a CPU
+    # random weights of the real shape: the speed of a pass depends on its shapes, not on what the weights know
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)  # only its token ids matter for speed
+    # text: 28 layers of width 3584, 28 query heads over 4 KV heads (GQA), head_dim 128, so mrope_section covers its
+    # 64 rotary pairs (t, h, w); vision: 32 windowed blocks of width 1280, full attention in every 8th
     config = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B-Instruct's shape
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, rope_parameters={
@@ -55,9 +58,11 @@ def load(args):
         image_token_id=processor.image_pad, vision_start_token_id=processor.vision_start,
         vision_end_token_id=processor.vision_end)
     config._attn_implementation = "sdpa"
+    # the parameters are created on the device itself: ~8B of them in fp32 (~33 GB) never pass through host memory
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
-    processor.image_processor.max_pixels = 448 * 448  # a realistic image size for the 7B
+    # a realistic image size for the 7B: at most 16 x 16 = 256 vision tokens of 28 px per image
+    processor.image_processor.max_pixels = 448 * 448
     return model.eval(), processor
 
 
@@ -68,16 +73,20 @@ def bench_examples(n):
 
 def script(processor, turns, free):
     """The forcer: in each turn the model writes `free` thinking tokens itself, then a Crop call is forced."""
+    # call k crops the image call k-1 returned (img_1 is the input); Crop zooms every crop to a short side of at
+    # least 224 px, so the next box, 30 px narrower and shorter, always lies inside the image it names
     calls = [f'</think><tool_call>{{"name": "Crop", "parameters": {{"image": "img_{k + 1}", '
              f'"coordinates": [0, 0, {200 - 30 * k}, {180 - 30 * k}]}}}}</tool_call>' for k in range(turns)]
     calls.append("</think><response>\\boxed{A}</response>")
     think = processor.encode_text("<think>")
     forced = [processor.encode_text(c) + [processor.im_end] for c in calls]
 
+    # turn: assistant turns already written; toks: this turn's tokens so far -> the token to force, or None for the
+    # model's own greedy choice, which the engine and the baseline must then agree on (`row` goes unused)
     def forcer(row, turn, toks):
         if len(toks) < len(think):
             return think[len(toks)]
-        j = len(toks) - len(think) - free
+        j = len(toks) - len(think) - free  # position in the forced tail; negative while the model writes
         if j < 0:
             return None
         seq = forced[min(turn, len(forced) - 1)]
@@ -92,10 +101,12 @@ class ForceLogits(LogitsProcessor):
         self.forcer, self.rows, self.turn, self.prompt_len = forcer, rows, turn, prompt_len
 
     def __call__(self, input_ids, scores):
+        # input_ids: [live rows, prompt_len + tokens written]; the prompts are left-padded to prompt_len, so every
+        # row's tokens of this turn start there; scores: [live rows, vocab], row b is self.rows[b]
         for b, row in enumerate(self.rows):
             x = self.forcer(row, self.turn, input_ids[b, self.prompt_len:].tolist())
             if x is not None:
-                scores[b] = float("-inf")
+                scores[b] = float("-inf")  # greedy decoding then has no choice but x
                 scores[b, x] = 0.0
         return scores
 
@@ -108,18 +119,24 @@ def baseline(model, processor, examples, group, turns, forcer):
     rows = []
     for ex in examples:
         msgs = rollout.build_messages(ex, tools.schemas())
+        # the prompt tokens the engine prefills (rollout.rollout's phase 1), the first assistant header included
         ids, _ = rollout.encode(processor, [p for m in msgs for p in rollout.render(m)] + ["<|im_start|>assistant\n"])
+        # one row per group member, example-major like the engine's trajectories; greedy copies are identical, yet
+        # the baseline computes each of them
         rows += [{"row": len(rows) + g, "ids": list(ids), "images": list(ex["images"]), "done": False}
                  for g in range(group)]
-    n_generated = 0
-    for turn in range(turns + 1):
+    n_generated = 0  # tokens written, each turn's <|im_end|> included (the engine's loss_mask counts the same)
+    for turn in range(turns + 1):  # `turns` tool calls, then the answer
         live = [r for r in rows if not r["done"]]
         if not live:
             break
+        # the whole conversation so far, left-padded so that every row's next token comes at the same position
         seqs = rollout.pad_batch([r["ids"] for r in live], processor.pad, left=True)
         input_ids = torch.tensor(seqs, device=device)
         attn = (torch.tensor(rollout.pad_batch([[1] * len(r["ids"]) for r in live], 0, left=True), device=device))
+        # every image of every live row, in token order; the preprocessing is cached, the vision tower is not
         encoded = [rollout.encode_image_cached(processor, im) for r in live for im in r["images"]]
+        # mm_token_type_ids (1 on image pads) is what generate computes the images' M-RoPE positions from
         out = model.generate(
             input_ids=input_ids, attention_mask=attn, mm_token_type_ids=(input_ids == processor.image_pad).int(),
             pixel_values=torch.cat([p for p, _ in encoded]).to(device, model.dtype),
@@ -129,16 +146,18 @@ def baseline(model, processor, examples, group, turns, forcer):
                                                               input_ids.shape[1])]))
         for b, r in enumerate(live):
             new = out[b, input_ids.shape[1]:].tolist()
+            # generate pads a row that stopped before the batch's longest: keep it up to its own <|im_end|>
             new = new[:new.index(processor.im_end) + 1] if processor.im_end in new else new
             n_generated += len(new)
             r["ids"] += new
             call, err = rollout.parse_tool_call(processor.decode(new))
-            if call is None:
+            if call is None:  # the answer (or a turn with no call) ends the row
                 r["done"] = True
                 continue
             result = tools.call_tool(call["name"], call["parameters"], r["images"])
             text, _ = rollout.add_observation(r["images"], call["name"], result)
             msg = rollout.observation_message(text, result.image)
+            # "\n" after the <|im_end|>, the observation, the next assistant header: what observation_chunk appends
             obs, _ = rollout.encode(processor, ["\n"] + rollout.render(msg) + ["<|im_start|>assistant\n"])
             r["ids"] += obs
     return [r["ids"] for r in rows], n_generated
@@ -149,6 +168,7 @@ def bench_rollout(args):
     device = next(model.parameters()).device
     examples = bench_examples(args.prompts)
     forcer = script(processor, args.turns, args.free)
+    # seconds spent inside the vision tower: the pre-hook starts a clock, the forward hook adds what elapsed
     vision = {"s": 0.0}
     hooks = [model.model.visual.register_forward_pre_hook(lambda m, a: vision.__setitem__("t0", time.perf_counter())),
              model.model.visual.register_forward_hook(
@@ -156,16 +176,20 @@ def bench_rollout(args):
     # warm up both paths once on a single prompt so neither pays first-call costs
     rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
     if device.type == "cuda":
+        # the warm-up's kernels finish before the clock starts, and the peak below is the timed run's own
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    vision["s"], timings = 0.0, {}
+    vision["s"], timings = 0.0, {}  # timings: the engine's seconds in prefill, decode and waiting on tools
     t0 = time.perf_counter()
     trajs = rollout.rollout(model, processor, examples, group_size=args.group, temperature=0, forcer=forcer,
                             timings=timings)
     engine_s = time.perf_counter() - t0
     engine_vision = vision["s"]
+    # tokens written (the loss mask is 1 exactly on them): free thinking, forced calls and answers, <|im_end|>s
     generated = sum(sum(t.loss_mask) for t in trajs)
     calls = sum(len(t.calls) for t in trajs)
+    # every vstar prompt has one input image, so the others in t.images are tool results; in engine_split_s the
+    # vision seconds are a part of prefill (the tower runs while prompts and observations are prefilled)
     result = {"bench": "rollout", "device": str(device), "threads": torch.get_num_threads(),
               "model": args.config or args.model,
               "prompts": args.prompts, "group": args.group, "turns": args.turns, "trajectories": len(trajs),
@@ -181,6 +205,7 @@ def bench_rollout(args):
         t0 = time.perf_counter()
         seqs, base_generated = baseline(model, processor, examples, args.group, args.turns, forcer)
         base_s = time.perf_counter() - t0
+        # identical_tokens compares whole sequences (prompts and observations too), example-major on both sides
         result.update(baseline_s=round(base_s, 2), baseline_tokens_per_s=round(base_generated / base_s, 1),
                       baseline_vision_s=round(vision["s"], 2),
                       speedup=round((generated / engine_s) / (base_generated / base_s), 2),
@@ -202,7 +227,9 @@ def bench_train(args):
     trajs = rollout.rollout(model, processor, bench_examples(8), temperature=0,
                             forcer=script(processor, args.turns, args.free))
     seqs, masks = [t.token_ids for t in trajs], [t.loss_mask for t in trajs]
+    # an observation cut off by max_total_tokens leaves its image in t.images but none of its tokens in the sequence
     shown = [t.images[:sum(x == processor.vision_start for x in t.token_ids)] for t in trajs]  # images in the tokens
+    # [B, L] right-padded like the sequences: 1 on the sampled tokens, the ones both losses average over
     mask = torch.tensor(rollout.pad_batch(masks, 0, left=False), dtype=torch.float32, device=device)
     model.train()
 
@@ -210,37 +237,43 @@ def bench_train(args):
         return [[rollout.encode_image_cached(processor, im) for im in row] for row in shown]
 
     def plain(reencode):  # one full forward, every position's logits, fp32
+        # reencode: the image processor runs again on every image at every step (no cache)
         images = [[processor.encode_image(im) for im in row] for row in shown] if reencode else cached()
+        # lp: [B, L], 0 at t=0 and on padding; the loss is the mean NLL over the sampled tokens
         lp = rollout.token_logprobs(rollout.sequence_logits(model, processor, seqs, images), seqs)
         return -(lp * mask).sum() / mask.sum()
 
     def sft_optimised(autocast=True):
         batch = [(s, m, im) for s, m, im in zip(seqs, masks, cached())]
+        # autocast=False: the same code with autocast off, which separates the LM-head saving from bf16's
         with rollout.train_autocast(device.type) if autocast else torch.autocast(device.type, enabled=False):
             loss, n = rollout.masked_lm_loss(model, processor, batch, device)
-        return loss / n
+        return loss / n  # summed cross-entropy over the loss tokens / their count: plain's mean, computed cheaper
 
     def tg_optimised():
         with rollout.train_autocast(device.type):
+            # the GRPO update's log-probs, [B, L] and 0 off the mask: their mean NLL matches plain's loss
             lp, _ = rollout.masked_logprobs(model, processor, seqs, cached(), masks)
         return -(lp * mask).sum() / mask.sum()
 
     def run(loss_fn, steps=5):
         """Seconds per step (after one warm-up step) and the loss; lr 0 keeps the weights, so every variant times
         the same model."""
+        # AdamW still steps: its state's memory and its time belong to an update like any other
         opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
         for step in range(steps + 1):
-            if step == 1:
+            if step == 1:  # step 0 is the warm-up: allocator, kernels and caches settle before the clock starts
                 t0 = time.perf_counter()
-            if device.type == "cuda":
+            if device.type == "cuda":  # reset every step: the peak reported is one step's (the last)
                 torch.cuda.reset_peak_memory_stats()
             loss = loss_fn()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if device.type == "cuda":  # CUDA runs asynchronously: wait for the last step before reading the clock
             torch.cuda.synchronize()
         out = {"s_per_step": round((time.perf_counter() - t0) / steps, 3), "loss": round(loss.item(), 5)}
+        # every unpadded token of the batch (prompt and observations too), not only the loss tokens
         out["tokens_per_s"] = round(sum(map(len, seqs)) / out["s_per_step"], 1)
         if device.type == "cuda":
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -257,6 +290,7 @@ def bench_train(args):
     for k in ("sft", "tg"):
         result[f"{k}_speedup"] = round(result[f"{k}_optimised"]["tokens_per_s"] / result[f"{k}_plain"]["tokens_per_s"],
                                        2)
+    # ru_maxrss is in KiB on Linux, so / 2**20 gives GiB: the process's peak over all the variants above
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
     return result
 
@@ -264,11 +298,14 @@ def bench_train(args):
 def bench_tools():
     """Median latency of each tool over 50 calls on a 512x512 scene -> {"tool arguments": {"wall_ms", "cpu_ms"}};
     cpu time is the figure to trust when other processes share the machine."""
+    # the scenes, 512x512: an 8x8 grid of 64 px cells, a GUI screen, a vstar canvas cut down from 1024 px, and the
+    # jigsaw window (2x2 cells, one blacked out) scaled up so that each of its cells is a 256 px quadrant
     grid = tasks.generate("vsp_nav", 1, sizes=(8,))[0]["images"][0]
     jig = tasks.generate("jigsaw", 1)[0]["images"]
     screen = tasks.generate("guiqa", 1, size=(512, 512))[0]["images"][0]
     search = tasks.generate("vstar", 1)[0]["images"][0].resize((512, 512))
     big_jig = jig[0].resize((512, 512))
+    # (tool, arguments, images as img_1, img_2, ...); the grid's cell centres are the pixels 32 + 64 k
     cases = [
         ("Point", {"image": "img_1", "description": "holes"}, [grid]),
         ("Point", {"image": "img_1", "description": "red circle"}, [search]),
@@ -290,6 +327,7 @@ def bench_tools():
             wall.append(1000 * (time.perf_counter() - t))
             cpu.append(1000 * (time.process_time() - c))
             assert r.status == "success", r.error
+        # medians resist the first call's warm-up; 40 characters of arguments still tell the two Points apart
         out[f"{name} {json.dumps(params)[:40]}"] = {"wall_ms": round(float(np.median(wall)), 1),
                                                     "cpu_ms": round(float(np.median(cpu)), 1)}
     return out
@@ -297,7 +335,7 @@ def bench_tools():
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # --config 7b draws its random weights from torch's generator
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "tools":

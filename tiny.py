@@ -83,6 +83,8 @@ rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
 
+# every code path in seconds: 1 drill step then 3 of the mix (the phase switch included), checkpoints at steps 2
+# and 4; save=None puts the base under OUT/base, never over the shipped tiny_base/
 QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tokens=1536, warmup=2, ckpt_every=2,
              check_n=4)
 
@@ -91,9 +93,13 @@ QUICK = dict(out="runs/tiny_quick", save=None, steps=4, drill_steps=1, batch_tok
 
 SPECIAL_TOKENS = rollout.SPECIAL_TOKENS
 TINY_VOCAB = 6144
+# 4 layers of width 192; 6 query heads of 32 dims over 2 KV heads (GQA); mrope_section splits a head's 16 rotary
+# pairs between time, height and width, as Qwen2.5-VL's [16, 24, 24] splits its 64
 TINY_TEXT = dict(hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=6,
                  num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+# 2 vision blocks of width 128 on 14 px patches, merged 2x2 into one 28 px token; block 0 attends within windows
+# of 112 px (4x4 tokens), block 1 over the whole image
 TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
                    tokens_per_second=2)
@@ -127,14 +133,19 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     # separators of number, point and move lists (", " and "], [") stand alone. Copying a point list is then the
     # plain induction pattern (find the previous token earlier, emit what followed it), which a small model
     # learns far sooner than aligning digit by digit.
+    # Isolated pieces: a newline, "], [", a single bracket or brace, ", " after a digit or "]", and ", " after a
+    # lone move letter (the R, L, U, D of move lists).
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\n|\], \[|[\[\]{}]|(?<=[0-9\]]), ?|(?<=\b[RLUD]), ?"), behavior="isolated"),
         pre_tokenizers.Split(Regex(r"[0-9]{1,3}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
+    # the special tokens take ids 0-6 in SPECIAL_TOKENS' order; the byte alphabet is in the vocabulary from the
+    # start, so no text is ever unknown
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer)
+    # eos <|im_end|>: a turn ends there; pad <|endoftext|> (SPECIAL_TOKENS[0], hence the [1:] that follows)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=32768)
     tok.chat_template = CHAT_TEMPLATE
@@ -152,15 +163,17 @@ def tokenizer_corpus():
     # and TG sequence starts with) then costs a few hundred tokens instead of a thousand
     corpus = [rollout.system_prompt(tools.schemas()), rollout.system_prompt([])] * 300
     rng = random.Random("tokenizer")
-    for _ in range(300):
+    for _ in range(300):  # ADL's randomized tool lists: random names, paraphrased descriptions
         corpus.append(rollout.system_prompt(adl.randomize(tools.schemas(), rng)[0]))
     corpus += [text for pool in adl.TOOL_POOL.values() for text in pool] + list(adl.IMAGE_POOL)
     corpus += [text for tool in adl.PARAM_POOL.values() for pool in tool.values() for text in pool]
     corpus += [" ".join(str(i) for i in range(1000))] * 20  # enough for a merge for every number 0-999
     for task in tasks.TASKS:
         corpus += [ex["question"] for ex in tasks.generate(task, 30, split="train", seed=12345)]
+    # seeds of their own ('tokenizer-*'): pretraining draws its items from other streams
     for i in range(3000):
         item = corpus_item(random.Random(f"tokenizer-{i}"), images=False)
+        # a drill is (text, copy); a conversation counts with its text parts in the chat template
         corpus.append("".join(item) if isinstance(item, tuple) else
                       "".join(p for m in item for p in rollout.render(m) if isinstance(p, str)))
     return corpus
@@ -174,6 +187,8 @@ def build_scratch(tokenizer=None, seed=0):
         raise FileNotFoundError(f"the shipped tiny base {BASE_DIR} is missing; rebuild it with `python tiny.py`")
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(BASE_DIR)
     ids = tok.convert_tokens_to_ids
+    # the embedding table rounded up to a multiple of 64 rows (friendlier matmul shapes); the spare rows are never
+    # sampled (rollout.rollout bans ids past len(tokenizer))
     vocab = (len(tok) + 63) // 64 * 64
     text = dict(TINY_TEXT, vocab_size=vocab, bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
                 pad_token_id=ids("<|endoftext|>"))
@@ -181,9 +196,9 @@ def build_scratch(tokenizer=None, seed=0):
                               vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
                               image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                               vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-                              tie_word_embeddings=True)
+                              tie_word_embeddings=True)  # the LM head is the embedding table: ~1.2M weights once
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the initialization is drawn here: one seed, the same random weights
     model = Qwen2_5_VLForConditionalGeneration(config)
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **TINY_PIXELS)
     return model, rollout.Processor(tok, image_processor)
@@ -197,21 +212,25 @@ def transfer_vocabulary(model, old_tok, new_tok):
     if len(new_tok) > emb.shape[0]:
         raise ValueError(f"the new tokenizer has {len(new_tok)} entries, the model's embeddings {emb.shape[0]}")
     old_vocab = old_tok.get_vocab()
+    # new rows go into a copy: writing into emb as we go could read a row already overwritten; rows past the new
+    # vocabulary (the padding to 64) keep their values
     rows, kept = emb.detach().clone(), 0
     for piece, i in new_tok.get_vocab().items():
         if piece in old_vocab:  # the same byte string: same meaning, same row (special tokens included)
             rows[i], kept = emb[old_vocab[piece]], kept + 1
-        else:
+        else:  # the piece as text (a byte-level piece is not text yet), cut into the old tokenizer's pieces
             old_ids = old_tok.encode(new_tok.convert_tokens_to_string([piece]), add_special_tokens=False)
             rows[i] = emb[old_ids].mean(0)
     with torch.no_grad():
-        emb.copy_(rows)
+        emb.copy_(rows)  # in place: the tied LM head is this same tensor
     return kept
 
 
 # -----------------------------------------------------------------------------
 # 2. synthetic text tools: generic operations under varied names, computed by real code
 
+# the synthetic worlds' vocabulary: values, spans and page names (WORDS), record fields and page labels (FIELDS),
+# kinds of place on the map (PLACES)
 WORDS = ("apple river stone cloud maple tiger amber delta orbit cedar pearl comet lotus ember frost willow "
          "falcon harbor meadow copper violet summit canyon marble raven silver thunder coral lemon prism "
          "quartz saffron tundra velvet zephyr basil cobalt dune fjord glacier ivory jasper kelp lagoon "
@@ -232,7 +251,7 @@ def rand_value(rng):
     kind = rng.randrange(5)
     if kind == 0:
         return rng.choice(WORDS)
-    if kind == 1:
+    if kind == 1:  # up to 4 digits: one or two number tokens
         return str(rng.randint(0, 9999))
     if kind == 2:
         return f"${rng.randint(1, 999)}.{rng.randint(0, 99):02d}"
@@ -241,10 +260,12 @@ def rand_value(rng):
     return f"{rng.choice(WORDS)} {rng.choice(WORDS)}"
 
 
-def rand_points(rng, n, hi=999):
+def rand_points(rng, n, hi=999):  # n [x, y] pairs on a 1000 x 1000 map: every coordinate is one token
     return [[rng.randint(0, hi), rng.randint(0, hi)] for _ in range(n)]
 
 
+# Argument checks: `name` is the role, which Toolset.call rewrites into the name the prompt shows; each message
+# says what was expected, so a retry can read its way to a valid call.
 def _points(v, name):
     if not (isinstance(v, list)
             and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in v)):
@@ -253,6 +274,7 @@ def _points(v, name):
 
 
 def _ints(v, name, n=None):
+    # bool is an int subclass in Python, but true/false are no numbers in JSON
     if not (isinstance(v, list)
             and all(isinstance(x, int) and not isinstance(x, bool) for x in v)) or (n and len(v) != n):
         raise ToolError(f"parameter '{name}' must be a list of {n or 'some'} integers")
@@ -284,7 +306,7 @@ class Kind:
 
 def _record(world, a):
     key = _str(a["id"], "id")
-    if key not in world["records"]:
+    if key not in world["records"]:  # the error lists the ids: a wrong one can be corrected from it
         raise ToolError(f"no record with id '{key}'; known ids: {', '.join(sorted(world['records']))}")
     return {"record": world["records"][key]}
 
@@ -298,13 +320,14 @@ def _document(world, a):
 
 def _locate(world, a):
     place = _str(a["place"], "place")
-    return {"points": world["places"].get(place, [])}
+    return {"points": world["places"].get(place, [])}  # a place the map lacks is no error: there are none of it
 
 
 def _nearest(world, a):
     (ox, oy), cands = _ints(a["origin"], "origin", 2), _points(a["candidates"], "candidates")
     if not cands:
         raise ToolError("parameter 'candidates' is empty: nothing to compare")
+    # city-block distance; a tie goes to the lower index, so the answer is unique
     best = min(range(len(cands)), key=lambda i: (abs(cands[i][0] - ox) + abs(cands[i][1] - oy), i))
     return {"nearest": cands[best], "index": best}
 
@@ -314,6 +337,9 @@ def _inside(world, a):
     return {"inside": [p for p in pts if x1 <= p[0] <= x2 and y1 <= p[1] <= y2]}
 
 
+# The eleven generic operations, none of them a visual tool. Tool names never repeat across kinds, and within a
+# kind each role's readable parameter names differ from the other roles', so a tool never shows two parameters
+# under one name.
 KINDS = {
     "record": Kind(["get_record", "fetch_entry", "lookup", "read_row", "db_get"],
                    ["Fetch the record stored under an id and return all of its fields.",
@@ -355,6 +381,7 @@ KINDS = {
                   ["Count how many entries a list has.", "Returns the number of items in a list.",
                    "Tells the length of the given list."],
                   {"items": ("array", ["items", "list", "entries", "values"], ["the list to count", "any JSON list"])},
+                  # any list counts, whatever its items; a non-list goes to _ints only for its error message
                   lambda w, a: {"count": len(a["items"]) if isinstance(a["items"], list)
                                 else _ints(a["items"], "items")},
                   "count the entries"),
@@ -415,20 +442,24 @@ class Toolset:
 
     def add(self, kind_key, rng, random_names):
         kind = KINDS[kind_key]
+        # calls are routed by name, so a prompt never shows one twice
         taken = set(self.tools)
         name = rng.choice([n for n in kind.names if n not in taken] or [rand_name(rng)])
+        # ADL-style: a random name says nothing, only the description tells the tool's job
         name = rand_name(rng) if random_names else name
+        # with random names, each parameter is random or readable half the time
         params = {role: (rand_name(rng) if random_names and rng.random() < 0.5 else rng.choice(names))
                   for role, (_, names, _) in kind.params.items()}
         self.tools[name] = (kind_key, params)
         props = {params[role]: {"type": typ, "description": rng.choice(descs)}
                  for role, (typ, _, descs) in kind.params.items()}
+        # the same schema layout as the seven visual tools' (tools.schemas); every parameter is required
         self.schemas.append({"type": "function", "function": {
             "name": name, "description": rng.choice(kind.descriptions),
             "parameters": {"type": "object", "properties": props, "required": list(props)}}})
         return name
 
-    def name_of(self, kind_key):
+    def name_of(self, kind_key):  # a kind is offered at most once per prompt
         return next(n for n, (k, _) in self.tools.items() if k == kind_key)
 
     def call_json(self, kind_key, args):
@@ -444,6 +475,7 @@ class Toolset:
         kind_key, names = self.tools[name]
         if not isinstance(params, dict):
             return ToolResult("error", error="parameters must be a JSON object")
+        # the error lists the parameters the tool takes, for the retry to copy
         missing = [p for p in names.values() if p not in params]
         unknown = [p for p in params if p not in names.values()]
         if missing or unknown:
@@ -466,15 +498,18 @@ class Toolset:
 def make_world(rng):
     """The hidden state the synthetic tools read: records, document pages and a map of named places."""
     # dict.fromkeys, not a set: a set's order changes with PYTHONHASHSEED and the corpus must not
+    # 3-6 record ids (fewer if two draws coincide)
     ids = list(dict.fromkeys(f"{rng.choice(['item', 'user', 'order', 'P', 'node'])}-{rng.randint(10, 9999)}"
                              for _ in range(rng.randint(3, 6))))
+    # 4-20 fields a record: a lookup has to pick the asked field out of many
     records = {i: {f: rand_value(rng) for f in rng.sample(FIELDS, rng.randint(4, 20))} for i in ids}
     pages = {}
     for _ in range(rng.randint(2, 4)):
+        # a page's lines alternate "Label:" and its value; labels are unique within a page
         labels = rng.sample(FIELDS, rng.randint(3, 8))
         pages[f"{rng.choice(WORDS)}_{rng.randint(1, 99)}"] = [s for lab in labels
                                                               for s in (f"{lab.title()}:", rand_value(rng))]
-    places = {p: rand_points(rng, rng.randint(1, 8)) for p in rng.sample(PLACES, rng.randint(3, 6))}
+    places = {p: rand_points(rng, rng.randint(1, 8)) for p in rng.sample(PLACES, rng.randint(3, 6))}  # 1-8 of each
     return {"records": records, "pages": pages, "places": places}
 
 
@@ -489,14 +524,16 @@ def think_call(ts, kind_key, rng, name=None):
 def listed(rng, lists, target):
     """Several labelled lists in random order, the one to use among them (copy at a random offset)."""
     labels = rng.sample(["A", "B", "C", "D", "first", "second", "red", "blue", "north", "south"], len(lists))
+    # shown in random order: the target sits at any position, so copying must find it by its label
     order = rng.sample(range(len(lists)), len(lists))
     lines = [f"{labels[i]}: {json.dumps(lists[i])}" for i in order]
     return "\n".join(lines), labels[target]
 
 
-# Each scenario is a generator: it yields (thinking, kind, args by role) for every call it wants, receives the
-# real observation's data (or raises nothing: errors are retried by `play`), and returns (thinking, answer).
-# It gets the toolset so it can ask for the kinds it needs; `needs` lists them.
+# Each scenario is a generator of (rng, world): it yields (kind, args by role, question) for every call it wants,
+# the question on the first yield only (None after), receives the real observation's data, and returns
+# (thinking, answer). tool_scenario builds the toolset after the first yield and plays every call, mistakes and
+# retries included; `needs` in SCENARIOS lists the kinds the toolset must offer (None: the first call's kind).
 
 
 def sc_record(rng, world):
@@ -505,14 +542,15 @@ def sc_record(rng, world):
     q = rng.choice(["What is the {f} of record {r}?", "Look up {r} and tell me its {f}.",
                     "Record {r}: what is its '{f}' field?"])
     data = yield "record", {"id": rid}, q.format(f=fld, r=rid)
+    # the answer is read from the observation, never from the world: the model only sees the former
     return f"The record's {fld} is {data['record'][fld]}.", data["record"][fld]
 
 
 def sc_document(rng, world):
     page = rng.choice(list(world["pages"]))
     lines = world["pages"][page]
-    k = rng.randrange(0, len(lines), 2)
-    label = lines[k][:-1]
+    k = rng.randrange(0, len(lines), 2)  # an even line: a label
+    label = lines[k][:-1]  # without its colon
     q = rng.choice(["On page {p}, what is written after '{l}'?", "What is the value of '{l}' on page {p}?",
                     "Read page {p}: which value belongs to the label {l}?"])
     data = yield "document", {"page": page}, q.format(p=page, l=label)
@@ -525,13 +563,13 @@ def sc_numbers(rng, world):
     lists = [[rng.randint(0, 999) for _ in range(rng.randint(2, 12))] for _ in range(rng.randint(1, 3))]
     target = rng.randrange(len(lists))
     text, label = listed(rng, lists, target)
-    args = {"values": lists[target]} if kind != "count" else {"items": lists[target]}
+    args = {"values": lists[target]} if kind != "count" else {"items": lists[target]}  # count's role is "items"
     if kind == "filter":
         args["threshold"] = rng.randint(0, 999)
     ask = {"sort": "Sort list {l} in ascending order.", "filter": "Keep the numbers of list {l} that are above {t}.",
            "sum": "What is the sum of list {l}?", "count": "How many numbers does list {l} have?"}[kind]
     data = yield kind, args, f"{text}\n{ask.format(l=label, t=args.get('threshold'))}"
-    value = json.dumps(next(iter(data.values())))
+    value = json.dumps(next(iter(data.values())))  # each of these kinds returns one field: the answer is its JSON
     return f"The tool returned {value}.", value
 
 
@@ -548,7 +586,7 @@ def sc_points(rng, world):
         args["factor"] = rng.randint(2, 4)
         ask = f"Scale the points of {label} by {args['factor']}."
     else:
-        x1, y1 = rng.randint(0, 500), rng.randint(0, 500)
+        x1, y1 = rng.randint(0, 500), rng.randint(0, 500)  # sides of 100-499 px: the box stays on the map
         args["box"] = [x1, y1, x1 + rng.randint(100, 499), y1 + rng.randint(100, 499)]
         ask = f"Which points of {label} lie inside the box {json.dumps(args['box'])}?"
     data = yield kind, args, f"Points:\n{text}\n{ask}"
@@ -565,6 +603,7 @@ def sc_chain(rng, world):
         q = f"Which {b} is nearest to the {a}? Give its [x, y]."
         pa = yield "locate", {"place": a}, q
         pb = yield "locate", {"place": b}, None
+        # the first {a} the map lists is "the {a}"; both lists are copied out of the observations above
         data = yield "nearest", {"origin": pa["points"][0], "candidates": pb["points"]}, None
         return f"The nearest {b} is at {json.dumps(data['nearest'])}.", json.dumps(data["nearest"])
     if mode == "inside":
@@ -584,6 +623,7 @@ def sc_record_chain(rng, world):
     """A record holds a number list; a second tool works on it."""
     rid = rng.choice(list(world["records"]))
     fld = rng.choice(list(world["records"][rid]))
+    # the field now holds a number list; the record tool reads this world, so its observation shows the list
     world["records"][rid][fld] = [rng.randint(0, 999) for _ in range(rng.randint(2, 10))]
     kind = rng.choice(["sort", "sum"])
     data = yield "record", {"id": rid}, (f"Take the '{fld}' list of record {rid} and "
@@ -593,6 +633,7 @@ def sc_record_chain(rng, world):
     return f"The answer is {value}.", value
 
 
+# name -> (generator, kinds the toolset must offer, or None for just the first call's)
 SCENARIOS = {"record": (sc_record, ["record"]), "document": (sc_document, ["document"]),
              "numbers": (sc_numbers, None), "points": (sc_points, None),
              "chain": (sc_chain, ["locate", "nearest", "inside", "shift"]),
@@ -604,13 +645,14 @@ def corrupt(rng, call, ts, kind_key):
     parameter left out, a list sent as a string, a parameter name the tool does not take, a misspelt tool name,
     or another offered tool."""
     name, params = call["name"], dict(call["parameters"])
-    key = rng.choice(list(params))
+    key = rng.choice(list(params))  # the parameter (shown name) a mistake touches
     mistake = rng.choice(["drop", "string", "param", "spelling", "tool"])
     fix = "The call failed ({error}). I fix the arguments and try again."
-    if mistake == "string" and isinstance(params[key], list):
+    if mistake == "string" and isinstance(params[key], list):  # fails the list checks (_points, _ints)
         params[key] = json.dumps(params[key])
     elif mistake == "param":  # a readable name instead of the one shown (what a model guesses)
         role = next(r for r, shown in ts.tools[name][1].items() if shown == key)
+        # another readable name of the same role, or a generic one; never a name the call already uses
         guess = rng.choice([n for n in KINDS[kind_key].params[role][1] + ["input", "data"] if n not in params])
         params[guess] = params.pop(key)
         fix = "The call failed ({error}). I use the parameter names the tool takes."
@@ -618,9 +660,9 @@ def corrupt(rng, call, ts, kind_key):
         i = rng.randrange(len(name))
         other = [c for c in string.ascii_lowercase + string.digits if c != name[i]]
         wrong = name[:i] + rng.choice(other) + name[i + 1:]
-        if wrong not in ts.tools:
+        if wrong not in ts.tools:  # a typo that names another offered tool is no typo
             name, fix = wrong, "The call failed ({error}). The tool's name is {name}; I call it again."
-    elif mistake == "tool":
+    elif mistake == "tool":  # another offered tool (every prompt offers at least two) with these arguments
         name = rng.choice([n for n in ts.tools if n != name])
         fix = "The call failed ({error}). {wrong} does not {purpose}; the tool that does is {name}."
     if (name, params) == (call["name"], call["parameters"]):  # a mistake that does not apply here: drop a parameter
@@ -628,7 +670,7 @@ def corrupt(rng, call, ts, kind_key):
     return {"name": name, "parameters": params}, fix
 
 
-def assistant(think, call=None, answer=None):
+def assistant(think, call=None, answer=None):  # one turn: thinking, then a call or a \boxed answer, never both
     body = f"<think>{think}</think>"
     if call is not None:
         return {"role": "assistant", "content": body + f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>"}
@@ -642,9 +684,11 @@ def tool_scenario(rng, name=None, random_names=None, n_tools=None):
     fn, needs = SCENARIOS[name]
     world = make_world(rng)
     gen = fn(rng, world)
+    # the first request brings the question and, for scenarios of varying kind, the kind the toolset must offer
     kind_key, args, question = next(gen)
     needs = needs or [kind_key]
-    random_names = rng.random() < 0.5 if random_names is None else random_names
+    random_names = rng.random() < 0.5 if random_names is None else random_names  # half the prompts ADL-style
+    # at least two tools, so there is always a choice to make; every needed kind is offered, the rest distract
     n_tools = n_tools or rng.randint(max(2, len(needs)), 6)
     kinds = needs + rng.sample([k for k in KINDS if k not in needs], max(0, n_tools - len(needs)))
     ts = Toolset(world)
@@ -652,27 +696,29 @@ def tool_scenario(rng, name=None, random_names=None, n_tools=None):
         ts.add(k, rng, random_names)
     messages = [{"role": "system", "content": rollout.system_prompt(ts.schemas)},
                 {"role": "user", "content": question}]
-    calls = []
-    while True:
+    calls = []  # the right calls only, in order (the checks' expected first call)
+    while True:  # one call per request of the scenario
         call = ts.call_json(kind_key, args)
         if rng.random() < 0.15:  # a mistake, the tool's real error, and the fix that reads it
             bad, fix = corrupt(rng, call, ts, kind_key)
             result = ts.call(bad["name"], bad["parameters"])
+            # the wrong turn is an assistant turn like the others, and carries loss like them
             if result.status == "error":
                 messages += [assistant(think_call(ts, kind_key, rng, bad["name"]), bad),
                              rollout.observation_message(observation(bad["name"], result))]
                 think = fix.format(error=result.error, name=call["name"], wrong=bad["name"],
                                    purpose=KINDS[kind_key].purpose)
                 messages.append(assistant(think, call))
-            else:
+            else:  # the mistake happened to run (another tool taking the same parameter names): no error to learn from
                 messages.append(assistant(think_call(ts, kind_key, rng), call))
         else:
             messages.append(assistant(think_call(ts, kind_key, rng), call))
         result = ts.call(call["name"], call["parameters"])
+        # the right call always runs: scenarios only ask for what their world holds
         assert result.status == "success", result.error
         messages.append(rollout.observation_message(observation(call["name"], result)))
         calls.append(call)
-        try:
+        try:  # the scenario reads the real result: a chain's next arguments are copied from it
             kind_key, args, _ = gen.send(result.data)
         except StopIteration as stop:
             think, answer = stop.value
@@ -685,6 +731,7 @@ def copy_item(rng):
     """Copy a span, a number list, a point list or a JSON record out of the question; no tool is needed even
     when some are offered."""
     form = rng.randrange(4)
+    # 2-4 lists, the target among distractors of the same form: word spans, numbers, [x, y] points, records
     if form == 0:
         lists = [" ".join(rng.sample(WORDS, rng.randint(2, 8))) for _ in range(rng.randint(2, 4))]
     elif form == 1:
@@ -695,6 +742,7 @@ def copy_item(rng):
         lists = [{f: rand_value(rng) for f in rng.sample(FIELDS, rng.randint(2, 6))} for _ in range(rng.randint(2, 4))]
     target = rng.randrange(len(lists))
     text, label = listed(rng, lists, target)
+    # `listed` shows a span in JSON quotes; its answer is the text inside them, the other forms their JSON
     answer = lists[target] if isinstance(lists[target], str) else json.dumps(lists[target])
     ask = rng.choice(["Repeat {l} exactly.", "Copy entry {l}.", "What does {l} say? Answer with it verbatim."])
     tools = []
@@ -726,18 +774,20 @@ def draw_shape(d, shape, box, colour):
 
 def vision_item(rng):
     """A plain picture of 1-4 large shapes and a short question about colour, shape, count or position."""
-    size = rng.choice([112, 168, 224])
+    size = rng.choice([112, 168, 224])  # 4x4, 6x6 or 8x8 vision tokens of 28 px
     img = Image.new("RGB", (size, size), rng.choice(BACKGROUNDS))
     d = ImageDraw.Draw(img)
     cell = size // 2
-    slots = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], rng.randint(1, 4))
+    slots = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], rng.randint(1, 4))  # quadrants (column, row), one shape each
     objs = []
     for sx, sy in slots:
         shape, colour = rng.choice(["circle", "square", "triangle"]), rng.choice(list(COLOURS))
-        m = rng.randint(4, cell // 6)
+        m = rng.randint(4, cell // 6)  # margin: a shape fills most of its quadrant and never touches another
         draw_shape(d, shape, (sx * cell + m, sy * cell + m, (sx + 1) * cell - m, (sy + 1) * cell - m), COLOURS[colour])
         objs.append((shape, colour, sx, sy))
     shape, colour, sx, sy = rng.choice(objs)
+    # "the {shape}" must name one object: colour and position need a unique shape, the shape question a unique
+    # colour; a count is always well defined
     kinds = ["count"]
     if sum(o[0] == shape for o in objs) == 1:
         kinds += ["colour", "where"]
@@ -751,7 +801,7 @@ def vision_item(rng):
     elif q == "where":
         axis = rng.choice(["x", "y"])
         question = f"Is the {shape} on the {'left or right' if axis == 'x' else 'top or bottom'}?"
-        answer = ("left", "right")[sx] if axis == "x" else ("top", "bottom")[sy]
+        answer = ("left", "right")[sx] if axis == "x" else ("top", "bottom")[sy]  # from the quadrant it was drawn in
     else:
         question, answer = f"How many {shape}s are there?", str(sum(o[0] == shape for o in objs))
     tools = []
@@ -776,12 +826,13 @@ def drill_item(rng):
         sizes = [rng.randint(3, 10) for _ in range(n)]
         words = rng.sample(WORDS + FIELDS + PLACES, sum(sizes))
         lists = [" ".join(words[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(n)]
-    elif form == 1:
+    elif form == 1:  # numbers and pairs as JSON, exactly as tool calls and observations write them
         lists = [json.dumps([rng.randint(0, 9999) for _ in range(rng.randint(2, 12))]) for _ in range(n)]
     else:
         lists = [json.dumps(rand_points(rng, rng.randint(1, 10))) for _ in range(n)]
     labels = rng.sample(["A", "B", "C", "D", "E", "F"], n)
     k = rng.randrange(n)
+    # the cue "copy X: " ends the text; the loss falls on what follows it (encode_item)
     return "".join(f"{lab}: {x}\n" for lab, x in zip(labels, lists)) + f"copy {labels[k]}: ", lists[k]
 
 
@@ -798,14 +849,14 @@ def corpus_item(rng, mix=None, images=True):
     """One item of the pretraining corpus: a conversation (list of messages), or a drill (text, copy).
     mix: ((part, share), ...), default --mix's."""
     mix = mix or parse_mix(parser.get_default("mix"))
-    part = rng.choices([p for p, _ in mix], [w for _, w in mix])[0]
+    part = rng.choices([p for p, _ in mix], [w for _, w in mix])[0]  # shares are weights: they need not sum to 1
     if part == "drill":
         return drill_item(rng)
     if part == "vision" and images:
         return vision_item(rng)
     if part == "copy":
         return copy_item(rng)
-    return tool_scenario(rng)[0]
+    return tool_scenario(rng)[0]  # "tools", and "vision" when images=False (the tokenizer's corpus is text only)
 
 # -----------------------------------------------------------------------------
 # 4. pretraining: a plain loop over freshly generated, length-grouped batches
@@ -816,6 +867,7 @@ def encode_item(processor, item):
     plain text with the loss on the copy and the <|im_end|> that closes it."""
     if isinstance(item, list):
         return rollout.encode_conversation(processor, item)
+    # the closing <|im_end|> carries loss too: the drill also teaches where a copy stops
     head, copy = processor.encode_text(item[0]), processor.encode_text(item[1]) + [processor.im_end]
     return head + copy, [0] * len(head) + [1] * len(copy), []
 
@@ -824,21 +876,26 @@ def chunk_batches(seed, phase, chunk, processor, batch_tokens, mix, steps_per_ch
     """The batches of one chunk of steps, deterministic from (seed, phase, chunk): draw items worth
     `steps_per_chunk` batches, sort them by length, cut them into batches of at most `batch_tokens` padded
     tokens, and shuffle the batches. A resumed run rebuilds the chunk and continues at the same batch."""
+    # the chunk's own stream: any chunk can be rebuilt alone (on resume, in any worker)
     rng = random.Random(f"pretrain-{seed}-{phase}-{chunk}")
     items, total = [], 0
+    # unpadded tokens worth 80% of steps_per_chunk full batches: padding and the room the cut below leaves in each
+    # batch bring that to roughly steps_per_chunk batches (pretrain takes however many there are)
     while total < steps_per_chunk * batch_tokens * 0.8:
         ids, mask, images = encode_item(processor, corpus_item(rng, mix))
-        if len(ids) <= batch_tokens:
+        if len(ids) <= batch_tokens:  # a longer item fits no batch
             items.append((ids, mask, images))
             total += len(ids)
-    items.sort(key=lambda it: len(it[0]))
+    items.sort(key=lambda it: len(it[0]))  # by length: a batch's rows then pad to nearly the same length
     batches, cur = [], []
     for it in items:
+        # sorted ascending, `it` is the longest so far: (rows + 1) * its length is the padded size with it added
         if cur and (len(cur) + 1) * len(it[0]) > batch_tokens:
             batches.append(cur)
             cur = []
         cur.append(it)
     batches.append(cur)
+    # in sorted order the steps would go from short items to long ones (in the mix: drills first, tool scenarios last)
     rng.shuffle(batches)
     return batches
 
@@ -850,7 +907,7 @@ class Chunks(torch.utils.data.Dataset):
     def __init__(self, seed, phase, processor, batch_tokens, mix):
         self.args = (seed, phase, processor, batch_tokens, mix)
 
-    def __len__(self):
+    def __len__(self):  # endless: the sampler says which chunks are read
         return 1 << 40
 
     def __getitem__(self, i):
@@ -858,7 +915,7 @@ class Chunks(torch.utils.data.Dataset):
         return pickle.dumps(chunk_batches(seed, phase, i, processor, batch_tokens, mix))
 
 
-def as_is(raw):
+def as_is(raw):  # the loader's collate_fn: a chunk's pickled bytes pass through untouched
     return raw
 
 
@@ -869,6 +926,8 @@ def chunk_stream(seed, phase, start, processor, batch_tokens, mix, workers):
     if not workers:  # built here, nothing crosses a process boundary: no pickling
         yield from (chunk_batches(seed, phase, i, processor, batch_tokens, mix) for i in range(start, len(chunks)))
         return
+    # batch_size=None: one item is one whole chunk; each worker builds up to 4 chunks ahead, and the loader hands
+    # them over in the sampler's order whichever worker finishes first, so the stream is the same as without workers
     loader = torch.utils.data.DataLoader(chunks, sampler=range(start, len(chunks)), batch_size=None,
                                          num_workers=workers, collate_fn=as_is, prefetch_factor=4)
     for raw in loader:
@@ -880,58 +939,68 @@ def pretrain(model, processor, out, steps, drill_steps, batch_tokens, lr, warmup
     """The loop; returns the finished state, or None when --stop-after or --stop-minutes stopped it early."""
     deadline = time.time() + 60 * stop_minutes if stop_minutes else None
     params = [p for p in model.parameters() if p.requires_grad]
+    # beta2 0.95, the usual choice of LM pretraining (nanoGPT's): the second moment follows a changing gradient
+    # scale sooner than with 0.999
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     ckpt = os.path.join(out, "ckpt")
+    # where the data stands: the phase, the chunk of it and the batch within the chunk; saved with every
+    # checkpoint, so a resumed run trains on exactly the batches an uninterrupted one would have
     state = {"step": 0, "phase": "drill", "chunk": 0, "pos": 0}
     found = rollout.resume_from(ckpt, resume)
     if found:
+        # the weights are copied into this model rather than replacing it: the optimizer holds these parameters
         model.load_state_dict(rollout.load_policy(os.path.join(found, "model"), device, torch.float32)[0].state_dict())
         state = rollout.load_checkpoint(found, optimizer)
         print(f"resumed at step {state['step']}")
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"])
     autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
     print(f"training passes in {'bf16 autocast' if rollout.bf16_autocast_fits(device) else 'fp32'} on {device}")
-    stream, batches, have = None, None, None
+    stream, batches, have = None, None, None  # have: the (phase, chunk) whose batches are held
     bar = tqdm(total=steps, initial=state["step"], desc="pretrain", dynamic_ncols=True)
     model.train()
     while state["step"] < steps:
         t0 = time.perf_counter()
         phase = "drill" if state["step"] < drill_steps else "mix"  # the curriculum: copy drills, then the mix
-        if phase != state["phase"]:
+        if phase != state["phase"]:  # the mix starts at its own chunk 0
             state.update(phase=phase, chunk=0, pos=0)
         if have != (phase, state["chunk"]):  # chunks advance one at a time, so the stream is always in step
+            # a stream per phase, opened at the first step (fresh or resumed) and at the switch
             if have is None or have[0] != phase:
                 phase_mix = (("drill", 1.0),) if phase == "drill" else mix
                 stream = chunk_stream(seed, phase, state["chunk"], processor, batch_tokens, phase_mix, workers)
             batches = next(stream)
             have = (phase, state["chunk"])
         batch = batches[state["pos"]]
+        # WSD: linear warmup, constant through the copy transition, a linear decay to 10% over the last `cooldown`
         lr_now = rollout.lr_at(state["step"], steps, lr, warmup, "wsd", cooldown)
         for g in optimizer.param_groups:
             g["lr"] = lr_now
         with autocast:
             loss, n = rollout.masked_lm_loss(model, processor, batch, device)
+        # the mean over the batch's loss tokens: every token weighs the same, so a long item weighs more
         (loss / max(1, n)).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the norm before clipping: the one logged
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["pos"] += 1
-        if state["pos"] == len(batches):
+        if state["pos"] == len(batches):  # chunks hold a varying number of batches
             state["chunk"], state["pos"] = state["chunk"] + 1, 0
-        dt = time.perf_counter() - t0
-        tokens = sum(len(ids) for ids, _, _ in batch)
+        dt = time.perf_counter() - t0  # the whole step, waiting for its batch included
+        tokens = sum(len(ids) for ids, _, _ in batch)  # unpadded
         rec = {"step": state["step"], "phase": phase, "loss": loss.item() / max(1, n), "lr": lr_now,
                "grad_norm": float(grad_norm),
                "tokens": tokens, "loss_tokens": n, "tokens_per_s": tokens / dt, "cpu_s": time.process_time()}
+        # cpu_s: this process's CPU seconds so far; against wall time it shows a machine shared with others
         log.write(json.dumps(rec) + "\n")
-        log.flush()
+        log.flush()  # each step's line reaches the file; a resume drops those past its checkpoint (open_log)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         stop = (stop_after and state["step"] >= stop_after) or (deadline and time.time() > deadline)
+        # also right before an early stop and at the last step: --resume then continues from the very next step
         if (ckpt_every and state["step"] % ckpt_every == 0) or stop or state["step"] == steps:
             rollout.save_checkpoint(ckpt, model, processor, optimizer, state)
-        if stop and state["step"] < steps:
+        if stop and state["step"] < steps:  # a stop at the last step is simply the end
             bar.close()
             log.close()
             return None
@@ -959,8 +1028,8 @@ def check_examples(check, n):
         question = next(m["content"] for m in messages if m["role"] == "user")
         examples.append({"id": f"{check}-{i}", "task": "synthetic", "question": question, "images": [],
                          "answer": answer, "meta": {}})
-        toolsets.append(ts)
-        expected.append(calls[0])
+        toolsets.append(ts)  # the engine runs the model's calls against this prompt's own synthetic tools
+        expected.append(calls[0])  # the scenario's right first call (a corpus mistake is never in `calls`)
     return examples, toolsets, expected
 
 
@@ -969,20 +1038,23 @@ def run_checks(model, processor, n, seed=0):
     out, fmt = {}, []
     for check in ("copy_list", "lookup", "tool_choice"):
         examples, toolsets, expected = check_examples(check, n)
+        # greedy; 4 turns: the call, the answer, and room for retries after errors
         trajs = rollout.rollout(model, processor, examples, toolsets=toolsets, temperature=0, max_turns=4,
                                 max_new_tokens=256, max_total_tokens=3072, seed=seed)
         first = [t.calls[0] if t.calls else None for t in trajs]
-        if check == "lookup":
+        if check == "lookup":  # the final answer: the call and the copy out of its observation
             ok = [t.answer is not None and t.answer.strip() == ex["answer"] for t, ex in zip(trajs, examples)]
         elif check == "copy_list":  # the list argument, copied exactly
             ok = [c is not None and c["name"] == e["name"] and _points_arg(c["params"]) == _points_arg(e["parameters"])
                   for c, e in zip(first, expected)]
-        else:
+        else:  # tool choice: the right tool with exactly the right arguments
             ok = [c is not None and c["name"] == e["name"] and c["params"] == e["parameters"]
                   for c, e in zip(first, expected)]
         out[check] = sum(ok) / len(ok)
         fmt += [t.format_valid for t in trajs]
     out["format_valid"] = sum(fmt) / len(fmt)
+    # vision: messages [system, user [image, question], assistant]; the expected answer is the corpus turn's
+    # \boxed value, asked under the direct-answer prompt (tools=[]), whatever tools the item offered
     vision = [vision_item(random.Random(f"heldout-vision-{i}")) for i in range(n)]
     examples = [{"id": f"vision-{i}", "task": "synthetic", "question": m[1]["content"][1]["text"],
                  "images": [m[1]["content"][0]["image"]], "answer": extract_answer(m[-1]["content"]), "meta": {}}
@@ -1002,10 +1074,12 @@ def transfer_check(model, processor, data_dir, limit=100):
     """Teacher-forced accuracy on the numbers of AStar's `obstacles` in real vsp_nav TC trajectories, after the first
     pair (the list is copied from the Point observation above it). The base never saw AStar nor these grids."""
     records = read_jsonl(os.path.join(data_dir, "train.jsonl"), ["task", "messages"], lambda r: r)
+    # direct vsp_nav trajectories (TC's efficient plan: no reflection, no failed call) that call AStar
     records = [r for r in records if r["task"] == "vsp_nav" and r.get("kind") == "direct"
                and any('"AStar"' in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
     hits = total = 0
     for r in records:
+        # the TC data stores images as files under its directory; the encoder needs them as PIL images
         messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))}
                                       if p["type"] == "image" else p
                                       for p in m["content"]]} if isinstance(m["content"], list) else m
@@ -1013,17 +1087,18 @@ def transfer_check(model, processor, data_dir, limit=100):
         k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and '"AStar"' in m["content"])
         text = messages[k]["content"]
         head = text[:text.index('"obstacles": [') + len('"obstacles": [')]
-        first_pair_end = text.index("]", len(head)) + 1
+        first_pair_end = text.index("]", len(head)) + 1  # just past the first pair's "]"
         prefix_ids, _, images = rollout.encode_conversation(processor,
                                                             messages[:k] + [{"role": "assistant", "content": ""}])
         prefix_ids = prefix_ids[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
-        span_start = len(prefix_ids) + len(processor.encode_text(text[:first_pair_end]))
+        span_start = len(prefix_ids) + len(processor.encode_text(text[:first_pair_end]))  # first scored position
+        # obstacles is the call's last argument, so the body ends with the list's last pair (`...]]}}</tool_call>`)
         body = processor.encode_text(text[:text.index("]}}</tool_call>")])
         ids = prefix_ids + body
-        logits = rollout.sequence_logits(model, processor, [ids], [images])[0]
-        pred = logits[:-1].argmax(-1).tolist()
+        logits = rollout.sequence_logits(model, processor, [ids], [images])[0]  # [L, V]
+        pred = logits[:-1].argmax(-1).tolist()  # pred[t - 1]: the greedy guess for ids[t], given ids[:t]
         for t in range(span_start, len(ids)):
-            if processor.decode([ids[t]]).strip().isdigit():
+            if processor.decode([ids[t]]).strip().isdigit():  # number tokens only: the separators follow the format
                 hits += int(pred[t - 1] == ids[t])
                 total += 1
     return hits / max(1, total), len(records)
@@ -1040,7 +1115,7 @@ def main(argv=None):
     args = rollout.parse_flags(parser, argv, QUICK)
     sys.stdout.reconfigure(line_buffering=True)
     device = rollout.resolve_device(args.device)
-    if args.check:
+    if args.check:  # bf16 on CUDA, fp32 on a CPU (load_policy's default)
         model, processor = rollout.load_policy(args.model, device=device)
         with torch.no_grad():
             results = run_checks(model, processor, args.check_n, args.seed)
@@ -1066,7 +1141,7 @@ def main(argv=None):
             processor = rollout.Processor(new_tok, processor.image_processor)
     else:
         model, processor = build_scratch(AutoTokenizer.from_pretrained(tok_dir), seed=args.seed)
-        model.to(device)
+        model.to(device)  # fp32 weights and optimizer state: bf16 only inside autocast, on CUDA
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary "
           f"{len(processor.tokenizer)}, {device}")
     state = pretrain(model, processor, args.out, args.steps, args.drill_steps, args.batch_tokens, args.lr, args.warmup,
@@ -1077,6 +1152,7 @@ def main(argv=None):
         print("stopped early (--stop-after or --stop-minutes); continue with --resume")
         return None
     save = args.save or os.path.join(args.out, "base")
+    # the base carries its own training log and the command that made it, so it can be rebuilt and compared
     rollout.save_policy(model, processor, save)
     shutil.copy(os.path.join(args.out, "log.jsonl"), os.path.join(save, "log.jsonl"))
     with open(os.path.join(save, "command.txt"), "w") as f:
