@@ -85,7 +85,8 @@ def tc_record():
     def observation(obs, image=None):
         text = dumps(obs) + (f"\nNew image generated and saved as: {image}" if image else "")
         parts = [{"type": "text", "text": text}]
-        return {"role": "user", "content": parts + ([{"type": "image", "image": f"images/r0_{image}.png"}] if image else [])}
+        return {"role": "user",
+                "content": parts + ([{"type": "image", "image": f"images/r0_{image}.png"}] if image else [])}
 
     system = ("You are a visual reasoning assistant. You can call these tools:\n<tools>\n"
               + "\n".join(dumps(s) for s in SCHEMAS)
@@ -106,7 +107,8 @@ def tc_record():
                          "error": "argument 'coordinates' must lie inside 'img_1' (128x128); tool 'Crop' did not run"}),
             assistant("The box was too large; retry Crop with a smaller box.", crop),
             observation({"name": "Crop", "status": "success", "size": [256, 256]}, image="img_2"),
-            {"role": "assistant", "content": '<think>Try OCR too.</think><tool_call>{"name": "OCR", "param</tool_call>'},
+            {"role": "assistant",
+             "content": '<think>Try OCR too.</think><tool_call>{"name": "OCR", "param</tool_call>'},
             observation({"name": "tool_call", "status": "error", "error": "the tool call is not valid JSON"}),
             assistant("No text needed, OCR failed anyway; the star is blue.", response="\\boxed{B}"),
         ],
@@ -121,7 +123,8 @@ def test_apply_then_inverse_restores_the_record():
     assert record == original  # no mutation
     assert randomized["adl_mapping"] == m.to_json()
     assert adl.apply(randomized, m.inverse()) == original
-    assert adl.apply(json.loads(dumps(randomized)), adl.Mapping.from_json(randomized["adl_mapping"]).inverse()) == original
+    assert adl.apply(json.loads(dumps(randomized)),
+                     adl.Mapping.from_json(randomized["adl_mapping"]).inverse()) == original
 
     # No canonical tool name survives anywhere the model looks.
     assert not TOOL_WORD.search(dumps(randomized["messages"])) and not TOOL_WORD.search(dumps(randomized["tools"]))
@@ -131,7 +134,8 @@ def test_apply_then_inverse_restores_the_record():
     calls = [json.loads(c) for msg in randomized["messages"] if msg["role"] == "assistant"
              for c in re.findall(r"<tool_call>(.*?)</tool_call>", msg["content"]) if c.endswith("}")]
     assert [c["name"] for c in calls] == [m.names["Point"], m.names["Crop"], m.names["Crop"]]
-    assert calls[2]["parameters"] == {m.params["Crop"]["image"]: "img_1", m.params["Crop"]["coordinates"]: [0, 0, 64, 64]}
+    assert calls[2]["parameters"] == {m.params["Crop"]["image"]: "img_1",
+                                      m.params["Crop"]["coordinates"]: [0, 0, 64, 64]}
     error = json.loads(randomized["messages"][5]["content"][0]["text"])
     assert error["name"] == m.names["Crop"]
     assert f"'{m.params['Crop']['coordinates']}'" in error["error"] and f"'{m.names['Crop']}'" in error["error"]

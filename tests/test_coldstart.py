@@ -52,7 +52,8 @@ def test_replaying_every_tool_call_reproduces_the_data(data):
             assert obs[0]["text"] == tools.observation(call["name"], result, image_name), rec["id"]
             if result.image is not None:
                 saved = obs[1]["image"]
-                assert saved.size == result.image.size and saved.tobytes() == result.image.convert("RGB").tobytes(), rec["id"]
+                assert (saved.size == result.image.size
+                        and saved.tobytes() == result.image.convert("RGB").tobytes()), rec["id"]
                 images.append(result.image)
             else:
                 assert len(obs) == 1
@@ -187,7 +188,8 @@ def test_sharegpt_round_trip_gives_the_same_tokens_and_masks(data, tmp_path):
     assert info["adareasoner_tc"]["file_name"] == "adareasoner_tc.json"
     assert info["adareasoner_tc"]["formatting"] == "sharegpt"
     rows = json.load(open(path))
-    assert rows[0]["conversations"][0]["from"] == "system" and rows[0]["conversations"][1]["value"].startswith("<image>")
+    assert (rows[0]["conversations"][0]["from"] == "system"
+            and rows[0]["conversations"][1]["value"].startswith("<image>"))
     assert all(os.path.isfile(tmp_path / "sg" / p) for row in rows for p in row["images"])
     back, folder = coldstart.load_data(path)
     assert [(r["id"], r["task"], r["kind"], r["answer"]) for r in back] == \

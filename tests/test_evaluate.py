@@ -13,7 +13,8 @@ import tasks
 import tools
 from rollout import Trajectory
 
-EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?\s*(?:https?:)?//|@import""",
+EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//"""
+                      r"""|url\(\s*["']?\s*(?:https?:)?//|@import""",
                       re.I)
 
 
@@ -45,7 +46,8 @@ def traj(ex, calls, answer, tokens, turns, reason="response", valid=True):
             obs.append({"type": "image", "image": f"img_{len(t.images)}"})
         t.messages.append({"role": "user", "content": obs})
     while len(t.assistant_turns) < turns:
-        t.messages.append({"role": "assistant", "content": f"<think>so</think><response>\\boxed{{{answer}}}</response>"})
+        t.messages.append({"role": "assistant",
+                           "content": f"<think>so</think><response>\\boxed{{{answer}}}</response>"})
     return t
 
 
@@ -101,8 +103,10 @@ def test_model_without_tool_calls_is_not_applicable():
 
 
 def test_model_specs_tool_modes_and_adl_plans():
-    models = evaluate.parse_models("tc=runs/tc/model,runs/tg/model,direct=runs/d/model:none,x=m:Point+AStar,tiny", "all")
-    assert models == [("tc", "runs/tc/model", "all"), ("tg", "runs/tg/model", "all"), ("direct", "runs/d/model", "none"),
+    models = evaluate.parse_models("tc=runs/tc/model,runs/tg/model,direct=runs/d/model:none,x=m:Point+AStar,tiny",
+                                   "all")
+    assert models == [("tc", "runs/tc/model", "all"), ("tg", "runs/tg/model", "all"),
+                      ("direct", "runs/d/model", "none"),
                       ("x", "m", "Point+AStar"), ("tiny", "tiny", "all")]
     with pytest.raises(ValueError):
         evaluate.parse_models("a=x,a=y", "all")
@@ -124,7 +128,8 @@ def test_model_specs_tool_modes_and_adl_plans():
 
 def test_curves_read_defensively(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text('{"step": 0, "reward": 0.1, "accuracy": 0.0, "calls_per_sample_per_tool": {"Point": 1.0}}\nnot json\n'
+    log.write_text('{"step": 0, "reward": 0.1, "accuracy": 0.0, "calls_per_sample_per_tool": {"Point": 1.0}}\n'
+                   'not json\n'
                    '{"step": 1, "reward": null, "loss": 2.0}\n[1, 2]\n'
                    '{"step": 2, "reward": 0.5, "calls_per_sample_per_tool": {"Point": 2.0, "AStar": 0.5}}\n')
     runs = evaluate.read_curves(f"tg={log},gone={tmp_path / 'missing.jsonl'}")
@@ -153,7 +158,8 @@ def check_self_contained(page):
 
 def test_quick_end_to_end(scratch_dir, tmp_path):
     out = str(tmp_path / "eval")
-    res = evaluate.main(["--quick", "--models", f"base={scratch_dir},direct={scratch_dir}:none", "--tasks", "vsp_nav,jigsaw",
+    res = evaluate.main(["--quick", "--models", f"base={scratch_dir},direct={scratch_dir}:none",
+                         "--tasks", "vsp_nav,jigsaw",
                          "--adl", "per-sample", "--device", "cpu", "--out", out])
     for f in ("results.json", "trajectories.jsonl", "report.html", "log.jsonl"):
         assert os.path.isfile(os.path.join(out, f))
@@ -183,13 +189,15 @@ def test_saved_dataset_tool_list_and_per_run_adl(scratch_dir, tmp_path):
     data = str(tmp_path / "data")
     tasks.save(tasks.generate("vsp_verify", 3, seed=7), data)
     out = str(tmp_path / "eval")
-    res = evaluate.main(["--quick", "--models", f"b={scratch_dir}", "--data", data, "--tools", "Point", "--add-tools", "AStar",
+    res = evaluate.main(["--quick", "--models", f"b={scratch_dir}", "--data", data, "--tools", "Point",
+                         "--add-tools", "AStar",
                          "--adl", "per-run", "--device", "cpu", "--out", out])
     assert res["tasks"] == ["vsp_verify"] and res["results"]["b"]["vsp_verify"]["n"] == 2  # --quick: 2 per task
     assert res["models"]["b"]["tools"] == ["Point", "AStar"]
     lines = [json.loads(line) for line in open(os.path.join(out, "trajectories.jsonl"))]
     assert [r["example_id"] for r in lines] == ["vsp_verify-test-7-0", "vsp_verify-test-7-1"]
-    assert lines[0]["adl_mapping"] == lines[1]["adl_mapping"] and set(lines[0]["adl_mapping"]["names"]) == {"Point", "AStar"}
+    assert (lines[0]["adl_mapping"] == lines[1]["adl_mapping"]
+            and set(lines[0]["adl_mapping"]["names"]) == {"Point", "AStar"})
 
 
 def hand_report(out):
@@ -204,7 +212,8 @@ def hand_report(out):
     with open(log, "w") as f:
         for s in range(12):
             f.write(json.dumps({"step": s, "reward": 0.2 + 0.05 * s, "accuracy": 0.04 * s,
-                                "calls_per_sample_per_tool": {"DetectBlackArea": 1 + 0.1 * s, "InsertImage": 2 - 0.1 * s}}) + "\n")
+                                "calls_per_sample_per_tool": {"DetectBlackArea": 1 + 0.1 * s,
+                                                              "InsertImage": 2 - 0.1 * s}}) + "\n")
     settings = {**vars(evaluate.parser.parse_args([])), "command": "python evaluate.py (hand-built)", "device": "cpu"}
     evaluate.write_outputs(out, settings, runs, evaluate.read_curves(f"tg={log}"))
     return os.path.join(out, "report.html")
@@ -224,7 +233,8 @@ def test_hand_built_report_is_self_contained(tmp_path):
 def test_report_screenshot(tmp_path):
     page = hand_report(str(tmp_path / "eval"))
     png = str(tmp_path / "shot.png")
-    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,2000",
                     "file://" + os.path.abspath(page)], check=True, capture_output=True, timeout=120)

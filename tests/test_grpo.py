@@ -137,9 +137,12 @@ def traj_with(answer_text, calls, valid=True):
     return t
 
 
-GOOD = {"name": "Point", "params": {"image": "img_1", "description": "hole"}, "status": "success", "error": None, "seconds": 0.01}
-UNPARSED = {"name": "tool_call", "params": None, "status": "error", "error": "the tool call is not valid JSON", "seconds": 0.0}
-UNKNOWN = {"name": "Zoom", "params": {}, "status": "error", "error": "unknown tool 'Zoom'; available: 'Point'", "seconds": 0.0}
+GOOD = {"name": "Point", "params": {"image": "img_1", "description": "hole"}, "status": "success", "error": None,
+        "seconds": 0.01}
+UNPARSED = {"name": "tool_call", "params": None, "status": "error", "error": "the tool call is not valid JSON",
+            "seconds": 0.0}
+UNKNOWN = {"name": "Zoom", "params": {}, "status": "error", "error": "unknown tool 'Zoom'; available: 'Point'",
+           "seconds": 0.0}
 BAD_ARGS = {"name": "Point", "params": {"image": "img_9"}, "status": "error",
             "error": "argument 'image' must name an image (img_1 to img_1); got 'img_9'", "seconds": 0.0}
 CRASHED = {"name": "Point", "params": {"image": "img_1", "description": "x"}, "status": "error",

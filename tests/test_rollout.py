@@ -32,7 +32,8 @@ def make_examples(n):
     return out
 
 
-CROP = '<think>zoom in</think><tool_call>{{"name": "Crop", "parameters": {{"image": "{img}", "coordinates": {box}}}}}</tool_call>'
+CROP = ('<think>zoom in</think><tool_call>{{"name": "Crop", "parameters": '
+        '{{"image": "{img}", "coordinates": {box}}}}}</tool_call>')
 SCRIPT = [CROP.format(img="img_1", box="[0, 0, 60, 60]"), CROP.format(img="img_2", box="[10, 20, 200, 180]"),
           '<think>oops</think><tool_call>{"name": "Crop", "parameters": {broken}}</tool_call>',
           "<think>done</think><response>\\boxed{A}</response>"]
@@ -85,14 +86,16 @@ def test_a_too_elongated_tool_image_becomes_an_error_observation(policy):
     ex = {"id": "wide", "task": "vstar", "question": "Q?", "images": [Image.new("RGB", (420, 100), (9, 9, 9))],
           "answer": "A", "meta": {}}
     script = [CROP.format(img="img_1", box="[0, 0, 410, 2]"), "<think>done</think><response>\\boxed{A}</response>"]
-    t = rollout.rollout(model, processor, [ex], tools=["Crop"], temperature=0, forcer=scripted(processor, script, free=0))[0]
+    t = rollout.rollout(model, processor, [ex], tools=["Crop"], temperature=0,
+                        forcer=scripted(processor, script, free=0))[0]
     assert [c["status"] for c in t.calls] == ["error"] and "too elongated" in t.calls[0]["error"]
     assert len(t.images) == 1 and t.answer == "A" and t.finish_reason == "response"
 
 
 def test_positions_match_get_rope_index(policy):
     model, processor = policy
-    t = rollout.rollout(model, processor, make_examples(1), tools=["Crop"], temperature=0, forcer=scripted(processor))[0]
+    t = rollout.rollout(model, processor, make_examples(1), tools=["Crop"], temperature=0,
+                        forcer=scripted(processor))[0]
     grids = torch.stack([rollout.encode_image_cached(processor, im)[1] for im in t.images])
     ids = torch.tensor([t.token_ids])
     ref, _ = model.model.get_rope_index(ids, (ids == processor.image_pad).int(), grids)
@@ -105,7 +108,8 @@ def test_greedy_batched_equals_cache_free_decoding(policy):
     the model chose freely, the cache-free argmax over the exact prefix is the token the engine emitted."""
     model, processor = policy
     examples = make_examples(4)
-    batched = rollout.rollout(model, processor, examples, tools=["Crop"], temperature=0, forcer=scripted(processor, free=6))
+    batched = rollout.rollout(model, processor, examples, tools=["Crop"], temperature=0,
+                              forcer=scripted(processor, free=6))
     free_positions = 0
     for i, t in enumerate(batched):
         _, logits = full_forward_logprobs(model, processor, t)
@@ -183,7 +187,8 @@ def test_adl_calls_are_derandomized_before_the_tool_runs(policy):
     new_schemas, mapping = adl.randomize(offered, random.Random(7))
     canonical = [{"name": "Crop", "parameters": {"image": "img_1", "coordinates": [5, 5, 70, 60]}},
                  {"name": "Point", "parameters": {"image": "img_2", "description": "red square"}}]
-    texts = [[f"<think>step</think><tool_call>{json.dumps(c)}</tool_call>" for c in calls] + ["<think>ok</think><response>\\boxed{A}</response>"]
+    texts = [[f"<think>step</think><tool_call>{json.dumps(c)}</tool_call>" for c in calls]
+             + ["<think>ok</think><response>\\boxed{A}</response>"]
              for calls in (canonical, [mapping.from_canonical(c) for c in canonical])]
     enc = [[processor.encode_text(s) + [processor.im_end] for s in sc] for sc in texts]
 
@@ -215,7 +220,8 @@ def test_tiny_model_saves_and_loads(scratch_dir, tmp_path):
     assert processor.decode(processor.encode_text(text)) == text
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
             {"role": "assistant", "content": "<think>x</think><response>\\boxed{A}</response>"}]
-    assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
+    assert (processor.tokenizer.apply_chat_template(msgs, tokenize=False)
+            == "".join("".join(rollout.render(m)) for m in msgs))
     with pytest.raises(rollout.InputError, match="does not exist"):
         rollout.load_policy(str(tmp_path / "missing"))
 

@@ -56,7 +56,8 @@ def expected(kind, a, world):
         "count": lambda: {"count": len(a["items"])},
         "shift": lambda: {"points": [[x + a["dx"], y + a["dy"]] for x, y in pts()]},
         "scale": lambda: {"points": [[x * a["factor"], y * a["factor"]] for x, y in pts()]},
-        "inside": lambda: {"inside": [[x, y] for x, y in pts() if a["box"][0] <= x <= a["box"][2] and a["box"][1] <= y <= a["box"][3]]},
+        "inside": lambda: {"inside": [[x, y] for x, y in pts()
+                                      if a["box"][0] <= x <= a["box"][2] and a["box"][1] <= y <= a["box"][3]]},
         "nearest": lambda: (lambda d: {"nearest": a["candidates"][d.index(min(d))], "index": d.index(min(d))})(
             [abs(x - a["origin"][0]) + abs(y - a["origin"][1]) for x, y in a["candidates"]]),
         "locate": lambda: {"points": world["places"].get(a["place"], [])},
@@ -148,7 +149,8 @@ def test_shipped_tokenizer_round_trips_the_protocol(base):
     _, processor = base
     texts = [rollout.system_prompt(tools.schemas()), rollout.system_prompt([]),
              rollout.system_prompt(adl.randomize(tools.schemas(), random.Random(1))[0]),
-             '<think>x</think><tool_call>{"name": "AStar", "parameters": {"start": [35, 158], "obstacles": [[1, 2]]}}</tool_call>',
+             ('<think>x</think><tool_call>{"name": "AStar", "parameters": '
+              '{"start": [35, 158], "obstacles": [[1, 2]]}}</tool_call>'),
              '{"name": "OCR", "status": "success", "detections": [{"text": "Amount:", "bbox": [24, 124, 63, 131]}]}',
              "<think>ok</think><response>Route: \\boxed{D,R,R,D}</response>", "héllo 世界 🙂 <|im_start|>user\n"]
     texts += [ex["question"] for t in tasks.TASKS for ex in tasks.generate(t, 3, split="test")]
@@ -158,12 +160,14 @@ def test_shipped_tokenizer_round_trips_the_protocol(base):
     assert len(processor.encode_text(rollout.system_prompt(tools.schemas()))) < 400  # the tool list stays cheap
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]},
             {"role": "assistant", "content": "<think>x</think><response>\\boxed{A}</response>"}]
-    assert processor.tokenizer.apply_chat_template(msgs, tokenize=False) == "".join("".join(rollout.render(m)) for m in msgs)
+    assert (processor.tokenizer.apply_chat_template(msgs, tokenize=False)
+            == "".join("".join(rollout.render(m)) for m in msgs))
 
 
 def test_transfer_vocabulary_keeps_shared_rows_and_averages_new_ones():
     texts = [render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(60)]
-    old_tok, new_tok = tiny.build_tokenizer(texts[:30], vocab_size=700), tiny.build_tokenizer(texts[30:], vocab_size=704)
+    old_tok, new_tok = (tiny.build_tokenizer(texts[:30], vocab_size=700),
+                        tiny.build_tokenizer(texts[30:], vocab_size=704))
     model, _ = tiny.build_scratch(old_tok)
     before = model.get_input_embeddings().weight.detach().clone()
     kept = tiny.transfer_vocabulary(model, old_tok, new_tok)
@@ -261,13 +265,15 @@ def test_quick_pretraining_runs_and_resumes_exactly(tmp_path):
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     res = tiny.main(["--quick", "--out", whole])
     assert set(res) >= {"copy_list", "lookup", "tool_choice", "format_valid", "vision"}
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json", "log.jsonl", "checks.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json", "log.jsonl",
+              "checks.json"):
         assert os.path.isfile(os.path.join(whole, "base", f))
     assert [json.loads(x)["step"] for x in open(os.path.join(whole, "log.jsonl"))] == [1, 2, 3, 4]
     shutil.copytree(os.path.join(whole, "tokenizer"), os.path.join(parts, "tokenizer"))  # skip training it again
     assert tiny.main(["--quick", "--out", parts, "--stop-after", "2"]) is None
     tiny.main(["--quick", "--out", parts, "--resume"])
-    a, b = load_file(os.path.join(whole, "base", "model.safetensors")), load_file(os.path.join(parts, "base", "model.safetensors"))
+    a, b = (load_file(os.path.join(whole, "base", "model.safetensors")),
+            load_file(os.path.join(parts, "base", "model.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda d: [json.loads(x)["loss"] for x in open(os.path.join(d, "log.jsonl"))]
     assert losses(whole) == losses(parts)
@@ -294,7 +300,8 @@ def test_corpus_does_not_depend_on_the_hash_seed():
     import subprocess
     import sys
     code = ("import random, hashlib, tiny, tests.test_tiny as t; print(hashlib.sha256(''.join("
-            "t.render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(30)).encode()).hexdigest())")
+            "t.render_text(tiny.corpus_item(random.Random(i), images=False)) for i in range(30))"
+            ".encode()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}

@@ -177,7 +177,8 @@ def test_valid_calls_succeed(images):
 
 def test_error_messages_say_what_to_fix(images):
     r = call_tool("Crop", {"image": "img_2", "coordinates": [0, 0, 900, 20]}, images)
-    assert r.error == "argument 'coordinates' must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 inside img_2 (224x224); got [0, 0, 900, 20]"
+    assert r.error == ("argument 'coordinates' must be [x1, y1, x2, y2] with x1 < x2, y1 < y2 inside img_2 (224x224); "
+                       "got [0, 0, 900, 20]")
     assert call_tool("Foo", {}, images).error.startswith("unknown tool 'Foo'; available: 'Point', 'Draw2DPath'")
     assert "missing argument 'description'" in call_tool("Point", {"image": "img_1"}, images).error
     assert "argument 'image'" in call_tool("OCR", {"image": "img_7"}, images).error
@@ -197,7 +198,8 @@ def test_time_limit_on_a_hanging_tool(monkeypatch, images):
 
 def test_schemas_follow_the_protocol():
     s = tools.schemas()
-    assert [x["function"]["name"] for x in s] == ["Point", "Draw2DPath", "AStar", "DetectBlackArea", "InsertImage", "Crop", "OCR"]
+    assert [x["function"]["name"] for x in s] == ["Point", "Draw2DPath", "AStar", "DetectBlackArea", "InsertImage",
+                                                  "Crop", "OCR"]
     params = {x["function"]["name"]: list(x["function"]["parameters"]["properties"]) for x in s}
     assert params["AStar"] == ["start", "goal", "obstacles", "cell_size", "grid_size"]
     assert params["InsertImage"] == ["base_image", "image_to_insert", "coordinates"]
@@ -210,7 +212,8 @@ def test_schemas_follow_the_protocol():
 
 def test_observation_text():
     r = tools.ToolResult("success", {"points": [[1, 2]]}, image=Image.new("RGB", (4, 4)))
-    assert tools.observation("Point", r, "img_3") == '{"name": "Point", "status": "success", "points": [[1, 2]]}\nNew image generated and saved as: img_3'
+    assert tools.observation("Point", r, "img_3") == ('{"name": "Point", "status": "success", "points": [[1, 2]]}\n'
+                                                      'New image generated and saved as: img_3')
     e = tools.ToolResult("error", error="argument 'image' is wrong")
     assert tools.observation("Crop", e) == '{"name": "Crop", "status": "error", "error": "argument \'image\' is wrong"}'
 
@@ -282,7 +285,8 @@ def test_soak_hung_tools_time_out_and_threads_stay_bounded(monkeypatch):
 
     def calls(n, every, how):
         def one(i):
-            call = {"name": "Point", "parameters": {"image": "img_1", "description": (how if i % every == 7 % every else "") + str(i)}}
+            call = {"name": "Point",
+                    "parameters": {"image": "img_1", "description": (how if i % every == 7 % every else "") + str(i)}}
             name, result, _ = rollout.run_tool(call, images, 0.2, ["Point"], None)
             return i, tools.observation(name, result)
         with ThreadPoolExecutor(max_workers=8) as pool:
