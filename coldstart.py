@@ -108,6 +108,7 @@ REPLAY_MIX = (("copy", 0.25), ("tools", 0.75))  # --replay: the generic skills T
 # thinking templates: several per step, so the model learns the step, not one sentence
 
 THINK = {
+    # vsp_nav: Point for the elf, the gift and the holes, then AStar (or a route the expert traces itself)
     "nav_elf": ["First I need to know where the elf stands.", "Let me locate the elf on the grid.",
                 "To plan a route I start by finding the player.", "I will find the start position, the elf."],
     "nav_gift": ["Now the gift, where the elf has to go.", "Next I locate the goal, the gift.",
@@ -117,6 +118,7 @@ THINK = {
     "nav_astar": ["I have the elf, the gift and the holes. A* search on 64-pixel cells gives a shortest safe path.",
                   "With start, goal and obstacles known, the A* tool can plan the route around the holes.",
                   "Everything is located; I let A* find the shortest path that avoids the holes."],
+    # no AStar offered (--tools without it): the thought plans the route the answer then gives
     "nav_plan": ["I have the elf, the gift and the holes; counting 64-pixel cells, I trace a safe route around the "
                  "holes.",
                  "With start, goal and holes located, I plan the moves cell by cell, stepping around every hole.",
@@ -124,6 +126,7 @@ THINK = {
     "nav_answer": ["A* returned a path that avoids every hole and ends on the gift.",
                    "The planner found a safe route; that is my answer.",
                    "This path reaches the gift without touching a hole."],
+    # reflect: a guessed route drawn, seen to walk into a hole ({hole}: Point's pixels for it), replaced
     "nav_guess": ["Before planning properly, let me try the obvious route and draw it to check it.",
                   "I guess a route first and draw it on the grid to see whether it is safe.",
                   "Let me sketch a direct route from the elf and look at it."],
@@ -133,6 +136,7 @@ THINK = {
                    "holes.",
                    "That guess walks into the hole at {hole}, so it is unsafe. I discard it and ask A* for a safe "
                    "path."],
+    # the same rejection without AStar: the expert's own route, drawn to check
     "nav_retrace": ["The drawn arrows pass through the hole at {hole}: that route fails. I plan again around the holes "
                     "and draw it.",
                     "Checking the drawing: the path steps into the ice hole at {hole}. Wrong; I trace a route around "
@@ -151,6 +155,7 @@ THINK = {
                    "The lake has more than 3x3 cells."],
     "nav_small": ["The route is easy to see, so no tool is needed.", "I can trace the way to the gift by eye.",
                   "It needs no tools; the path is obvious."],
+    # vsp_verify: the elf located, the given moves drawn from it, the drawing judged
     "verify_elf": ["To check the path I first find where the elf starts.",
                    "The moves start at the elf; let me locate it.",
                    "I need the elf's position to draw the path from it."],
@@ -159,12 +164,14 @@ THINK = {
                     "Drawing the moves as arrows shows whether they are safe."],
     "verify_small": ["It is small enough to follow the moves by eye.", "I can trace the path without tools.",
                      "No tool needed; I follow the moves on the small grid."],
+    # reflect: a draw from a wrong start, then the elf located and the moves redrawn
     "verify_wrongstart": ["Let me draw the path from the top-left corner.",
                           "I draw the moves starting at the first cell.",
                           "Let me just draw the moves from the corner."],
     "verify_restart": ["The arrows start at {start}, but the elf is not there. I must locate the elf and draw again.",
                        "Wrong start: the drawing does not begin at the elf. Let me find the elf first.",
                        "That drawing starts in the wrong cell, so it proves nothing. I find the elf and redraw."],
+    # jigsaw: the black hole detected, candidates pasted into it, the seams judged
     "jig_detect": ["First I find the missing piece: the black square.", "Let me locate the black hole in the picture.",
                    "The gap is a black area; I detect it to get its box."],
     "jig_insert": ["I paste candidate {letter} into the gap to see whether it fits.",
@@ -177,6 +184,7 @@ THINK = {
     "jig_accept": ["Piece {letter} continues the colours and shapes across every edge.",
                    "With {letter} inserted the picture looks seamless.",
                    "Candidate {letter} fits: no seams at the borders."],
+    # vstar: Point finds the small object, Crop zooms in (reflect: too wide a crop first)
     "vstar_point": ["The object is tiny; let me find it first.", "I locate the {what} in the large image.",
                     "The target is small, so I search for it with Point."],
     "vstar_crop": ["Found it. I zoom in on the object to see it clearly.", "Let me crop around it and look closer.",
@@ -189,6 +197,7 @@ THINK = {
                     "The search returned {n} points, one per object."],
     "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.",
                      "In the crop the answer is plain."],
+    # guiqa: OCR on the screen, the value read off the label's row (reflect: a header crop first)
     "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
                 "OCR gives me every label and value on the screen."],
     # the label's detection and the next one, quoted as the observation has them: one contiguous span the model
@@ -201,6 +210,7 @@ THINK = {
     "gui_wrong": ["That is only the title bar, not the field I need. Let me read the whole screen.",
                   "The crop shows the header, not the field. I use OCR on the full screen instead.",
                   "Wrong region: no field there. OCR on everything."],
+    # tool_failure: {error} is the failed call's own error text, verbatim
     "retry": ["The tool reported an error: {error} Let me fix the arguments and call it again.",
               "That call failed ({error}). I correct it and retry.", "Error from the tool: {error} I fix the call."],
     "empty": ["The tool found nothing with these settings. Let me retry with the default settings.",
@@ -210,6 +220,7 @@ THINK = {
                 "The tool is not helping ({error}). I will answer from my own reading of the image.",
                 "Since the call failed ({error}), I answer without it."],
 }
+# {{{a}}}: format() leaves \boxed{...} around the answer
 ANSWER = {
     "vsp_nav": ["The moves are \\boxed{{{a}}}.", "Route: \\boxed{{{a}}}", "\\boxed{{{a}}}"],
     "vsp_verify": ["\\boxed{{{a}}}", "The answer is \\boxed{{{a}}}.", "So: \\boxed{{{a}}}"],
@@ -238,12 +249,12 @@ class Builder:
 
     def __init__(self, ex, rng, offered):
         self.ex, self.rng, self.meta, self.offered = ex, rng, ex["meta"], offered
-        self.images = list(ex["images"])
-        self.messages = rollout.build_messages(ex, tools.schemas(offered))
+        self.images = list(ex["images"])  # grows with every tool-made image: img_k is images[k-1]
+        self.messages = rollout.build_messages(ex, tools.schemas(offered))  # canonical names: ADL renames at each use
         self.opening = ""  # a sentence the first assistant turn starts with (the grid tasks' size judgement)
 
     def think(self, key, **kw):
-        return self.rng.choice(THINK[key]).format(**kw)
+        return self.rng.choice(THINK[key]).format(**kw)  # the builder's rng: text fixed by (seed, example, kind)
 
     def opened(self, thought):
         """The thought of the next turn, led by the opening sentence if no turn has used it yet."""
@@ -251,23 +262,25 @@ class Builder:
         return thought
 
     def call(self, thought, name, params, expect="success"):
-        if name not in self.offered:
+        if name not in self.offered:  # a plan needs a tool --tools left out
             raise Skip(f"{name} is not offered")
         result = tools.call_tool(name, params, self.images, timeout=120.0)  # generous: a timeout is not reproducible
-        if expect and result.status != expect:
+        if expect and result.status != expect:  # expect None: any status (a retry's bad call)
             raise Skip(f"{name} gave {result.status}: {result.error}")
         call = json.dumps({"name": name, "parameters": params}, ensure_ascii=False)
         thought = self.opened(thought)
         self.messages.append({"role": "assistant", "content": f"<think>{thought}</think><tool_call>{call}</tool_call>"})
-        text, _ = rollout.add_observation(self.images, name, result)
-        self.messages.append(rollout.observation_message(text, result.image))
+        text, _ = rollout.add_observation(self.images, name, result)  # the engine's own rendering of a result
+        self.messages.append(rollout.observation_message(text, result.image))  # the PIL image; save_records writes it
         return result
 
     def retry(self, name, bad, good, thought, key="retry"):
         """A call with bad arguments, then the fixed one: the error text comes from the tool."""
         err = self.call(thought, name, bad, expect=None)
+        # 'retry' needs the bad call to fail; 'empty' needs it to come back empty (every data field empty)
         if (err.status == "success") if key == "retry" else any(err.data.values()):
             raise Skip("the bad call did not fail")
+        # the fixed call must succeed; a 'retry' thought quotes the error the model has just read
         return self.call(self.think(key, error=err.error), name, good)
 
     def answer(self, thought, answer):
@@ -278,22 +291,24 @@ class Builder:
 
 
 def cell_of(point):
-    return [point[0] // tasks.CELL, point[1] // tasks.CELL]
+    return [point[0] // tasks.CELL, point[1] // tasks.CELL]  # pixel -> [col, row], 64-px cells
 
 
 def centre(cell):
+    # [col, row] -> the cell's centre pixel
     return [cell[0] * tasks.CELL + tasks.CELL // 2, cell[1] * tasks.CELL + tasks.CELL // 2]
 
 
 def locate(b, key, description, count=1):
     r = b.call(b.think(key), "Point", {"image": "img_1", "description": description})
-    if count is not None and len(r.data["points"]) != count:
+    if count is not None and len(r.data["points"]) != count:  # None: any number
         raise Skip(f"Point found {len(r.data['points'])} {description}, expected {count}")
     return r.data["points"]
 
 
 def route(m):
     """The expert's own shortest safe route, from the example's ground truth (what a plan without A* answers)."""
+    # the lake is square: m["grid"] cells a side
     return ",".join(tools.astar(tuple(m["start"]), tuple(m["goal"]), {tuple(h) for h in m["holes"]}, m["grid"],
                                 m["grid"]))
 
@@ -309,8 +324,9 @@ def vsp_nav(b, kind):
     m = b.meta
     size_opening(b, kind)
     if kind == "no_tool":
-        return b.answer(b.think("nav_small"), route(m))
-    planner = "AStar" in b.offered
+        return b.answer(b.think("nav_small"), route(m))  # a 3x3 lake, answered by eye
+    planner = "AStar" in b.offered  # without it the expert traces the route
+    # tool_failure: a Point description it does not know, or an AStar call without its obstacles
     failure = b.rng.choice(["point", "astar"] if planner else ["point"]) if kind == "tool_failure" else None
     if failure == "point":  # a description Point does not know, then the right word
         elf = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["little figure", "hero", "walker"])},
@@ -319,20 +335,23 @@ def vsp_nav(b, kind):
             raise Skip("no elf")
         elf = elf[0]
     else:
-        elf = locate(b, "nav_elf", b.rng.choice(["elf", "elf", "player"]))[0]
+        elf = locate(b, "nav_elf", b.rng.choice(["elf", "elf", "player"]))[0]  # 'elf' twice as often
     gift = locate(b, "nav_gift", b.rng.choice(["gift", "gift", "present"]))[0]
+    # every hole, or the route could cross one Point missed
     holes = locate(b, "nav_holes", b.rng.choice(["holes", "ice holes"]), count=len(m["holes"]))
     if kind == "reflect":
-        if not m["holes"]:
+        if not m["holes"]:  # nothing to walk into
             raise Skip("no hole to walk into")
         hole = tuple(m["holes"][b.rng.randrange(len(m["holes"]))])
-        blocked = {tuple(h) for h in m["holes"]} - {hole}
+        blocked = {tuple(h) for h in m["holes"]} - {hole}  # the guess meets only this hole
         into = tools.astar(tuple(m["start"]), hole, blocked, m["grid"], m["grid"])
         if not into:
             raise Skip("hole not reachable")
+        # then on to the gift ignoring holes: the walk fails at the first hole, this one
         guess = into + (tools.astar(hole, tuple(m["goal"]), set(), m["grid"], m["grid"]) or [])
         b.call(b.think("nav_guess"), "Draw2DPath",
                {"image": "img_1", "start_point": elf, "directions": ",".join(guess)})
+        # the hole as Point reported it: the thought quotes pixels the model has read
         hole_px = next(p for p in holes if cell_of(p) == list(hole))
         thought = b.think("nav_reject" if planner else "nav_retrace", hole=hole_px)
     else:
@@ -343,9 +362,10 @@ def vsp_nav(b, kind):
             path = b.retry("AStar", {"start": elf, "goal": gift}, params, thought).data["path"]
         else:
             path = b.call(thought, "AStar", params).data["path"]
-        thought = None
+        thought = None  # spoken with the AStar call
     else:  # no A*: the model must learn to trace the route from the points; the thought goes with the next turn
         path = route(m)
+    # reflect ends with a check: the final route drawn, seen safe, answered
     if kind == "reflect":
         b.call(thought or b.think("nav_check"), "Draw2DPath",
                {"image": "img_1", "start_point": elf, "directions": path})
@@ -355,6 +375,7 @@ def vsp_nav(b, kind):
 
 def verdict(meta):
     """What a careful look at the drawn path shows (the thinking text; the label itself is the example's)."""
+    # off_grid="fail", as verification judges: a move off the grid ends the walk
     end, cell = tasks.walk(meta, meta["moves"].split(","), off_grid="fail")
     return {"off_grid": f"The arrows leave the grid at cell {cell}, so the path is not safe.",
             "hole": f"The arrows run into the ice hole at cell {cell}, so the path is not safe.",
@@ -366,14 +387,16 @@ def vsp_verify(b, kind):
     m = b.meta
     size_opening(b, kind)
     if kind == "no_tool":
-        return b.answer(b.think("verify_small") + " " + verdict(m), b.ex["answer"])
+        return b.answer(b.think("verify_small") + " " + verdict(m), b.ex["answer"])  # a 3x3 lake
 
     def draw(start):  # Draw2DPath of the example's moves from `start`
         return {"image": "img_1", "start_point": start, "directions": m["moves"]}
 
     if kind == "reflect":
+        # a start that is surely wrong: the top-left cell, or the bottom-right one when the elf stands top-left
         wrong = centre([0, 0]) if list(m["start"]) != [0, 0] else centre([m["grid"] - 1, m["grid"] - 1])
         b.call(b.think("verify_wrongstart"), "Draw2DPath", draw(wrong))
+        # the thought names the wrong start's pixels
         elf = b.call(b.think("verify_restart", start=wrong), "Point",
                      {"image": "img_1", "description": "elf"}).data["points"]
         if len(elf) != 1:
@@ -385,24 +408,26 @@ def vsp_verify(b, kind):
         b.retry("Draw2DPath", {**draw(elf), "step": 0}, draw(elf), b.think("verify_draw", moves=m["moves"]))
     else:
         b.call(b.think("verify_draw", moves=m["moves"]), "Draw2DPath", draw(elf))
-    return b.answer(verdict(m), b.ex["answer"])
+    return b.answer(verdict(m), b.ex["answer"])  # text from the drawing, label from the example
 
 
 def jigsaw(b, kind):
+    # img_1 is the puzzle, img_2, img_3, ... the candidates A, B, ... in order
     m, letters = b.meta, tasks.LETTERS[:len(b.ex["images"]) - 1]
-    right = b.ex["answer"]
+    right = b.ex["answer"]  # the right candidate's letter
     if kind == "tool_failure":  # a min_area no region can reach: an empty answer, then the defaults
         boxes = b.retry("DetectBlackArea", {"image": "img_1", "min_area": 10 ** 7}, {"image": "img_1"},
                         b.think("jig_detect"), key="empty").data["bounding_boxes"]
     else:
         boxes = b.call(b.think("jig_detect"), "DetectBlackArea", {"image": "img_1"}).data["bounding_boxes"]
-    if boxes != [m["hole"]]:
+    if boxes != [m["hole"]]:  # one box, exactly the hole
         raise Skip(f"DetectBlackArea found {boxes}, the hole is {m['hole']}")
 
     def insert(letter):  # InsertImage of candidate `letter` into the hole
         return {"base_image": "img_1", "image_to_insert": f"img_{letters.index(letter) + 2}", "coordinates": boxes[0]}
 
     thought = b.think("jig_insert", letter=right)
+    # reflect: a wrong candidate first; the right one goes into img_1 again, not into the failed composite
     if kind == "reflect":
         wrong = b.rng.choice([c for c in letters if c != right])
         b.call(b.think("jig_insert", letter=wrong), "InsertImage", insert(wrong))
@@ -413,6 +438,7 @@ def jigsaw(b, kind):
 
 def vstar(b, kind):
     m = b.meta
+    # name the object by what the question does not ask: its shape for a colour question, its colour for a shape one
     what = {"color": m["shape"], "shape": m["colour"], "count": f"{m['colour']} {m['shape']}s"}[m["level"]]
     if kind == "tool_failure":  # Point with words it does not know, then the right ones
         points = b.retry("Point", {"image": "img_1", "description": b.rng.choice(["tiny thing", "the object", "item"])},
@@ -421,17 +447,19 @@ def vstar(b, kind):
         points = b.call(b.think("vstar_point", what=what), "Point",
                         {"image": "img_1", "description": what}).data["points"]
     targets = sorted([round(t[0]), round(t[1])] for t in m["targets"])  # [x, y, size] centres
+    # exactly the targets, each within 3 px, or the crop could miss
     if len(points) != len(targets) or any(abs(p[0] - t[0]) > 3 or abs(p[1] - t[1]) > 3
                                           for p, t in zip(sorted(points), targets)):
         raise Skip(f"Point found {points}, the targets are {targets}")
-    if m["level"] == "count":
+    if m["level"] == "count":  # no crop: the points are the answer
         return b.answer(b.think("vstar_count", n=len(points)), b.ex["answer"])
-    w, h = b.ex["images"][0].size
+    w, h = b.ex["images"][0].size  # the search canvas
 
     def box(r):  # a square of half-side r around the first point, clipped to the image
         (x, y) = points[0]
         return [max(0, x - r), max(0, y - r), min(w, x + r), min(h, y + r)]
 
+    # reflect: a 512-px crop leaves the object small, a 64-px one shows it
     if kind == "reflect":
         b.call(b.think("vstar_toobig"), "Crop", {"image": "img_1", "coordinates": box(256)})
         b.call(b.think("vstar_closer"), "Crop", {"image": "img_1", "coordinates": box(32)})
@@ -443,6 +471,7 @@ def vstar(b, kind):
 def guiqa(b, kind):
     field = b.meta["field"]
     if kind == "reflect":
+        # reflect: the top 40 px first, the title bar, which holds no field
         b.call(b.think("gui_header"), "Crop", {"image": "img_1", "coordinates": [0, 0, b.ex["images"][0].width, 40]})
         thought = b.think("gui_wrong")
     else:
@@ -451,16 +480,19 @@ def guiqa(b, kind):
         dets = b.retry("OCR", {"image": "img_2"}, {"image": "img_1"}, thought).data["detections"]
     else:
         dets = b.call(thought, "OCR", {"image": "img_1"}).data["detections"]
-    label = [d for d in dets if d["text"] == field + ":"]
+    label = [d for d in dets if d["text"] == field + ":"]  # OCR reads the label with its colon
+    # the value: the one other detection on the label's line (tops within 2 px)
     row = [d for d in dets if label and abs(d["bbox"][1] - label[0]["bbox"][1]) <= 2 and d is not label[0]]
     if len(label) != 1 or len(row) != 1 or tasks.score(b.ex, row[0]["text"]) != 1:
         raise Skip(f"OCR did not read field {field!r} as {b.ex['answer']!r}")
     if dets.index(row[0]) != dets.index(label[0]) + 1:  # the quote must be one span of the observation
         raise Skip("the value is not the detection after its label")
+    # the two detections as the observation's JSON writes them
     pair = ", ".join(json.dumps(d, ensure_ascii=False) for d in (label[0], row[0]))
-    return b.answer(b.think("gui_answer", field=field, pair=pair), row[0]["text"])
+    return b.answer(b.think("gui_answer", field=field, pair=pair), row[0]["text"])  # the value as OCR read it
 
 
+# task -> fn(Builder, kind) -> answer
 EXPERTS = {"vsp_nav": vsp_nav, "vsp_verify": vsp_verify, "jigsaw": jigsaw, "vstar": vstar, "guiqa": guiqa}
 
 
@@ -472,13 +504,14 @@ def parse_kinds(text):
             raise ValueError(f"--kinds: unknown kind {name.strip()!r}; kinds are {KINDS}")
         shares[name.strip()] = float(value)
     total = sum(shares.values())
-    return {k: v / total for k, v in shares.items() if v > 0}
+    return {k: v / total for k, v in shares.items() if v > 0}  # normalized to sum to 1; a zero kind drops out
 
 
 def quotas(shares, n):
     """Exact counts per kind summing to n (largest remainder), so the shares show in the data exactly."""
     raw = {k: shares[k] * n for k in shares}
-    counts = {k: int(v) for k, v in raw.items()}
+    counts = {k: int(v) for k, v in raw.items()}  # floors first
+    # the leftover units go to the largest fractional parts
     for k in sorted(raw, key=lambda k: counts[k] - raw[k])[:n - sum(counts.values())]:
         counts[k] += 1
     return counts
@@ -489,7 +522,7 @@ def task_shares(task, shares):
     if task in NO_TOOL_TASKS or "no_tool" not in shares:
         return dict(shares)
     out = {k: v for k, v in shares.items() if k != "no_tool"}
-    out["direct"] = out.get("direct", 0.0) + shares["no_tool"]
+    out["direct"] = out.get("direct", 0.0) + shares["no_tool"]  # the shares still sum to 1
     return out
 
 
@@ -497,30 +530,35 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
     """Yields n trajectories of one task with kinds in the given shares. Each example is offered the kinds still
     owed; the first whose plan works on it is kept (no_tool on a grid task needs a 3x3 grid, for example).
     A generator, so that curation writes each record (and lets go of its full-size images) before the next."""
-    rng = random.Random(f"{seed}-{task}")
+    rng = random.Random(f"{seed}-{task}")  # orders the kinds; each Builder has its own
     left = quotas(task_shares(task, shares), n)
-    pool, i = [], 0
+    pool, i = [], 0  # i: examples drawn so far
     while sum(left.values()):
         if not pool:
+            # 64 fresh train examples at a time, batch i // 64 seeded apart
             pool = tasks.generate(task, 64, split="train", seed=seed * 1000 + i // 64)
+            # a bound on tries: a tool that fails on most examples stops curation instead of looping
             if i > 200 * max(n, 10):
                 raise RuntimeError(f"{task}: cannot fill the kinds {left} (the tools fail on too many examples)")
         ex = pool.pop(0)
         i += 1
         # a random order weighted by what is still owed, so every kind spreads over the whole pool
+        # (keys u ** (1 / owed), largest first: weighted sampling without replacement)
         for kind in sorted([k for k, c in left.items() if c], key=lambda k: -rng.random() ** (1 / left[k])):
+            # a kind's text depends on (seed, example, kind) only, not on the kinds tried before
             b = Builder(ex, random.Random(f"{seed}-{ex['id']}-{kind}"), offered)
             try:
                 answer = EXPERTS[task](b, kind)
-            except Skip:
+            except Skip:  # this plan does not fit this example
                 continue
             turns = [m["content"] for m in b.messages if m["role"] == "assistant"]
+            # an expert bug, not a tool's whim: stop rather than teach a wrong trajectory
             assert (tasks.is_format_valid(turns)
                     and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1), (ex["id"], kind)
             left[kind] -= 1
             yield {"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
                    "adl_mapping": None, "messages": b.messages, "answer": answer}
-            break
+            break  # one trajectory per example
 
 
 def curate(data_dir, config):
@@ -543,7 +581,7 @@ def curate(data_dir, config):
 
 def direct_record(rec, rng):
     """--no-tools: the same example as one direct-answer turn under the tool-free system prompt."""
-    user = rec["messages"][1]
+    user = rec["messages"][1]  # the question with its images
     think = rng.choice(DIRECT_THINK[rec["task"]])
     text = rng.choice(ANSWER[rec["task"]]).format(a=rec["answer"])
     return {**rec, "kind": "no_tool", "tools": [], "messages": [
@@ -554,11 +592,11 @@ def direct_record(rec, rng):
 def save_records(records, data_dir):
     """train.jsonl plus every image (inputs and tool outputs) as a PNG under images/, paths relative. records may
     be a generator: each is written as it comes, so only one record's images are held at a time."""
-    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(data_dir, ignore_errors=True)  # no image of an earlier curation survives
     os.makedirs(os.path.join(data_dir, "images"))
     with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
         for rec in records:
-            k, messages = 0, []
+            k, messages = 0, []  # k: the record's images so far
             for m in rec["messages"]:
                 if isinstance(m["content"], list):
                     parts = []
@@ -568,7 +606,7 @@ def save_records(records, data_dir):
                             path = f"images/{rec['id']}_{k}.png"
                             # lossless; level 1 is 10x faster
                             p["image"].save(os.path.join(data_dir, path), compress_level=1)
-                            p = {"type": "image", "image": path}
+                            p = {"type": "image", "image": path}  # relative to data_dir
                         parts.append(p)
                     m = {**m, "content": parts}
                 messages.append(m)
@@ -646,6 +684,7 @@ def read_sharegpt(path):
     with open(path) as f:
         text = f.read()
     try:
+        # a JSON list (LLaMA-Factory's file), else JSON lines
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines()
                                                                         if x.strip()]
     except json.JSONDecodeError as e:
@@ -663,13 +702,14 @@ def read_sharegpt(path):
                 if t.get("from") not in roles:
                     raise ValueError(f"bad role {t.get('from')!r} (system, human or gpt)")
                 pieces = t["value"].split("<image>")
+                # a human turn is always a list of parts, as build_messages writes the question
                 if len(pieces) == 1 and t["from"] != "human":  # plain text, as our records hold it
                     messages.append({"role": roles[t["from"]], "content": t["value"]})
                     continue
                 parts = []
                 for k, piece in enumerate(pieces):
                     if k:
-                        image = paths.pop(0)
+                        image = paths.pop(0)  # in placeholder order over the turns
                         if not os.path.isfile(os.path.join(folder, image)):
                             raise ValueError(f"missing image {image}")
                         parts.append({"type": "image", "image": image})
@@ -701,7 +741,7 @@ def with_pil(messages, data_dir, load=Image.open):
         if p["type"] != "image":
             return p
         with load(os.path.join(data_dir, p["image"])) as im:
-            return {"type": "image", "image": im.convert("RGB")}
+            return {"type": "image", "image": im.convert("RGB")}  # loaded: the file closes
     return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
             for m in messages]
 
@@ -715,9 +755,10 @@ def shrink(image, processor):
     1024-px search canvas costs 150 kB of memory instead of 3 MB while the data sits in RAM."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     ip = processor.image_processor
+    # smart_resize: both sides multiples of patch * merge (28 px), the area within the processor's min and max pixels
     h, w = smart_resize(image.height, image.width, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
                         ip.size["longest_edge"])
-    return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
+    return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)  # already that size: no copy
 
 
 class Packed:
@@ -728,6 +769,7 @@ class Packed:
     def __init__(self, image):
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
+        # the size train() counts tokens from
         self.data, self.width, self.height = buf.getvalue(), image.width, image.height
 
     def open(self):
@@ -739,14 +781,15 @@ def batch_plan(lengths, batch_size, epoch, seed):
     """Length-grouped batches for one epoch: shuffle, sort within windows of 32 batches, shuffle the batches.
     A pure function of (epoch, seed), so a resumed run replays the same order."""
     rng = random.Random(f"{seed}-epoch-{epoch}")
-    order = list(range(len(lengths)))
+    order = list(range(len(lengths)))  # indices into `lengths`
     rng.shuffle(order)
-    window = batch_size * 32
+    window = batch_size * 32  # 32 batches
     batches = []
     for s in range(0, len(order), window):
+        # similar lengths in a batch pad little; the windows keep the order random
         chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
         batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
+    rng.shuffle(batches)  # a step's length does not follow the window order
     return batches
 
 
@@ -754,8 +797,9 @@ def encode_record(rec, processor, images, rng, use_adl):
     """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL draws a fresh mapping for this use of the record (rng is
     the use's own: seeded by the micro-batch and the record's place in it, so every rank draws the same)."""
     if use_adl:
-        rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])
-    k = iter(images)
+        rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])  # [1]: the Mapping
+    k = iter(images)  # the record's images in message order
+    # each image part gets its pixels, decoded now (Packed.open)
     messages = [{**m, "content": [{"type": "image", "image": next(k).open()} if p["type"] == "image" else p
                                   for p in m["content"]]}
                 if isinstance(m["content"], list) else m for m in rec["messages"]]
@@ -779,42 +823,45 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
     replay: text-only pretraining items added to each micro-batch, drawn from (seed, micro-batch), so a resumed run
     draws the same ones."""
     # sequence lengths without encoding pixels: text tokens plus each image's pad tokens (one per f x f pixels)
-    f = processor.image_processor.patch_size * processor.merge
+    f = processor.image_processor.patch_size * processor.merge  # 28 px: one LLM token's side
+    # exact: shrink() made every side a multiple of f; + 2 for <|vision_start|> and <|vision_end|>
     lengths = [len(rollout.encode_conversation(processor, [text_only(m) for m in r["messages"]])[0])
                + sum((im.width // f) * (im.height // f) + 2 for im in images[i]) for i, r in enumerate(records)]
-    keep = [i for i, n in enumerate(lengths) if n <= max_len]
+    keep = [i for i, n in enumerate(lengths) if n <= max_len]  # indices of the records that fit
     if len(keep) < len(records):
         print(f"dropping {len(records) - len(keep)} sequences longer than --max-len {max_len}")
-    micro_per_epoch = math.ceil(len(keep) / batch_size)
-    total = max(1, int(epochs * micro_per_epoch) // grad_accum)
-    state = start_state or {"step": 0, "micro": 0}
+    micro_per_epoch = math.ceil(len(keep) / batch_size)  # the last one may be short
+    total = max(1, int(epochs * micro_per_epoch) // grad_accum)  # optimizer steps of the run
+    state = start_state or {"step": 0, "micro": 0}  # micro: the data position, in micro-batches
     # under torchrun: every rank plans the same batches and takes every world-th sequence of each micro-batch;
     # only rank 0 writes the log and the checkpoints
     rank, world = rollout.rank_and_world()
     log = rollout.open_log(os.path.join(out, "log.jsonl"), state["step"]) if rank == 0 else open(os.devnull, "w")
     autocast = rollout.train_autocast(device)  # bf16 on CUDA, fp32 on a CPU (see rollout.bf16_autocast_fits)
-    plans = {}
+    plans = {}  # {epoch: its batch plan}
     bar = tqdm(total=total, initial=state["step"], desc="sft", dynamic_ncols=True)
     model.train()
     while state["step"] < total:
-        t0, loss_sum, n_tok, n_all = time.perf_counter(), 0.0, 0, 0
+        t0, loss_sum, n_tok, n_all = time.perf_counter(), 0.0, 0, 0  # n_tok: loss tokens, n_all: all tokens
         # 1. the step's micro-batches: the epoch's length-grouped plan (a pure function of epoch and seed, so a
         # resumed run continues at the same micro-batch), each record encoded now, with a fresh ADL mapping per use
         micro = []
         for _ in range(grad_accum):
-            epoch, pos = divmod(state["micro"], micro_per_epoch)
+            epoch, pos = divmod(state["micro"], micro_per_epoch)  # epochs > 1 replay the data in a new order
             if epoch not in plans:  # only the current epoch's plan is kept
                 plans = {epoch: batch_plan([lengths[i] for i in keep], batch_size, epoch, seed)}
-            batch = plans[epoch][pos]
+            batch = plans[epoch][pos]  # indices into keep
             mine = [k for k in range(len(batch) + replay) if k % world == rank]  # this rank's share, records first
             micro.append([encode_record(records[keep[batch[k]]], processor, images[keep[batch[k]]],
+                                        # the use's ADL stream: the same on every rank and on resume
                                         random.Random(f"{seed}-adl-{state['micro']}-{k}"), use_adl)
                           if k < len(batch) else replay_item(processor, seed, state["micro"], k - len(batch))
                           for k in mine])
             state["micro"] += 1
         # loss tokens of the whole step, over every rank: the loss is a token-mean over the global batch
+        # m[1:]: a sequence's first token is never predicted (masked_logits drops it)
         count = rollout.all_sum([sum(int(sum(m[1:])) for b in micro for _, m, _ in b)])[0]
-        lr_now = rollout.lr_at(state["step"], total, lr, warmup)
+        lr_now = rollout.lr_at(state["step"], total, lr, warmup)  # warmup, then cosine to 10%
         for g in optimizer.param_groups:
             g["lr"] = lr_now
         # 2. forward and backward per micro-batch; dividing by the step's loss tokens makes the accumulated gradient
@@ -827,14 +874,15 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         # 3. one optimizer step (only the trained parameters: the vision tower may be frozen); several ranks first
         # sum their gradients, so every rank takes the same step
         trained = [p for p in model.parameters() if p.requires_grad]
-        rollout.all_reduce_grads(trained)
+        rollout.all_reduce_grads(trained)  # a no-op at world size 1
         loss_sum, n_tok, n_all = rollout.all_sum([loss_sum, n_tok, n_all])
         n_tok, n_all = int(n_tok), int(n_all)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)  # the global gradient, the same on every rank
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # None, not zeros: memory freed between steps
         state["step"] += 1
         dt = time.perf_counter() - t0
+        # loss per loss token of the step; tokens per second over all tokens, prompts and images included
         rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr_now, "grad_norm": float(grad_norm),
                "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt,
                "epoch": state["micro"] / micro_per_epoch,
@@ -890,9 +938,9 @@ def main(argv=None):
     else:
         curate(data_dir, config)
     if rank == 0:
-        rollout.barrier()
+        rollout.barrier()  # rank 0 is done: the others go on
     if not args.data:
-        records = load_records(data_dir)
+        records = load_records(data_dir)  # every rank reads the same records
     print(f"{len(records)} trajectories from {args.data or data_dir} ({time.perf_counter() - t_start:.0f} s)")
     if args.export_sharegpt:
         path = export_sharegpt(records, data_dir, args.export_sharegpt)
@@ -909,7 +957,7 @@ def main(argv=None):
         p.requires_grad_(not freeze)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # what AdamW and the gradient sum see
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), "
           f"{device}")
@@ -920,6 +968,7 @@ def main(argv=None):
         print(f"resumed at step {state['step']}")
 
     # 3. SFT
+    # every record's images at the size the model sees, held as PNG bytes (Packed), in message order
     images = [[Packed(shrink(p["image"], processor)) for m in with_pil(r["messages"], data_dir)
                if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"] for r in records]
     state, total = train(model, processor, records, images, device, optimizer, out=args.out, epochs=args.epochs,
@@ -942,9 +991,10 @@ def main(argv=None):
     rollout.encode_image_cached.clear()
     results = {}
     if args.eval_n:
-        model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)
+        model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)  # training is over: inference dtype
         examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
-        shown = [] if args.no_tools else offered
+        shown = [] if args.no_tools else offered  # --no-tools: the direct-answer prompt
+        # ADL: one random naming per example, seeded by its id
         plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)
         _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
                                       protocol=protocol,

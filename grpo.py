@@ -99,11 +99,11 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true",
                    help="smallest run that exercises every code path (< 1 minute on CPU)")
     args = rollout.parse_flags(p, argv, QUICK)
-    args.init = args.init or "runs/tc/model"
+    args.init = args.init or "runs/tc/model"  # TC's output (--quick: tiny)
     if args.temperature <= 0:
         p.error("--temperature must be > 0 (GRPO samples; the loss uses the sampling temperature)")
     try:
-        tool_list(args.tools)
+        tool_list(args.tools)  # a bad name is a usage error now, not a crash mid-run
     except ValueError as e:
         p.error(f"--tools: {e}")
     unknown = [t for t in args.tasks.split(",") if t not in tasks.TASKS]
@@ -115,32 +115,35 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # rewards (DESIGN section 9)
 
+# substrings of tools.call_tool's errors when the run itself failed: a timeout, a crash inside the tool, no result
 RUN_FAILURES = ("timed out after", "failed on these arguments", "returned no result")
 
 
 def call_quality(call):
     """One tool call's quality in [0, 1]: a quarter each for parsing, naming an offered tool, passing
     argument validation and running successfully (each step presupposes the previous ones)."""
-    if call["params"] is None:
+    if call["params"] is None:  # did not parse: rollout.tool_observation records no params
         return 0.0
     if call["status"] == "success":
         return 1.0
     error = call["error"] or ""
-    if error.startswith("unknown tool"):
+    if error.startswith("unknown tool"):  # parsed, but names no offered tool (under ADL: a real name)
         return 0.25
+    # 0.75: the run itself failed (a timeout, a crash); 0.5: the tool rejected the arguments
     return 0.75 if any(s in error for s in RUN_FAILURES) else 0.5
 
 
 def reward(traj, example, kind="adaptive", lam=0.5):
     """-> dict with the reward and every component it is made of."""
     correct = tasks.score(example, traj.answer)
-    fmt = float(traj.format_valid)
+    fmt = float(traj.format_valid)  # 1 iff every turn follows the protocol and the last one answers
+    # T: the mean quality of the trajectory's calls; 0 without calls, so a wrong answer without tools earns 0
     quality = sum(map(call_quality, traj.calls)) / len(traj.calls) if traj.calls else 0.0
     if kind == "adaptive":  # score is 0/1: right earns 1 whatever the tools did, wrong earns lambda*T < 1
         r = fmt * max(correct, lam * quality)
     elif kind == "accuracy":
-        r = fmt * correct
-    else:
+        r = fmt * correct  # the sparse baseline: no tool credit
+    else:  # additive: tool credit on a right answer too, up to 1 + lambda
         r = fmt * (correct + lam * quality)
     # the reward split: what the answer earned and what the tool calls earned on top (under the adaptive reward only a
     # wrong answer earns tool credit), so the log shows when a policy collects tool credit instead of answering
@@ -154,12 +157,14 @@ REWARD_SPLIT = ("reward", "reward_from_correct", "reward_from_tools")  # logged 
 
 def group_advantages(rewards, group_size, use_std=True, eps=1e-6):
     """(r - group mean) / (group std + eps), std unbiased; a group whose rewards are all equal gets exactly 0."""
+    # [prompts, G]: rollout returns each prompt's group contiguous, and a rank holds whole groups
     r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
-    adv = r - r.mean(1, keepdim=True)
+    adv = r - r.mean(1, keepdim=True)  # the group mean is the baseline: no value network
     if use_std:
         adv = adv / (r.std(1, keepdim=True) + eps)
+    # exactly 0, not rounding noise: without KL, update() drops adv == 0; it also covers G = 1 (unbiased std NaN)
     flat = (r.max(1, keepdim=True).values == r.min(1, keepdim=True).values)
-    return adv.masked_fill(flat, 0.0).view(-1).float()
+    return adv.masked_fill(flat, 0.0).view(-1).float()  # [prompts * G]
 
 
 # -----------------------------------------------------------------------------
@@ -172,19 +177,24 @@ def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean"
     denom: the minibatch's token count (token-mean) or trajectory count (seq-mean), so that micro-batches
     accumulate to the minibatch loss; defaults to this batch's. Returns (loss, stats of detached sums)."""
     mask = mask.float()
-    a = adv.view(-1, 1)
-    ratio = torch.exp(logp - old_logp)
+    a = adv.view(-1, 1)  # [B, 1]: one advantage for all of a trajectory's tokens
+    ratio = torch.exp(logp - old_logp)  # [B, L]; 1 where both are 0 (prompt, padding)
+    # PPO's pessimistic bound: past 1 - clip_low or 1 + clip_high (in the advantage's direction) the clipped term wins
+    # and the token's gradient is 0; clip_high > clip_low leaves more room to raise unlikely tokens (clip-higher)
     per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
     if kl_coef:
-        d = ref_logp - logp
+        d = ref_logp - logp  # log(pi_ref / pi) per token
         per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
+    # token-mean: each sampled token weighs the same (long trajectories weigh more); seq-mean: each trajectory does
     if agg == "token-mean":
         loss = (per_token * mask).sum() / (denom or mask.sum().clamp(min=1))
     else:
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (denom or mask.shape[0])
     with torch.no_grad():
+        # the tokens whose gradient the clip cut off
         clipped = ((ratio < 1 - clip_low) & (a < 0)) | ((ratio > 1 + clip_high) & (a > 0))
-        d_old = old_logp - logp
+        d_old = old_logp - logp  # how far the update has moved from the sampler
+        # sums, not means: micro-batches and ranks add them up, update() divides by the tokens
         stats = {"tokens": mask.sum().item(), "clipped": (clipped.float() * mask).sum().item(),
                  "kl_old": ((torch.exp(d_old) - d_old - 1) * mask).sum().item()}
         if kl_coef:
@@ -199,6 +209,7 @@ def batch_inputs(trajs, processor):
     for t in trajs:
         n = sum(x == processor.vision_start for x in t.token_ids)
         seqs.append(t.token_ids)
+        # the rollout's encodings, while the cache still holds them
         images.append([rollout.encode_image_cached(processor, im) for im in t.images[:n]])
     return seqs, images
 
@@ -214,7 +225,7 @@ def forward_logprobs(model, processor, trajs, temperature, autocast):
 
 def padded(rows, value=0.0):
     n = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (n - len(r)) for r in rows], dtype=torch.float32)
+    return torch.tensor([list(r) + [value] * (n - len(r)) for r in rows], dtype=torch.float32)  # [B, longest]
 
 
 def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast):
@@ -225,6 +236,7 @@ def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, aut
         for k in range(0, len(keep), micro_batch):
             idx = keep[k:k + micro_batch]
             logp, _ = forward_logprobs(model, processor, [trajs[i] for i in idx], temperature, autocast)
+            # trimmed to the trajectory: padded() pads it again in whatever micro-batch the update draws
             out.update({i: logp[j, :len(trajs[i].token_ids)].tolist() for j, i in enumerate(idx)})
     return out
 
@@ -239,23 +251,24 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
     gradients, so the step is that of one process."""
     device = next(model.parameters()).device
     owns = (lambda i: True) if owned is None else owned.__contains__
-    keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or kl_coef)]
+    keep = [i for i, t in enumerate(trajs) if (adv[i] != 0 or kl_coef)]  # no gradient from the rest
     totals = dict.fromkeys(["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy", "grad_norm", "opt_steps"],
                            0.0)
     # the ratio's denominator: the sampler's log-probs, unless later passes need the pre-update policy's own
     old = {i: trajs[i].logprobs for i in keep}
-    mine = [i for i in keep if owns(i)]
-    if ppo_epochs * minibatches > 1:
+    mine = [i for i in keep if owns(i)]  # the forwards need images: our own only
+    if ppo_epochs * minibatches > 1:  # more than one optimizer step on this batch
         old = frozen_logprobs(model, processor, trajs, mine, micro_batch, temperature, autocast)
     ref = {} if ref_model is None else frozen_logprobs(ref_model, processor, trajs, mine, micro_batch, temperature,
                                                        autocast)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the same minibatches on every rank
     for _ in range(ppo_epochs):
         order = [keep[k] for k in torch.randperm(len(keep), generator=gen).tolist()]
-        for mb in [order[k::minibatches] for k in range(minibatches)]:
-            if not mb:
+        for mb in [order[k::minibatches] for k in range(minibatches)]:  # strided: sizes differ by 1 at most
+            if not mb:  # more minibatches than trajectories
                 continue
             mb.sort(key=lambda i: len(trajs[i].token_ids))  # similar lengths share a micro-batch: less padding
+            # a global count (every rank holds every loss mask): the ranks' partial losses add up to the minibatch's
             denom = sum(sum(trajs[i].loss_mask) for i in mb) if loss_agg == "token-mean" else len(mb)
             opt.zero_grad(set_to_none=True)
             own = [i for i in mb if owns(i)]
@@ -263,7 +276,7 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
                 idx = own[k:k + micro_batch]
                 batch = [trajs[i] for i in idx]
                 logp, entropy = forward_logprobs(model, processor, batch, temperature, autocast)
-                mask = padded([t.loss_mask for t in batch]).to(device)
+                mask = padded([t.loss_mask for t in batch]).to(device)  # [b, L]: the sampled tokens
                 loss, st = policy_loss(logp, padded([old[i] for i in idx]).to(device), adv[idx].to(device), mask,
                                        clip_low, clip_high, loss_agg, denom,
                                        padded([ref[i] for i in idx]).to(device) if ref else None, kl_coef)
@@ -273,12 +286,13 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
                 totals["entropy"] += (entropy * mask).sum().item()
                 totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
             rollout.all_reduce_grads([p for p in model.parameters() if p.requires_grad])  # several ranks: summed
+            # after the sum: every rank clips the same gradient and takes the same step
             totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
             opt.step()
             totals["opt_steps"] += 1
     summed = ["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy"]  # the others agree on every rank
     totals.update(zip(summed, rollout.all_sum([totals[k] for k in summed])))
-    n = max(totals["tokens"], 1.0)
+    n = max(totals["tokens"], 1.0)  # stats per sampled token, over all epochs
     return {"trained": len(keep), "opt_steps": int(totals["opt_steps"]), "tokens": totals["tokens"],
             "seq_tokens": totals["seq_tokens"],
             "clip_frac": totals["clipped"] / n, "kl_old": totals["kl_old"] / n, "kl_ref": totals["kl_ref"] / n,
@@ -293,8 +307,9 @@ def rl_prompt(task_list, pos, seed, data=None):
     """The RL prompt at data position `pos`: tasks round-robin, each a fresh example of the rl split; or, with
     `data` (examples read from --data), its examples in order, cycling."""
     if data:
-        return data[pos % len(data)]
+        return data[pos % len(data)]  # cycles: --steps may outrun the file
     task = task_list[pos % len(task_list)]
+    # seed * 1_000_003 + k (the task's k-th prompt): different --seed runs draw disjoint seeds while k < 1,000,003
     return tasks.generate(task, 1, split="rl", seed=seed * 1_000_003 + pos // len(task_list))[0]
 
 
@@ -306,11 +321,12 @@ def adl_for(offered, pos, seed):
 def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_size, autocast, label, **limits):
     """rollout.evaluate on eval_n test examples per task -> {task: metrics, "mean_accuracy", "seconds"}."""
     t0 = time.perf_counter()
+    # seed 0: the same test examples before and after training, and in every run
     examples = [ex for task in task_list for ex in tasks.generate(task, eval_n, split="test", seed=0)]
     plan = adl.plan(examples, schemas(offered), "per-sample" if use_adl else "off", seed)
     with autocast:
         _, results = rollout.evaluate(model, processor, examples, offered, plan, batch_size, f"eval {label}", **limits)
-    results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
+    results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)  # unweighted over tasks
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -323,6 +339,7 @@ def whole_batch(local, infos, adv, slots, group_size):
     """Every rank learns the whole step's trajectories, rewards and advantages, in one process's order (prompt,
     then sample); the images stay on the rank that made them. -> (trajs, infos, adv, the slots of `local`).
     At world size 1 this only puts `local` in that order."""
+    # global slot: the prompt's place in the step * G + the sample index (local holds whole groups, example-major)
     at = [t.example_index * group_size + j % group_size for j, t in enumerate(local)]
     trajs, infos_all, adv_all = [None] * slots, {}, {}
     for part in rollout.all_gather((at, [replace(t, images=[]) for t in local], infos, adv.tolist())):
@@ -375,7 +392,7 @@ def main(argv=None):
     autocast = rollout.train_autocast(device)  # bf16 on CUDA; fp32 on a CPU, where the rollouts are fp32 too
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)
-    protocol = rollout.protocol_of(args.protocol, args.init)
+    protocol = rollout.protocol_of(args.protocol, args.init)  # from --init: a checkpoint's model/ has no protocol.json
     data = None
     if args.data:
         data, skipped = tasks.read_parquet(args.data)
@@ -389,10 +406,11 @@ def main(argv=None):
                                "official")
     ref_model = None
     if args.kl_coef:  # the frozen initial policy
+        # resumed, `model` holds trained weights: the reference is reloaded from --init
         ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, pos, evals = 0, 0, {}
+    step, pos, evals = 0, 0, {}  # pos: the data position, the next RL prompt's index
     if found:
         state = rollout.load_checkpoint(found, opt)
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
@@ -437,6 +455,7 @@ def main(argv=None):
             t.example_index = mine[t.example_index]  # the prompt's place in the step
         infos = [reward(t, examples[t.example_index], args.reward, args.tool_reward_weight) for t in local]
         adv = group_advantages([i["reward"] for i in infos], args.group_size, not args.no_std)
+        # from here every rank holds the whole step in one order (images only of its own): update() plans over it
         trajs, infos, adv, at = whole_batch(local, infos, adv, len(examples) * args.group_size, args.group_size)
         t1 = time.perf_counter()
         # 4. the clipped policy-gradient update on the sampled tokens only (observations and prompts are masked)
@@ -445,7 +464,7 @@ def main(argv=None):
                      ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, loss_agg=args.loss_agg,
                      clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
                      ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step,
-                     owned=set(at) if world > 1 else None)
+                     owned=set(at) if world > 1 else None)  # the slots whose images this rank holds
         t2 = time.perf_counter()
 
         record = step_record(step, lr, pos, examples, trajs, infos, adv, args.group_size, upd, t1 - t0, t2 - t1)
@@ -455,20 +474,22 @@ def main(argv=None):
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and rank == 0:  # weights, optimizer, RNG, data
+            # step + 1 steps are done; pos is already past this step's prompts
             rollout.save_checkpoint(ckpt_dir, model, processor, opt,
                                     {"step": step + 1, "data_pos": pos, "evals": evals})
     bar.close()
 
     model.eval()
     if rank == 0:
+        # protocol.name: a policy trained under the official protocol says so in protocol.json
         rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
-    if args.eval_n:
+    if args.eval_n:  # every rank: rollout.evaluate splits the examples over the ranks
         evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                   args.eval_batch, autocast, "after", **limits)
     if rank == 0:
         with open(os.path.join(args.out, "eval.json"), "w") as f:
             json.dump(evals, f, indent=1)
-    rollout.barrier()
+    rollout.barrier()  # no rank returns before rank 0 has written eval.json
     for label, res in evals.items():
         print(f"{label}: mean accuracy {res['mean_accuracy']:.3f}")
         for task, m in res.items():

@@ -49,8 +49,9 @@ class Processor:
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
         self.vision_start, self.vision_end, self.image_pad = (
             ids("<|vision_start|>"), ids("<|vision_end|>"), ids("<|image_pad|>"))
+        # pads only fill masked positions (attention 0 or loss mask 0), so any id does; a tokenizer may define none
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else ids("<|endoftext|>")
-        self.merge = self.image_processor.merge_size
+        self.merge = self.image_processor.merge_size  # patches per side merged into one LLM token (2 in Qwen2.5-VL)
         # tokens a policy never writes: image placeholders and chat structure (only <|im_end|> closes a turn)
         self.never_sampled = [ids(t) for t in SPECIAL_TOKENS if t != "<|im_end|>"]
 
@@ -127,7 +128,7 @@ def all_sum(values):
     if world_size() == 1:
         return [float(v) for v in values]
     on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # gloo reduces CPU tensors; nccl GPU ones
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)  # float64: token counts stay exact
     dist.all_reduce(t)
     return t.tolist()
 
@@ -141,6 +142,8 @@ def all_reduce_grads(params):
     import torch.distributed as dist
     if world_size() == 1:
         return
+    # a parameter no backward reached (the vision tower on a text-only rank) joins the sum as zeros: every rank must
+    # reduce the same tensors in the same buckets, or the collectives mismatch and hang
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -229,6 +232,7 @@ def load_policy(path="tiny", device="auto", dtype=None):
     from transformers import Qwen2_5_VLForConditionalGeneration
     import tiny  # tiny.py imports this module, so it is imported here rather than at the top
     device = resolve_device(device)
+    # the training stages pass float32 and autocast
     dtype = dtype or (torch.bfloat16 if is_cuda(device) else torch.float32)
     if path == "scratch":
         model, processor = tiny.build_scratch()
@@ -261,7 +265,7 @@ def save_policy(model, processor, out_dir, protocol="ours"):
     """Write a Hugging Face model directory atomically: a half-written directory never has the final name. A policy
     trained under another protocol than ours declares it (PROTOCOL_FILE), so later stages read it the same way."""
     out_dir = os.path.abspath(out_dir)
-    tmp = out_dir + ".tmp"
+    tmp = out_dir + ".tmp"  # beside the target: the final rename stays on one filesystem
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -406,13 +410,13 @@ def observation_message(text, image=None):
 
 def render(message):
     """One message in the chat template, as (text or image) segments; images become a placeholder."""
-    parts = [f"<|im_start|>{message['role']}\n"]
+    parts = [f"<|im_start|>{message['role']}\n"]  # Qwen's chat template
     content = message["content"]
     if isinstance(content, str):
         parts.append(content)
     else:
         for c in content:
-            parts.append(c["image"] if c["type"] == "image" else c["text"])
+            parts.append(c["image"] if c["type"] == "image" else c["text"])  # an image stays a segment of its own
     parts.append("<|im_end|>\n")
     return parts
 
@@ -428,9 +432,10 @@ def encode(processor, parts):
         ids += processor.encode_text(text) if text else []
         text = ""
         pixels, grid = encode_image_cached(processor, p)
+        # one <|image_pad|> per merged patch (t*h*w patches / merge**2), framed by vision_start and vision_end
         ids += ([processor.vision_start] + [processor.image_pad] * (int(grid.prod()) // processor.merge ** 2)
                 + [processor.vision_end])
-        images.append((pixels, grid))
+        images.append((pixels, grid))  # token order: the model fills the pads in this order
     ids += processor.encode_text(text) if text else []
     return ids, images
 
@@ -452,7 +457,7 @@ class EncodedImages:
         self.used, self.items = 0, OrderedDict()
 
     def __call__(self, processor, image):
-        key = id(image)
+        key = id(image)  # unique while the image lives; the weakref catches a reused id
         hit = self.items.get(key)
         if hit is not None and hit[0]() is image and hit[1] is processor:
             self.items.move_to_end(key)
@@ -466,7 +471,7 @@ class EncodedImages:
             self.used -= self.items.pop(dead)[2].nbytes
         self.items[key] = (weakref.ref(image), processor, pixels, grid)
         self.used += pixels.nbytes
-        while self.used > self.budget and len(self.items) > 1:
+        while self.used > self.budget and len(self.items) > 1:  # oldest first; the newest always stays
             self.used -= self.items.popitem(last=False)[1][2].nbytes
         return pixels, grid
 
@@ -481,11 +486,14 @@ def encode_conversation(processor, messages):
     for m in messages:
         parts = render(m)
         if m["role"] == "assistant":
+            # the header apart: the engine's prompt ends with it, so the model samples only what follows
             head, body = processor.encode_text(parts[0]), processor.encode_text("".join(parts[1:-1]))
             tail = [processor.im_end] + processor.encode_text("\n")
             ids += head + body + tail
+            # mask: 0 on the header, 1 on the body and <|im_end|> (the model must learn to stop), 0 on the newline
             mask += [0] * len(head) + [1] * (len(body) + 1) + [0] * (len(tail) - 1)
         else:
+            # system, user and observation messages: context, never loss
             chunk, imgs = encode(processor, parts)
             ids += chunk
             mask += [0] * len(chunk)
@@ -499,22 +507,25 @@ def mrope_positions(ids, grids, processor, start=0):
     position where it starts, and the text after it resumes past its larger side (as get_rope_index does)."""
     pos, grids, i, L = [], iter(grids), 0, len(ids)
     while i < L:
-        if ids[i] == processor.image_pad:
+        if ids[i] == processor.image_pad:  # an image's pads are contiguous: t*h*w of them
             t, h, w = (int(v) for v in next(grids))
-            h, w = h // processor.merge, w // processor.merge
+            h, w = h // processor.merge, w // processor.merge  # the LLM's grid: merged patches per side
+            # all its tokens share temporal position `start` (t=1 for a still image); rows and columns count from it
             tt = torch.full((t, h, w), start).flatten()
             hh = (start + torch.arange(h)).view(1, h, 1).expand(t, h, w).flatten()
             ww = (start + torch.arange(w)).view(1, 1, w).expand(t, h, w).flatten()
-            pos.append(torch.stack([tt, hh, ww]))
+            pos.append(torch.stack([tt, hh, ww]))  # [3, t*h*w]
             i += t * h * w
-            start += max(h, w)
+            start += max(h, w)  # = its largest position + 1, where get_rope_index resumes
         else:
             j = i
             while j < L and ids[j] != processor.image_pad:
                 j += 1
+            # a text run: the same position on all three axes, [3, j - i]
             pos.append((start + torch.arange(j - i)).view(1, -1).expand(3, -1))
             start += j - i
             i = j
+    # [3, L], and the position the next chunk starts at (not L: images advance it by their grid side)
     return (torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)), start
 
 
@@ -530,7 +541,7 @@ class GrowingLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
-        self.length = 0
+        self.length = 0  # tokens cached; the capacity is kbuf.shape[-2]
         self.kbuf = self.vbuf = None  # [B, heads, capacity, head_dim]
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -538,11 +549,13 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self.kbuf is None or end > self.kbuf.shape[-2]:  # full: double the capacity, copy what is there
+            # doubling (at least 256 slots): O(log L) reallocations, O(L) copied values over a rollout
             shape = (*key_states.shape[:2], max(2 * end, 256), key_states.shape[-1])
             kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
             if self.length:
                 kbuf[:, :, :self.length], vbuf[:, :, :self.length] = self.keys, self.values
             self.kbuf, self.vbuf = kbuf, vbuf
+        # the new tokens go into spare capacity in place: what is cached is not copied
         self.kbuf[:, :, self.length:end] = key_states
         self.vbuf[:, :, self.length:end] = value_states
         self.length = end
@@ -550,13 +563,15 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self):
-        return self.length if self.is_initialized else 0
+        return self.length if self.is_initialized else 0  # not the capacity: HF sizes the mask with it
 
     def batch_repeat_interleave(self, repeats):
+        # row b becomes rows b*G .. b*G+G-1, example-major like rollout's rows
         self.kbuf, self.vbuf = self.kbuf.repeat_interleave(repeats, 0), self.vbuf.repeat_interleave(repeats, 0)
         self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
 
     def batch_select_indices(self, indices):
+        # indexing copies the buffers, spare capacity included; it runs only when rows finish
         self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
         self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
 
@@ -570,6 +585,8 @@ def kv_cache(model):
 
 def pad_batch(seqs, pad_value, left):
     n = max(len(s) for s in seqs)
+    # left (prefill): every row's last real token lands in the last column, the only logits read; right (training):
+    # positions line up with the tokens from 0
     return [([pad_value] * (n - len(s)) + s) if left else (s + [pad_value] * (n - len(s))) for s in seqs]
 
 
@@ -577,6 +594,7 @@ def pixel_inputs(images, device, dtype):
     """The model's image arguments for a list of (pixel_values, grid_thw), in token order; {} without images."""
     if not images:
         return {}
+    # pixel_values [all patches, dim], split back into images by image_grid_thw [images, 3]
     return dict(pixel_values=torch.cat([p for p, _ in images]).to(device, dtype),
                 image_grid_thw=torch.stack([g for _, g in images]).to(device))
 
@@ -585,14 +603,19 @@ def forward_chunk(model, processor, chunks, cache, attn, device):
     """Prefill one token chunk per row into `cache`. Chunks are left-padded (pads masked out, positions from
     our own counters) so every row's last position is real and only its logits are needed.
     chunks: list of (ids, images, positions[3, n]). Returns (last logits [B, V], new attention mask)."""
-    n = max(len(c[0]) for c in chunks)
+    n = max(len(c[0]) for c in chunks)  # the longest chunk; shorter ones get left pads
     ids = torch.tensor(pad_batch([c[0] for c in chunks], processor.pad, left=True), device=device)
+    # [3, B, n]: left pads at position 0 (masked), real tokens continue each row's own M-RoPE counter
     pos = torch.stack([F.pad(c[2], (n - c[2].shape[1], 0)) for c in chunks], dim=1).to(device)
+    # [B, n]: 0 on the left pads
     new = torch.tensor(pad_batch([[1] * len(c[0]) for c in chunks], 0, left=True), device=device)
+    # [B, cached + n]: the mask spans every cached slot, the pads of earlier chunks and decode steps included
     attn = new if attn is None else torch.cat([attn, new], dim=1)
+    # logits_to_keep=1: the LM head runs on the last position only; the pixels of all rows go in batch order, the order
+    # of their pad tokens in the flattened batch
     out = model(input_ids=ids, position_ids=pos, attention_mask=attn, past_key_values=cache, use_cache=True,
                 logits_to_keep=1, **pixel_inputs([im for c in chunks for im in c[1]], device, model.dtype))
-    return out.logits[:, -1].float(), attn
+    return out.logits[:, -1].float(), attn  # [B, V] in float32 for sampling and log-probs
 
 
 # -----------------------------------------------------------------------------
@@ -614,8 +637,8 @@ class Trajectory:
     answer: str = None
     format_valid: bool = False
     finish_reason: str = None
-    example_index: int = 0
-    adl_mapping: dict = None
+    example_index: int = 0  # of its example in the list rollout was given
+    adl_mapping: dict = None  # Mapping.to_json() of the group's ADL names, else None
 
     @property
     def assistant_turns(self):
@@ -627,9 +650,9 @@ class Row:
     """A live row of the batch: which trajectory it writes, where its positions are, what it waits for."""
     index: int  # of its trajectory in the returned list
     traj: Trajectory
-    next_pos: int
+    next_pos: int  # next M-RoPE text position; not len(token_ids): an image advances it by its grid side
     offered: list  # tool names as the prompt shows them
-    mapping: object = None
+    mapping: object = None  # adl.Mapping under ADL: calls map back to canonical names
     run: object = call_tool  # executes the row's tool calls
     protocol: object = OURS  # Protocol: how observations read and what follows a turn without an action
     rng: object = None       # random.Random: the row's own sampling stream
@@ -654,6 +677,7 @@ def parse_tool_call(text):
         call = call[0]
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None, 'the tool call must be a JSON object with a string "name" and an object "parameters"'
+    # 'arguments' is taken for 'parameters' (the OpenAI function-call key)
     return {"name": call["name"], "parameters": call.get("parameters", call.get("arguments", {}))}, None
 
 
@@ -666,7 +690,7 @@ def run_tool(call, images, timeout, offered, mapping, run=call_tool):
         listed = ", ".join(f"'{n}'" for n in offered) or "none"
         return call["name"], ToolResult(status="error",
                                         error=f"unknown tool '{call['name']}'; available: {listed}"), 0.0
-    canonical = mapping.to_canonical(call) if mapping is not None else call
+    canonical = mapping.to_canonical(call) if mapping is not None else call  # ADL: the model's names back to canonical
     result = run(canonical["name"], canonical["parameters"], images, timeout=timeout)
     return canonical["name"], result, time.perf_counter() - t0
 
@@ -681,7 +705,7 @@ def add_observation(images, name, result, observe=observation):
     image_name = None
     if result.image is not None:
         images.append(result.image)
-        image_name = f"img_{len(images)}"
+        image_name = f"img_{len(images)}"  # 1-based: the question's images come first
     return observe(name, result, image_name), image_name
 
 
@@ -692,13 +716,13 @@ def tool_observation(row):
         row.pending = None
         t.messages.append(observation_message(row.protocol.nudge))
         return t.messages[-1]
-    call, err, fut = row.pending
+    call, err, fut = row.pending  # as end_turn set it
     row.pending = None
     if fut is None:  # the call did not parse: the model reads why
         name, result, seconds = (call or {}).get("name", "tool_call"), ToolResult(status="error", error=err), 0.0
         params = None
     else:
-        name, result, seconds = fut.result()
+        name, result, seconds = fut.result()  # blocks until the tool is done; call_tool never runs past its timeout
         params = call["parameters"]
     if result.image is not None and max(result.image.size) >= MAX_ASPECT * min(result.image.size):
         # Qwen2.5-VL's image processor refuses such an image; the model reads why instead of the run crashing
@@ -706,10 +730,12 @@ def tool_observation(row):
         result = ToolResult(status="error", error=f"{name} returned a {w}x{h} image, too elongated to be shown (the "
                                                   f"longer side must be under {MAX_ASPECT} times the shorter); use a "
                                                   "less thin region")
+    # params None marks a call that did not parse (grpo.call_quality scores it 0)
     t.calls.append({"name": name, "params": params, "status": result.status, "error": result.error, "seconds": seconds})
     text, image_name = add_observation(t.images, name, result, row.protocol.observe)
-    if row.mapping is not None:
+    if row.mapping is not None:  # ADL: the observation uses the row's names too
         text = row.mapping.observation(text)
+    # the saved message names the image img_k; the returned one holds the PIL image, for encoding
     t.messages.append(observation_message(text, image_name))
     return observation_message(text, result.image)
 
@@ -718,7 +744,7 @@ def finish(t, reason):
     t.finish_reason = reason
     turns = t.assistant_turns
     t.answer = extract_answer(turns[-1]) if turns else None
-    t.format_valid = reason == "response" and is_format_valid(turns)
+    t.format_valid = reason == "response" and is_format_valid(turns)  # only an answered trajectory can be format-valid
 
 
 def sample(logits, temperature, top_p, top_k, uniforms):
@@ -726,27 +752,31 @@ def sample(logits, temperature, top_p, top_k, uniforms):
     (uniforms: [B], from each row's own random stream, so what a row samples does not depend on the other rows of
     the batch: the same prompts give the same samples on one process or split over several)."""
     if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
+        return logits.argmax(-1)  # [B]; the uniforms go unused
+    logits = logits / temperature  # [B, V]
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]; ties with the k-th stay in
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         p = torch.softmax(sorted_logits, dim=-1)
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        # the mask goes back from sorted order to vocabulary order
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)  # [B, V]; float64, so the last entry is 1 to 1e-15
     # the first token whose CDF passes u * total: a token of probability 0 (banned, cut by top-k or top-p) has a CDF
     # equal to its predecessor's and can never be it
     u = torch.as_tensor(uniforms, dtype=torch.float64, device=cdf.device).view(-1, 1) * cdf[:, -1:]
+    # right=True: the first index whose CDF exceeds u; the clamp guards u at the very top against rounding
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def decode_step(model, cache, attn, ids, mask, pos, device):
     """Feed one token per row (a masked pad for rows that wait on a tool) -> (next logits, attention mask)."""
+    # one new cache slot per row: 1 for a token, 0 for a waiting row's pad (it stays in the cache, masked out)
     attn = torch.cat([attn, torch.tensor(mask, device=device).view(-1, 1)], dim=1)
     out = model(input_ids=torch.tensor(ids, device=device).view(-1, 1),
+                # [3, B, 1]: a text token has the same position on all three M-RoPE axes
                 position_ids=torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1),
                 attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float(), attn
@@ -758,20 +788,22 @@ def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
     -> True while the row goes on (it now waits on its tool)."""
     t = row.traj
     t.messages.append({"role": "assistant", "content": text})
-    if not ended:
+    if not ended:  # a limit cut the turn: no action runs
         finish(t, "max_new_tokens" if len(row.turn) >= max_new_tokens else "max_total_tokens")
-    elif "<response>" in text:
+    elif "<response>" in text:  # an answer ends it, even beside a call (format-invalid then)
         finish(t, "response")
     elif "<tool_call>" not in text:
+        # ours ends a turn without an action here; official nudges the model on, within max_turns
         if row.protocol.nudge is None or len(t.assistant_turns) >= max_turns:
             finish(t, "no_action")
         else:  # the protocol's nudge is this row's next observation
             row.pending = NUDGE
             return True
-    elif len(t.assistant_turns) >= max_turns:
+    elif len(t.assistant_turns) >= max_turns:  # no turn left to read the result
         finish(t, "max_turns")
     else:  # a call that does not parse still waits: its observation is the parse error
         call, err = parse_tool_call(text)
+        # the tool starts now while the other rows keep decoding; it gets the images as they stand
         fut = None if call is None else pool.submit(run_tool, call, list(t.images), tool_timeout, row.offered,
                                                     row.mapping, row.run)
         row.pending = (call, err, fut)
@@ -783,16 +815,18 @@ def observation_chunk(row, message, processor, max_total_tokens):
     """The observation's tokens appended to the row's trajectory, the header of its next assistant turn included
     -> the chunk to prefill (ids, images, positions), or None when it would pass max_total_tokens (it finishes)."""
     t = row.traj
+    # "\n" closes the last turn, whose <|im_end|> is already cached (the last sampled token); the chunk ends with the
+    # next turn's header, so the row samples right after it
     ids, imgs = encode(processor, ["\n"] + render(message) + ["<|im_start|>assistant\n"])
-    if len(t.token_ids) + len(ids) >= max_total_tokens:
+    if len(t.token_ids) + len(ids) >= max_total_tokens:  # >=: room for one sampled token at least
         finish(t, "max_total_tokens")
         return None
     # positions continue from the row's own counter: an image advances M-RoPE by its grid, not its length
     pos, row.next_pos = mrope_positions(ids, [g for _, g in imgs], processor, row.next_pos)
     t.token_ids += ids
-    t.loss_mask += [0] * len(ids)
+    t.loss_mask += [0] * len(ids)  # observations never carry loss
     t.logprobs += [0.0] * len(ids)
-    row.turn = []
+    row.turn = []  # max_new_tokens and the forcer count per turn
     return ids, imgs, pos
 
 
@@ -803,7 +837,7 @@ def timed(timings, key):
     yield
     if timings is not None:
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # else queued kernels bill the next block
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -818,7 +852,7 @@ class LiveBatch:
 
     def keep(self, keep):
         """Only rows[k] for k in keep go on; finished rows leave the batch and the cache shrinks with them."""
-        if len(keep) < len(self.rows):
+        if len(keep) < len(self.rows):  # nobody finished: no copy
             idx = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
             self.cache.batch_select_indices(idx)
             self.logits, self.attn, self.rows = self.logits[idx], self.attn[idx], [self.rows[k] for k in keep]
@@ -850,8 +884,8 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     device = next(model.parameters()).device
     offered = protocol.schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
     keys = list(range(len(examples))) if keys is None else list(keys)
-    logp_temp = temperature if temperature > 0 else 1.0
-    vocab = model.get_output_embeddings().weight.shape[0]
+    logp_temp = temperature if temperature > 0 else 1.0  # greedy records log-probs at T=1
+    vocab = model.get_output_embeddings().weight.shape[0]  # LM-head rows; may exceed len(tokenizer)
     # sampling skips structural special tokens and the vocabulary's padding rows; the recorded log-probs stay
     # those of the model's full distribution, so they equal a plain forward pass (and GRPO's ratios)
     banned = torch.tensor(processor.never_sampled + list(range(len(processor.tokenizer), vocab)), device=device)
@@ -859,58 +893,65 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
     # 1. prefill each distinct prompt once; a group's rows then share its cache
     trajs, chunks, rows = [], [], []
     for i, ex in enumerate(examples):
+        # ADL: the group's random names and their Mapping; else the offered schemas as they are
         tool_schemas, mapping = adl[i] if adl and adl[i] is not None else (offered, None)
         run = protocol.call
         if toolsets and toolsets[i] is not None:
             tool_schemas, run = toolsets[i].schemas, toolsets[i].call
         msgs = build_messages(ex, tool_schemas, protocol.system_prompt)
+        # the prompt ends with the assistant header: the first sampled token opens the turn
         ids, imgs = encode(processor, [p for m in msgs for p in render(m)] + ["<|im_start|>assistant\n"])
-        pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)
+        pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)  # next_pos: the first sampled token's
         chunks.append((ids, imgs, pos))
         # the saved conversation names images img_k instead of holding pixels
         saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"}
                                                        for k in range(len(ex["images"]))]
                            + [{"type": "text", "text": ex["question"]}]}]
+        # rows are example-major (sample g of example i is row i*G + g), the order repeat_interleave gives the cache
         for g in range(group_size):
             t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids),
                            logprobs=[0.0] * len(ids), images=list(ex["images"]), messages=[dict(m) for m in saved],
                            example_index=i, adl_mapping=mapping.to_json() if mapping is not None else None)
             trajs.append(t)
+            # the row's own stream: a str seed hashes the same in every process (not by PYTHONHASHSEED)
             rows.append(Row(len(trajs) - 1, t, next_pos, [s["function"]["name"] for s in tool_schemas], mapping, run,
                             protocol, random.Random(f"{seed}-{keys[i]}-{g}")))
-    cache = kv_cache(model)
+    cache = kv_cache(model)  # one cache for the whole rollout; rows leave it as they finish
     with timed(timings, "prefill"):
         logits, attn = forward_chunk(model, processor, chunks, cache, None, device)
     if group_size > 1:  # the group's copies of a prompt start from the same cache rows
         cache.batch_repeat_interleave(group_size)
         logits, attn = logits.repeat_interleave(group_size, 0), attn.repeat_interleave(group_size, 0)
-    batch = LiveBatch(rows, cache, attn, logits)
+    batch = LiveBatch(rows, cache, attn, logits)  # B = len(examples) * group_size rows
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # tools run here while other rows keep decoding
         while batch.rows:
             if any(row.pending is None for row in batch.rows):
                 # 2. one token for every row writing its turn; rows waiting on a tool feed a masked pad
-                logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)
+                logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)  # [B, V]: the full distribution
                 # a uniform number only for rows that write (a row's stream must not depend on how long the
                 # others keep it waiting on its tool)
                 uniforms = [row.rng.random() if row.pending is None and temperature > 0 else 0.0
                             for row in batch.rows]
+                # banned tokens get -inf for sampling only; logp above keeps them
                 sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k,
                                  uniforms).tolist()
-                step, keep = [], []
+                step, keep = [], []  # step: per row (token fed next, mask, position)
                 for k, row in enumerate(batch.rows):
                     t = row.traj
                     if row.pending is not None:
                         step.append((processor.pad, 0, 0))  # waits on a tool: a masked pad, nothing recomputed
                         keep.append(k)
                         continue
+                    # tests script text through the forcer; its token's log-prob is still the model's
                     forced = forcer(row.index, len(t.assistant_turns), row.turn) if forcer else None
                     x = int(forced) if forced is not None else sampled[k]
+                    # a sampled token: loss mask 1 and the log-prob GRPO's ratio divides by
                     t.token_ids.append(x), t.loss_mask.append(1), t.logprobs.append(float(logp[k, x]))
                     row.turn.append(x)
-                    step.append((x, 1, row.next_pos))
+                    step.append((x, 1, row.next_pos))  # fed to the model at the next decode step
                     row.next_pos += 1
-                    ended = x == processor.im_end
+                    ended = x == processor.im_end  # it stays in the tokens with loss 1: GRPO trains the stop too
                     if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
                         keep.append(k)  # still writing
                         continue
@@ -918,9 +959,10 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                     # the rows still writing)
                     if end_turn(row, processor.decode(row.turn[:-1] if ended else row.turn), ended, pool,
                                 max_new_tokens, max_turns, tool_timeout):
-                        keep.append(k)
+                        keep.append(k)  # waits on its tool or the nudge
                 if progress is not None:
                     progress.update(len(batch.rows) - len(keep))
+                # finished rows leave before the next forward, which runs on live rows only
                 step = [step[k] for k in keep]
                 batch.keep(keep)
                 if batch.rows:
@@ -932,6 +974,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
                 for k, row in enumerate(batch.rows):
                     with timed(timings, "tools"):
                         message = tool_observation(row)
+                    # None: the observation would pass max_total_tokens; the row finishes
                     chunk = observation_chunk(row, message, processor, max_total_tokens)
                     if chunk is not None:
                         chunks.append(chunk)
@@ -956,9 +999,10 @@ def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "model"))
     processor.save_pretrained(os.path.join(tmp, "model"))
+    # the CPU torch and python RNGs go on where they were
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+    with open(os.path.join(tmp, "COMPLETE"), "w") as f:  # last: without it the checkpoint is incomplete
         json.dump({"step": state["step"]}, f)
     replace_dir(tmp, os.path.abspath(ckpt_dir))
 
@@ -988,7 +1032,7 @@ def load_checkpoint(ckpt_dir, optimizer):
     `ckpt_dir/model`, loaded with load_policy like any other."""
     path = os.path.join(ckpt_dir, "trainer.pt")
     try:
-        blob = torch.load(path, weights_only=False)
+        blob = torch.load(path, weights_only=False)  # RNG states and dicts, not only tensors
     except Exception as e:  # a damaged checkpoint stops the run rather than silently restarting over its outputs
         raise InputError(f"{path}: unreadable checkpoint ({reason(e)}); "
                          "remove it to start over, or restore it") from None
@@ -1033,14 +1077,14 @@ def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):
     """Linear warmup, then cosine decay to 10%, or constant, or "wsd": constant, then a linear decay to 10% over
     the last `cooldown` share of the steps (tiny.py: a constant lr carries the copy transition)."""
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * (step + 1) / warmup  # step 0 does not run at lr 0
     if schedule == "constant":
         return base_lr
     if schedule == "wsd":
-        start = total * (1 - cooldown)
+        start = total * (1 - cooldown)  # the step where the decay begins
         return base_lr * (1 - 0.9 * min(1.0, max(0.0, step - start) / max(1.0, total - start)))
     progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))  # base_lr at progress 0, 10% at 1
 
 
 def bf16_autocast_fits(device):
@@ -1059,12 +1103,13 @@ def train_autocast(device):
 def sequence_inputs(processor, seqs, images, device, dtype):
     """Model inputs for whole sequences, right-padded: ids, attention mask, M-RoPE positions and pixels.
     seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw)."""
-    ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)
-    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)
+    ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)  # [B, L], right-padded
+    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)  # [B, L]: 0 on padding
+    # [3, B, L]: each row's M-RoPE positions from 0, zeros on its padding
     pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
                        for s, im in zip(seqs, images)], dim=1).to(device)
     return dict(input_ids=ids, attention_mask=attn, position_ids=pos,
-                **pixel_inputs([im for row in images for im in row], device, dtype))
+                **pixel_inputs([im for row in images for im in row], device, dtype))  # the rows' images in row order
 
 
 def sequence_logits(model, processor, seqs, images, device=None):
@@ -1078,8 +1123,8 @@ def masked_logits(model, processor, seqs, images, masks, device):
     token t) -> (logits [N, V] in row-major order of the mask, their target tokens [N], mask [B, L-1])."""
     hidden = model.model(**sequence_inputs(processor, seqs, images, device, model.dtype),
                          use_cache=False).last_hidden_state                       # [B, L, H]
-    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]
-    mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()
+    targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]  # [B, L-1]: position t predicts t+1
+    mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()  # [B, L-1] bool
     return model.lm_head(hidden[:, :-1][mask]), targets[mask], mask              # N = masked tokens
 
 
@@ -1101,18 +1146,19 @@ def masked_logprobs(model, processor, seqs, images, masks, temperature=1.0):
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)               # [N, V]
     picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # [N]
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [N]: logged, never trained on
     # back to [B, L]: masked_scatter fills the mask's positions in the same row-major order they were taken in
     zeros = torch.zeros(mask.shape, device=device)
+    # F.pad(1, 0): index t holds token t's value, aligned with Trajectory.logprobs
     return F.pad(zeros.masked_scatter(mask, picked), (1, 0)), F.pad(zeros.masked_scatter(mask, entropy), (1, 0))
 
 
 def token_logprobs(logits, seqs, temperature=1.0):
     """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [B, L-1, V]
     targets = torch.tensor(pad_batch(seqs, 0, left=False), device=logits.device)[:, 1:]
     out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return F.pad(out, (1, 0))
+    return F.pad(out, (1, 0))  # [B, L], aligned with the tokens
 
 # -----------------------------------------------------------------------------
 # metrics: a pure function of (examples, trajectories); every stage reports these
@@ -1133,12 +1179,12 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=50, desc="e
             idx = mine[i:i + batch_size]
             batch = rollout(model, processor, [examples[k] for k in idx], tools=tools, seed=seed, keys=idx,
                             adl=[adl[k] for k in idx] if adl else None, progress=bar,
-                            **{"temperature": 0.0, **sampling})
+                            **{"temperature": 0.0, **sampling})  # greedy unless the caller samples
             trajs.update(zip(idx, batch))
     if world > 1:  # every rank gets every trajectory (their images stay on the rank that made them)
         for part in all_gather({k: replace(t, images=[]) for k, t in trajs.items()}):
-            trajs = {**part, **trajs}
-    trajs = [trajs[k] for k in range(len(examples))]
+            trajs = {**part, **trajs}  # ours (with images) win over the copies
+    trajs = [trajs[k] for k in range(len(examples))]  # back in example order
     return trajs, metrics_by_task(examples, trajs)
 
 
@@ -1181,12 +1227,12 @@ def metrics(examples, trajectories, by_level=True):
         "n": n,
         "accuracy": mean(scores),
         "accuracy_ci": wilson(sum(scores), n),  # 95% Wilson interval: read every accuracy with it
-        "cps": len(calls) / n if n else None,
+        "cps": len(calls) / n if n else None,  # CPS: tool calls per sample
         "tool_success_rate": sum(ok_tool.values()) / len(calls) if calls else None,
         "calls_per_sample_per_tool": {k: per_tool[k] / n for k in sorted(per_tool)},
         "tool_success_rate_per_tool": {k: ok_tool[k] / per_tool[k] for k in sorted(per_tool)},
         "mean_turns": mean(len(t.assistant_turns) for t in trajectories),
-        "mean_generated_tokens": mean(sum(t.loss_mask) for t in trajectories),
+        "mean_generated_tokens": mean(sum(t.loss_mask) for t in trajectories),  # sampled tokens per trajectory
         "format_valid_rate": mean(float(bool(t.format_valid)) for t in trajectories),
         "answered_rate": mean(float(t.answer is not None) for t in trajectories),
         "finish_reasons": dict(sorted(Counter(t.finish_reason for t in trajectories).items())),
