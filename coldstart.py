@@ -5,7 +5,7 @@ Tool Cold Start (TC): curate multi-turn tool trajectories by calling the real to
    (tools.call_tool) on the example's own images and records what they return, verbatim. It may read the
    example's ground truth (meta) to decide what to do next, never to invent an observation. Kinds:
    direct (the efficient plan), reflect (try, see it is wrong, undo, retry), tool_failure (a call fails or
-   finds nothing; fix the arguments or stop relying on the tool), no_tool (3x3 lakes answered by eye: the one
+   finds nothing; read the error, fix the arguments and call again), no_tool (3x3 lakes answered by eye: the one
    easy case the model can see).
    Every trajectory is checked: format-valid and its answer scores 1. Output: OUT/data/train.jsonl + images/.
 2. SFT. Loss only on assistant tokens (rollout.encode_conversation's mask), AdamW, warmup + cosine,
@@ -165,8 +165,8 @@ THINK = {
     "verify_small": ["It is small enough to follow the moves by eye.", "I can trace the path without tools.",
                      "No tool needed; I follow the moves on the small grid."],
     # reflect: a draw from a wrong start, then the elf located and the moves redrawn
-    "verify_wrongstart": ["Let me draw the path from the top-left corner.",
-                          "I draw the moves starting at the first cell.",
+    "verify_wrongstart": ["Let me draw the path from the {corner} corner.",
+                          "I draw the moves starting at the {corner} cell.",
                           "Let me just draw the moves from the corner."],
     "verify_restart": ["The arrows start at {start}, but the elf is not there. I must locate the elf and draw again.",
                        "Wrong start: the drawing does not begin at the elf. Let me find the elf first.",
@@ -216,9 +216,6 @@ THINK = {
     "empty": ["The tool found nothing with these settings. Let me retry with the default settings.",
               "An empty result: the threshold was wrong. I call it again with the defaults.",
               "Nothing detected, which cannot be right; I retry with default parameters."],
-    "abandon": ["The tool keeps failing here ({error}), so I stop relying on it and answer from what I see.",
-                "The tool is not helping ({error}). I will answer from my own reading of the image.",
-                "Since the call failed ({error}), I answer without it."],
 }
 # {{{a}}}: format() leaves \boxed{...} around the answer
 ANSWER = {
@@ -394,8 +391,9 @@ def vsp_verify(b, kind):
 
     if kind == "reflect":
         # a start that is surely wrong: the top-left cell, or the bottom-right one when the elf stands top-left
-        wrong = centre([0, 0]) if list(m["start"]) != [0, 0] else centre([m["grid"] - 1, m["grid"] - 1])
-        b.call(b.think("verify_wrongstart"), "Draw2DPath", draw(wrong))
+        corner = "top-left" if list(m["start"]) != [0, 0] else "bottom-right"
+        wrong = centre([0, 0]) if corner == "top-left" else centre([m["grid"] - 1, m["grid"] - 1])
+        b.call(b.think("verify_wrongstart", corner=corner), "Draw2DPath", draw(wrong))
         # the thought names the wrong start's pixels
         elf = b.call(b.think("verify_restart", start=wrong), "Point",
                      {"image": "img_1", "description": "elf"}).data["points"]
