@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -200,11 +201,12 @@ THINK = {
     # guiqa: OCR on the screen, the value read off the label's row (reflect: a header crop first)
     "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
                 "OCR gives me every label and value on the screen."],
-    # the label's detection and the next one, quoted as the observation has them: one contiguous span the model
-    # copies by induction from the label on, so the value arrives by copying instead of a jump over the label's box
-    "gui_answer": ["The OCR reads {pair}: the value on the row of '{field}'.",
-                   "In the detections: {pair}. The second text is the value of '{field}'.",
-                   "Label and value: {pair}."],
+    # first the label the question names, written as OCR reads it ('Date:'), then the label's detection and the
+    # next one, quoted as the observation has them: the quote's first token repeats one just written, and the rest
+    # is one contiguous span copied from the label on, so the value arrives by copying, not by a jump over a box
+    "gui_answer": ["I need '{field}:'. The OCR reads {pair}: the value on its row.",
+                   "The field is '{field}:'. In the detections: {pair}. The second text is its value.",
+                   "Looking for '{field}:'. Label and value: {pair}."],
     "gui_header": ["Let me zoom into the top of the screen first.", "I crop the top bar to read it.",
                    "First a look at the top of the screen."],
     "gui_wrong": ["That is only the title bar, not the field I need. Let me read the whole screen.",
@@ -884,7 +886,10 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         rec = {"step": state["step"], "loss": loss_sum / max(1, n_tok), "lr": lr_now, "grad_norm": float(grad_norm),
                "tokens": n_all, "loss_tokens": n_tok, "tokens_per_s": n_all / dt,
                "epoch": state["micro"] / micro_per_epoch,
-               "cpu_s": time.process_time()}  # CPU seconds so far: wall time on a shared machine says little
+               "cpu_s": time.process_time(),  # CPU seconds so far: wall time on a shared machine says little
+               # the process's peak resident memory so far (ru_maxrss: KiB on Linux): the step where it grows
+               # is the one that sets the stage's peak
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
         log.write(json.dumps(rec) + "\n")
         log.flush()  # a kill loses at most this line; open_log drops it on resume if torn
         bar.update(1)

@@ -6,11 +6,12 @@ of its context before TC ever runs); TC, TG and ADL then teach visual tool use o
 
 The corpus never shows the five tasks or the seven visual tools, so TC, TG and the adopt experiment still
 measure what they teach. What it shows, every observation computed by real code:
-  1. copying: spans, number lists and [[x, y], ...] lists at random offsets among distractor lists;
+  1. copying: spans, number lists and [[x, y], ...] lists at random offsets among distractor lists, and
+     lists whose tokens repeat (runs of one move, numbers from a pool of two to four);
   2. generic tool use in this project's exact protocol: 2-6 synthetic text tools per prompt (look a record up,
-     read a document, sort, filter, sum, count, shift or scale points, keep points inside a box, find the
-     nearest point, locate named places) under readable or random names, random parameter names and varied
-     descriptions; chains where one observation feeds the next call; tool errors and retries;
+     read a document, read a laid-out page's texts and boxes, sort, filter, sum, count, shift or scale points,
+     keep points inside a box, find the nearest point, locate named places) under readable or random names,
+     random parameter names and varied descriptions; chains where one observation feeds the next call; tool errors and retries;
   3. generic vision: large shapes of named colours on plain backgrounds, with short questions (colour,
      shape, count, position), because the vision tower starts random.
 
@@ -19,7 +20,7 @@ measure what they teach. What it shows, every observation computed by real code:
     python tiny.py --quick              # smoke test: a few steps, written under runs/tiny_quick
     python tiny.py --resume             # continue an interrupted pretraining from OUT/ckpt
     python tiny.py --check              # held-out skill checks of the shipped base (greedy, rollout.rollout)
-    python tiny.py --check --model runs/tc/model --tc-data runs/tc/data   # ... plus the vsp_nav transfer check
+    python tiny.py --check --model runs/tc/model --tc-data runs/tc/data   # ... plus the vsp_nav and guiqa transfer checks
 """
 import argparse
 import json
@@ -65,7 +66,8 @@ parser.add_argument("--cooldown", type=float, default=0.15,
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
 parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part "
-                    "after the drill steps (drill, copy, tools, vision; the tokenizer corpus uses the default)")
+                    "after the drill steps (drill, copy, tools, layout, vision; layout: the layout scenario alone, also one of the "
+                    "tools scenarios; the tokenizer corpus uses the default)")
 parser.add_argument("--workers", type=int, default=None, help="processes that build batches ahead of the GPU (default: "
                     "none on a CPU, where the training process keeps up; up to 14 on a GPU)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
@@ -77,8 +79,8 @@ parser.add_argument("--stop-minutes", type=float, default=0, help="stop after th
 parser.add_argument("--check", action="store_true", help="only run the held-out skill checks on --model")
 parser.add_argument("--model", default="tiny", help="model the checks read: tiny | scratch | PATH")
 parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check")
-parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the vsp_nav "
-                    "transfer check (teacher-forced numbers of AStar's obstacles)")
+parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the transfer "
+                    "checks (teacher-forced: the numbers of vsp_nav's AStar obstacles, the value guiqa's answer quotes)")
 rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")
@@ -318,6 +320,13 @@ def _document(world, a):
     return {"lines": world["pages"][page]}
 
 
+def _layout(world, a):
+    page = _str(a["page"], "page")
+    if page not in world["layouts"]:
+        raise ToolError(f"no page named '{page}'; pages: {', '.join(sorted(world['layouts']))}")
+    return {"items": world["layouts"][page]}
+
+
 def _locate(world, a):
     place = _str(a["place"], "place")
     return {"points": world["places"].get(place, [])}  # a place the map lacks is no error: there are none of it
@@ -337,7 +346,7 @@ def _inside(world, a):
     return {"inside": [p for p in pts if x1 <= p[0] <= x2 and y1 <= p[1] <= y2]}
 
 
-# The eleven generic operations, none of them a visual tool. Tool names never repeat across kinds, and within a
+# The twelve generic operations, none of them a visual tool. Tool names never repeat across kinds, and within a
 # kind each role's readable parameter names differ from the other roles', so a tool never shows two parameters
 # under one name.
 KINDS = {
@@ -356,6 +365,13 @@ KINDS = {
                      {"page": ("string", ["page", "name", "doc", "page_name"],
                                ["which page to read", "the page's name"])},
                      _document, "read that page"),
+    "layout": Kind(["read_layout", "page_items", "scan_layout", "layout_of"],
+                   ["Returns the text items of a laid-out page with their boxes [x1, y1, x2, y2], top to bottom and "
+                   "left to right; a label and its value share a row.",
+                    "Lists every piece of text on a form page, in reading order, each with its bounding box.",
+                    "Reads a page's layout: the texts and where they sit (pixel boxes)."],
+                   {"page": ("string", ["page", "form", "doc", "screen"], ["which page to read", "the page's name"])},
+                   _layout, "read the page's layout"),
     "sort": Kind(["sort_numbers", "order", "sort_list", "ascending"],
                  ["Sort a list of integers from smallest to largest.", "Returns the given numbers in ascending order.",
                   "Orders integers low to high."],
@@ -510,7 +526,29 @@ def make_world(rng):
         pages[f"{rng.choice(WORDS)}_{rng.randint(1, 99)}"] = [s for lab in labels
                                                               for s in (f"{lab.title()}:", rand_value(rng))]
     places = {p: rand_points(rng, rng.randint(1, 8)) for p in rng.sample(PLACES, rng.randint(3, 6))}  # 1-8 of each
-    return {"records": records, "pages": pages, "places": places}
+    layouts = {f"{rng.choice(WORDS)}_{rng.randint(1, 99)}": make_layout(rng) for _ in range(rng.randint(1, 3))}
+    return {"records": records, "pages": pages, "places": places, "layouts": layouts}
+
+
+def make_layout(rng):
+    """A form page as a layout reader returns it: a title, rows of "Label:" and value, a button or two, each text
+    with its box. Labels share one column and values another, so x coordinates and the keys repeat on every row:
+    quoting one row's items verbatim needs a copy that keeps its place, not one that jumps to the last match."""
+    text_key, box_key = rng.choice([("text", "bbox"), ("text", "box"), ("str", "rect"), ("value", "pos"),
+                                    ("label", "at")])
+
+    def item(text, x, y):  # about 6 px a character, 7 px high
+        return {text_key: text, box_key: [x, y, x + 6 * len(text) - 1, y + 7]}
+    items = [item(f"{rng.choice(WORDS).title()} {rng.choice(WORDS).title()}", 16, 13)]
+    label_x, value_x, row = rng.randint(10, 40), rng.randint(150, 220), rng.randint(30, 60)
+    labels = rng.sample(FIELDS, rng.randint(3, 7))
+    for i, lab in enumerate(labels):
+        y = 60 + i * row
+        items += [item(f"{lab.title()}:", label_x, y), item(rand_value(rng), value_x, y)]
+    y = 60 + len(labels) * row + 20
+    items += [item(w, 400 + 80 * j, y) for j, w in enumerate(rng.sample(["Save", "Cancel", "Help", "Next"],
+                                                                       rng.randint(0, 2)))]
+    return items
 
 
 def think_call(ts, kind_key, rng, name=None):
@@ -556,6 +594,24 @@ def sc_document(rng, world):
     data = yield "document", {"page": page}, q.format(p=page, l=label)
     value = data["lines"][data["lines"].index(label + ":") + 1]
     return f"The line after '{label}:' says {value}.", value
+
+
+def sc_layout(rng, world):
+    """A value read off a laid-out page: the thinking quotes the label's item and the next one as the observation
+    writes them (one contiguous span), then answers the value."""
+    page = rng.choice(list(world["layouts"]))
+    items = world["layouts"][page]
+    text_key = next(iter(items[0]))
+    k = rng.choice([i for i, it in enumerate(items) if it[text_key].endswith(":")])  # a label's item
+    label = items[k][text_key][:-1]
+    q = rng.choice(["On page {p}, what is the value of '{l}'?", "Read the {l} on page {p}.",
+                    "Page {p}: what is the {l}?"])
+    data = yield "layout", {"page": page}, q.format(p=page, l=label)
+    got = data["items"]
+    pair = ", ".join(json.dumps(it, ensure_ascii=False) for it in got[k:k + 2])  # the label's item and its value's
+    think = rng.choice(["The layout reads {pair}: the value on the row of '{l}'.",
+                        "In the items: {pair}. The second text is the value of '{l}'.", "Label and value: {pair}."])
+    return think.format(pair=pair, l=label), got[k + 1][text_key]
 
 
 def sc_numbers(rng, world):
@@ -635,6 +691,7 @@ def sc_record_chain(rng, world):
 
 # name -> (generator, kinds the toolset must offer, or None for just the first call's)
 SCENARIOS = {"record": (sc_record, ["record"]), "document": (sc_document, ["document"]),
+             "layout": (sc_layout, ["layout"]),
              "numbers": (sc_numbers, None), "points": (sc_points, None),
              "chain": (sc_chain, ["locate", "nearest", "inside", "shift"]),
              "record_chain": (sc_record_chain, ["record", "sort", "sum"])}
@@ -820,7 +877,7 @@ def drill_item(rng):
     """A plain copy drill, no chat template: 2-3 labelled lists (words, numbers or [x, y] pairs) and a cue; the
     loss falls on the copy only. Short and dense: the copy circuit forms here (for the shipped base, abruptly
     at about step 2,050 of 32k-token batches). -> (text before the copy, the copy)."""
-    form = rng.randrange(3)
+    form = rng.randrange(5)
     n = rng.randint(2, 3)
     if form == 0:  # unique words across all lists: plain induction (the token after the match) suffices
         sizes = [rng.randint(3, 10) for _ in range(n)]
@@ -828,8 +885,14 @@ def drill_item(rng):
         lists = [" ".join(words[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(n)]
     elif form == 1:  # numbers and pairs as JSON, exactly as tool calls and observations write them
         lists = [json.dumps([rng.randint(0, 9999) for _ in range(rng.randint(2, 12))]) for _ in range(n)]
-    else:
+    elif form == 2:
         lists = [json.dumps(rand_points(rng, rng.randint(1, 10))) for _ in range(n)]
+    elif form == 3:  # runs of one repeated move: the token after the match is ambiguous, the copy must keep count
+        lists = [",".join(m for _ in range(rng.randint(2, 6)) for m in [rng.choice("LRUD")] * rng.randint(1, 7))
+                 for _ in range(n)]
+    else:  # numbers drawn from a pool of 2-4: almost every token repeats within and across the lists
+        pool = rng.sample(range(1000), rng.randint(2, 4))
+        lists = [json.dumps(rng.choices(pool, k=rng.randint(3, 12))) for _ in range(n)]
     labels = rng.sample(["A", "B", "C", "D", "E", "F"], n)
     k = rng.randrange(n)
     # the cue "copy X: " ends the text; the loss falls on what follows it (encode_item)
@@ -839,9 +902,9 @@ def drill_item(rng):
 def parse_mix(text):
     """'copy=0.35,tools=0.5,vision=0.15' -> (("copy", 0.35), ...)"""
     mix = tuple((k.strip(), float(v)) for k, v in (p.split("=") for p in text.split(",")))
-    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "vision")]
+    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "layout", "vision")]
     if unknown:
-        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, vision")
+        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, layout, vision")
     return mix
 
 
@@ -856,6 +919,8 @@ def corpus_item(rng, mix=None, images=True):
         return vision_item(rng)
     if part == "copy":
         return copy_item(rng)
+    if part == "layout":  # the layout scenario alone (it is also one of the "tools" scenarios)
+        return tool_scenario(rng, "layout")[0]
     return tool_scenario(rng)[0]  # "tools", and "vision" when images=False (the tokenizer's corpus is text only)
 
 # -----------------------------------------------------------------------------
@@ -1070,38 +1135,57 @@ def _points_arg(params):
     return next((v for v in (params or {}).values() if isinstance(v, list) and v and isinstance(v[0], list)), None)
 
 
+def teacher_forced(model, processor, messages, k, span, keep=lambda token: True):
+    """-> (hits, total): greedy next-token guesses for the tokens of assistant turn k that lie inside the character
+    span (start, end) of its text, given the conversation before it and the turn up to each token; keep(token text)
+    picks the tokens scored."""
+    text = messages[k]["content"]
+    prefix, _, images = rollout.encode_conversation(processor, messages[:k] + [{"role": "assistant", "content": ""}])
+    prefix = prefix[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
+    # scored: the tokens past the span's start, up to its end (the text is encoded in two pieces at `start`, so a
+    # token never straddles it)
+    head, body = processor.encode_text(text[:span[0]]), processor.encode_text(text[span[0]:span[1]])
+    ids = prefix + head + body
+    logits = rollout.sequence_logits(model, processor, [ids], [images])[0]  # [L, V]
+    pred = logits[:-1].argmax(-1).tolist()  # pred[t - 1]: the greedy guess for ids[t], given ids[:t]
+    scored = [t for t in range(len(prefix) + len(head), len(ids)) if keep(processor.decode([ids[t]]))]
+    return sum(pred[t - 1] == ids[t] for t in scored), len(scored)
+
+
 def transfer_check(model, processor, data_dir, limit=100):
-    """Teacher-forced accuracy on the numbers of AStar's `obstacles` in real vsp_nav TC trajectories, after the first
-    pair (the list is copied from the Point observation above it). The base never saw AStar nor these grids."""
+    """Teacher-forced accuracy on two copies in real TC trajectories, material the base never saw:
+    obstacles: the numbers of AStar's `obstacles` in vsp_nav, after the first pair (copied from the Point
+    observation above it); gui_value: the value guiqa's answer quotes from the OCR detections (the detection after
+    the label's). -> {check: (accuracy, records)}"""
     records = read_jsonl(os.path.join(data_dir, "train.jsonl"), ["task", "messages"], lambda r: r)
-    # direct vsp_nav trajectories (TC's efficient plan: no reflection, no failed call) that call AStar
-    records = [r for r in records if r["task"] == "vsp_nav" and r.get("kind") == "direct"
-               and any('"AStar"' in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
-    hits = total = 0
-    for r in records:
-        # the TC data stores images as files under its directory; the encoder needs them as PIL images
-        messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))}
-                                      if p["type"] == "image" else p
-                                      for p in m["content"]]} if isinstance(m["content"], list) else m
-                    for m in r["messages"]]
-        k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and '"AStar"' in m["content"])
-        text = messages[k]["content"]
-        head = text[:text.index('"obstacles": [') + len('"obstacles": [')]
-        first_pair_end = text.index("]", len(head)) + 1  # just past the first pair's "]"
-        prefix_ids, _, images = rollout.encode_conversation(processor,
-                                                            messages[:k] + [{"role": "assistant", "content": ""}])
-        prefix_ids = prefix_ids[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
-        span_start = len(prefix_ids) + len(processor.encode_text(text[:first_pair_end]))  # first scored position
-        # obstacles is the call's last argument, so the body ends with the list's last pair (`...]]}}</tool_call>`)
-        body = processor.encode_text(text[:text.index("]}}</tool_call>")])
-        ids = prefix_ids + body
-        logits = rollout.sequence_logits(model, processor, [ids], [images])[0]  # [L, V]
-        pred = logits[:-1].argmax(-1).tolist()  # pred[t - 1]: the greedy guess for ids[t], given ids[:t]
-        for t in range(span_start, len(ids)):
-            if processor.decode([ids[t]]).strip().isdigit():  # number tokens only: the separators follow the format
-                hits += int(pred[t - 1] == ids[t])
-                total += 1
-    return hits / max(1, total), len(records)
+    out = {}
+    for check, task, marker in (("obstacles", "vsp_nav", '"AStar"'), ("gui_value", "guiqa", '"OCR"')):
+        # direct trajectories (TC's efficient plan: no reflection, no failed call) that call the tool
+        chosen = [r for r in records if r["task"] == task and r.get("kind") == "direct"
+                  and any(marker in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
+        hits = total = 0
+        for r in chosen:
+            # the TC data stores images as files under its directory; the encoder needs them as PIL images
+            messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))}
+                                          if p["type"] == "image" else p
+                                          for p in m["content"]]} if isinstance(m["content"], list) else m
+                        for m in r["messages"]]
+            if check == "obstacles":
+                k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and marker in m["content"])
+                text = messages[k]["content"]
+                start = text.index("]", text.index('"obstacles": [') + len('"obstacles": [')) + 1  # past pair 1
+                # obstacles is the call's last argument, so the body ends with the list's last pair
+                # number tokens only: the separators follow the format
+                h, n = teacher_forced(model, processor, messages, k, (start, text.index("]}}</tool_call>")),
+                                      keep=lambda token: token.strip().isdigit())
+            else:  # the answer turn quotes {"text": label, ...}, {"text": value, ...}: score the value's text
+                k = len(messages) - 1
+                text = messages[k]["content"]
+                start = text.index('{"text": "', text.index('{"text": "') + 1) + len('{"text": "')
+                h, n = teacher_forced(model, processor, messages, k, (start, text.index('"', start)))
+            hits, total = hits + h, total + n
+        out[check] = (hits / max(1, total), len(chosen))
+    return out
 
 # -----------------------------------------------------------------------------
 
@@ -1120,8 +1204,8 @@ def main(argv=None):
         with torch.no_grad():
             results = run_checks(model, processor, args.check_n, args.seed)
             if args.tc_data:
-                results["transfer_obstacles"], results["transfer_records"] = transfer_check(model, processor,
-                                                                                            args.tc_data)
+                for check, (rate, n) in transfer_check(model, processor, args.tc_data).items():
+                    results[f"transfer_{check}"], results[f"transfer_{check}_records"] = rate, n
         print(json.dumps(results, indent=1))
         return results
     mix = parse_mix(args.mix)

@@ -61,6 +61,7 @@ def expected(kind, a, world):
         "nearest": lambda: (lambda d: {"nearest": a["candidates"][d.index(min(d))], "index": d.index(min(d))})(
             [abs(x - a["origin"][0]) + abs(y - a["origin"][1]) for x, y in a["candidates"]]),
         "locate": lambda: {"points": world["places"].get(a["place"], [])},
+        "layout": lambda: {"items": world["layouts"][a["page"]]},
     }[kind]()
 
 
