@@ -32,7 +32,7 @@ def assert_close(a, b, tol=1e-5):
 
 # 8 records, micro-batches of 3 (the last has 2: one rank gets 1 sequence), 2 per step. A small lr: Adam's first
 # steps move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed in
-# another order over two ranks) may move its weight by up to lr either way; at 1e-4 that stays under 1e-5
+# another order over two ranks) may move its weight by up to lr either way; at 1e-4 the test allows a few of those
 TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw", "--n-per-task", "4",
       "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--lr", "1e-4", "--eval-n", "2", "--adl"]
 
@@ -51,7 +51,13 @@ def tc_runs(tmp_path_factory):
 
 def test_tc_on_two_processes_equals_one(tc_runs):
     one, two = tc_runs
-    assert_close(weights(os.path.join(one, "model")), weights(os.path.join(two, "model")))
+    a, b = weights(os.path.join(one, "model")), weights(os.path.join(two, "model"))
+    assert a.keys() == b.keys()
+    # within 1e-5 everywhere but at a handful of weights whose gradient is float noise in both runs: Adam moves each
+    # of those by up to lr a step whichever way the noise falls (measured with the run-5 base: 1 of 3.7M weights, by
+    # 6e-5), never by more than lr times the steps (3 here)
+    far = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
+    assert far <= 10 and all(float((a[k] - b[k]).abs().max()) <= 3e-4 for k in a), far
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
     assert [r["step"] for r in log2] == [r["step"] for r in log1]  # one log, one line per step
