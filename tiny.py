@@ -1142,13 +1142,14 @@ def teacher_forced(model, processor, messages, k, span, keep=lambda token: True)
     text = messages[k]["content"]
     prefix, _, images = rollout.encode_conversation(processor, messages[:k] + [{"role": "assistant", "content": ""}])
     prefix = prefix[:-2]  # drop the empty turn's <|im_end|>\n: the turn goes on
-    # scored: the tokens past the span's start, up to its end (the text is encoded in two pieces at `start`, so a
-    # token never straddles it)
-    head, body = processor.encode_text(text[:span[0]]), processor.encode_text(text[span[0]:span[1]])
-    ids = prefix + head + body
+    # the turn up to the span's end, encoded in one piece as training encodes it; scored: the tokens that overlap
+    # the span (a token may start before it: a merge across the quote that opens a value)
+    enc = processor.tokenizer(text[:span[1]], add_special_tokens=False, return_offsets_mapping=True)
+    ids = prefix + enc["input_ids"]
     logits = rollout.sequence_logits(model, processor, [ids], [images])[0]  # [L, V]
     pred = logits[:-1].argmax(-1).tolist()  # pred[t - 1]: the greedy guess for ids[t], given ids[:t]
-    scored = [t for t in range(len(prefix) + len(head), len(ids)) if keep(processor.decode([ids[t]]))]
+    scored = [len(prefix) + j for j, (_, end) in enumerate(enc["offset_mapping"])
+              if end > span[0] and keep(processor.decode([enc["input_ids"][j]]))]
     return sum(pred[t - 1] == ids[t] for t in scored), len(scored)
 
 

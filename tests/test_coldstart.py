@@ -129,21 +129,24 @@ def test_loss_mask_is_exactly_the_assistant_turns(data):
 
 
 def test_transfer_check_scores_the_copied_numbers_and_the_quoted_value(data):
-    """tiny.transfer_check on real TC records: the shipped base copies most of AStar's obstacle list from the Point
-    observations (83% of 100 records of the default data; a random model about none), and the guiqa score covers
-    exactly the tokens of the value the answer quotes."""
+    """tiny.transfer_check on real TC records: the shipped base copies AStar's obstacle list from the Point
+    observations (the issue's >= 90%; 99.7% of 100 records of the default data), and the guiqa score covers exactly
+    the tokens of the turn that reach into the value the answer quotes."""
     d, records = data
     model, processor = rollout.load_policy("tiny", device="cpu")
     with torch.no_grad():
         out = tiny.transfer_check(model, processor, d, limit=4)
         assert set(out) == {"obstacles", "gui_value"} and all(n > 0 for _, n in out.values())
-        assert out["obstacles"][0] >= 0.7, out
+        assert out["obstacles"][0] >= 0.9, out
         rec = next(r for r in records if r["task"] == "guiqa" and r["kind"] == "direct")
         messages = coldstart.with_pil(rec["messages"], d)
         text, value = messages[-1]["content"], rec["answer"]
         start = text.index('{"text": "' + value) + len('{"text": "')
         hits, n = tiny.teacher_forced(model, processor, messages, len(messages) - 1, (start, start + len(value)))
-    assert n == len(processor.encode_text(value)) and 0 <= hits <= n
+    # the tokens of the whole turn, as training encodes it, whose text reaches into the value (by decoding prefixes)
+    ids = processor.encode_text(text[:start + len(value)])
+    ends = [len(processor.decode(ids[:j + 1])) for j in range(len(ids))]
+    assert n == sum(e > start for e in ends) and 0 <= hits <= n
 
 
 def run(args, out):
