@@ -3,6 +3,7 @@ Performance benchmarks, each against a naive baseline measured in the same run.
 
     python bench.py rollout                 # the KV-cache engine vs rebuild-and-generate every turn
     python bench.py rollout --config 7b     # the Qwen2.5-VL-7B shape, random weights, bf16 (a GPU)
+    python bench.py curve                   # wall time of both for 1, 2, 4 and 8 tool turns per trajectory
     python bench.py train                   # SFT/GRPO update throughput: tokens/s forward + backward
     python bench.py tools                   # median latency of each tool on a 512x512 scene
 
@@ -26,8 +27,11 @@ import tiny
 import tools
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("what", choices=["rollout", "train", "tools"])
-parser.add_argument("--model", default="tiny", help="'tiny', a model directory, or with --config 7b: random weights")
+parser.add_argument("what", choices=["rollout", "curve", "train", "tools"])
+# scratch: the speed of a pass depends on its shapes, not on what the weights know; the shipped base (tiny) closes its
+# turns itself within the free thinking tokens, before the scripted calls, and would time short trajectories
+parser.add_argument("--model", default="scratch", help="'scratch' (the tiny shape, random weights), 'tiny' (the "
+                    "shipped base) or a model directory; with --config 7b: random weights of that shape")
 parser.add_argument("--config", default=None, choices=[None, "7b"], help="build a random model of this real shape")
 parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
 parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group)")
@@ -73,10 +77,11 @@ def bench_examples(n):
 
 def script(processor, turns, free):
     """The forcer: in each turn the model writes `free` thinking tokens itself, then a Crop call is forced."""
-    # call k crops the image call k-1 returned (img_1 is the input); Crop zooms every crop to a short side of at
-    # least 224 px, so the next box, 30 px narrower and shorter, always lies inside the image it names
+    # call k crops the image call k-1 returned (img_1 is the input); Crop zooms every crop to a short side of
+    # at least 224 px, so the next box, `d` px narrower and shorter, always lies inside the image it names
+    d = min(30, 120 // max(turns, 1))  # 30 px up to 4 turns; 15 px at 8, whose last box is still 95 x 75 px
     calls = [f'</think><tool_call>{{"name": "Crop", "parameters": {{"image": "img_{k + 1}", '
-             f'"coordinates": [0, 0, {200 - 30 * k}, {180 - 30 * k}]}}}}</tool_call>' for k in range(turns)]
+             f'"coordinates": [0, 0, {200 - d * k}, {180 - d * k}]}}}}</tool_call>' for k in range(turns)]
     calls.append("</think><response>\\boxed{A}</response>")
     think = processor.encode_text("<think>")
     forced = [processor.encode_text(c) + [processor.im_end] for c in calls]
@@ -163,11 +168,11 @@ def baseline(model, processor, examples, group, turns, forcer):
     return [r["ids"] for r in rows], n_generated
 
 
-def bench_rollout(args):
-    model, processor = load(args)
+def time_rollout(model, processor, examples, group, turns, free, with_baseline=True):
+    """The engine and (with_baseline) the baseline on the same scripted rollout: seconds, tokens/s, where the
+    engine's time went, and whether both wrote the same tokens."""
     device = next(model.parameters()).device
-    examples = bench_examples(args.prompts)
-    forcer = script(processor, args.turns, args.free)
+    forcer = script(processor, turns, free)
     # seconds spent inside the vision tower: the pre-hook starts a clock, the forward hook adds what elapsed
     vision = {"s": 0.0}
     hooks = [model.model.visual.register_forward_pre_hook(lambda m, a: vision.__setitem__("t0", time.perf_counter())),
@@ -181,8 +186,9 @@ def bench_rollout(args):
         torch.cuda.reset_peak_memory_stats()
     vision["s"], timings = 0.0, {}  # timings: the engine's seconds in prefill, decode and waiting on tools
     t0 = time.perf_counter()
-    trajs = rollout.rollout(model, processor, examples, group_size=args.group, temperature=0, forcer=forcer,
-                            timings=timings)
+    # turns calls and the answer: turns + 1 assistant turns, as the baseline writes them
+    trajs = rollout.rollout(model, processor, examples, group_size=group, temperature=0, forcer=forcer,
+                            timings=timings, max_turns=turns + 1)
     engine_s = time.perf_counter() - t0
     engine_vision = vision["s"]
     # tokens written (the loss mask is 1 exactly on them): free thinking, forced calls and answers, <|im_end|>s
@@ -190,20 +196,18 @@ def bench_rollout(args):
     calls = sum(len(t.calls) for t in trajs)
     # every vstar prompt has one input image, so the others in t.images are tool results; in engine_split_s the
     # vision seconds are a part of prefill (the tower runs while prompts and observations are prefilled)
-    result = {"bench": "rollout", "device": str(device), "threads": torch.get_num_threads(),
-              "model": args.config or args.model,
-              "prompts": args.prompts, "group": args.group, "turns": args.turns, "trajectories": len(trajs),
+    result = {"prompts": len(examples), "group": group, "turns": turns, "trajectories": len(trajs),
               "tool_calls": calls, "image_observations": sum(len(t.images) - 1 for t in trajs),
-              "generated_tokens": generated, "engine_s": round(engine_s, 2),
-              "engine_tokens_per_s": round(generated / engine_s, 1),
+              "generated_tokens": generated, "total_tokens": sum(len(t.token_ids) for t in trajs),
+              "engine_s": round(engine_s, 2), "engine_tokens_per_s": round(generated / engine_s, 1),
               "engine_split_s": {k: round(v, 2) for k, v in {**timings, "vision": engine_vision}.items()},
               "finish_reasons": sorted({t.finish_reason for t in trajs})}
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-    if not args.skip_baseline:
+    if with_baseline:
         vision["s"] = 0.0
         t0 = time.perf_counter()
-        seqs, base_generated = baseline(model, processor, examples, args.group, args.turns, forcer)
+        seqs, base_generated = baseline(model, processor, examples, group, turns, forcer)
         base_s = time.perf_counter() - t0
         # identical_tokens compares whole sequences (prompts and observations too), example-major on both sides
         result.update(baseline_s=round(base_s, 2), baseline_tokens_per_s=round(base_generated / base_s, 1),
@@ -213,6 +217,33 @@ def bench_rollout(args):
     for h in hooks:
         h.remove()
     return result
+
+
+def bench_rollout(args):
+    model, processor = load(args)
+    result = {"bench": "rollout", "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+              "model": args.config or args.model}
+    result.update(time_rollout(model, processor, bench_examples(args.prompts), args.group, args.turns, args.free,
+                               not args.skip_baseline))
+    # ru_maxrss is in KiB on Linux: the process's peak, both paths together
+    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    return result
+
+
+def bench_curve(args):
+    """How the wall time grows with the tool turns per trajectory (1, 2, 4, 8): the engine prefills each turn's
+    new tokens once, so its time should grow about linearly in the total tokens; the baseline re-encodes the whole
+    conversation every turn, so its time grows about quadratically in the turns."""
+    model, processor = load(args)
+    examples = bench_examples(args.prompts)
+    rows = [time_rollout(model, processor, examples, args.group, turns, args.free, not args.skip_baseline)
+            for turns in (1, 2, 4, 8)]
+    print(f"{'turns':>5} {'total tokens':>12} {'engine s':>9} {'baseline s':>10} {'ratio':>6} identical")
+    for r in rows:
+        print(f"{r['turns']:>5} {r['total_tokens']:>12} {r['engine_s']:>9} {r.get('baseline_s', '-'):>10} "
+              f"{r.get('speedup', '-'):>6} {r.get('identical_tokens', '-')}")
+    return {"bench": "curve", "device": str(next(model.parameters()).device), "model": args.config or args.model,
+            "rows": rows, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
 
 
 def bench_train(args):
@@ -341,7 +372,7 @@ if __name__ == "__main__":
     if args.what == "tools":
         result = bench_tools()
     else:
-        result = bench_rollout(args) if args.what == "rollout" else bench_train(args)
+        result = {"rollout": bench_rollout, "curve": bench_curve, "train": bench_train}[args.what](args)
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "a") as f:

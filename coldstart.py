@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import sys
 import time
@@ -83,7 +82,8 @@ parser.add_argument("--stop-after", type=int, default=0, help="stop after this m
                     "first (simulates a killed run; 0: run to the end)")
 parser.add_argument("--eval-n", type=int, default=100,
                     help="held-out test examples per task for the final evaluation (0: skip)")
-parser.add_argument("--eval-batch", type=int, default=50, help="examples per rollout batch in the evaluation")
+parser.add_argument("--eval-batch", type=int, default=rollout.EVAL_BATCH, help="examples per rollout batch in the "
+                    "evaluation")
 parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token limit per assistant turn in the "
                     "evaluation (an AStar call on an 8x8 grid with many holes needs about 250)")
 parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant turns per evaluation trajectory")
@@ -889,7 +889,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
                "cpu_s": time.process_time(),  # CPU seconds so far: wall time on a shared machine says little
                # the process's peak resident memory so far (ru_maxrss: KiB on Linux): the step where it grows
                # is the one that sets the stage's peak
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+               "peak_rss_mib": rollout.peak_rss_mib()}
         log.write(json.dumps(rec) + "\n")
         log.flush()  # a kill loses at most this line; open_log drops it on resume if torn
         bar.update(1)
@@ -991,7 +991,7 @@ def main(argv=None):
     # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates. The training images and
     # their encodings are let go first: evaluation needs neither, so the peak is the larger of the two phases
     del images
-    rollout.encode_image_cached.clear()
+    rollout.release_memory()
     results = {}
     if args.eval_n:
         model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)  # training is over: inference dtype

@@ -25,8 +25,8 @@ from PIL import Image
 
 import adl
 import tasks
-from rollout import (add_device_flag, add_protocol_flag, cli, evaluate, level_key, load_policy, mean, metrics,
-                     model_exists, parse_flags, protocol_of, resolve_device)
+from rollout import (EVAL_BATCH, add_device_flag, add_protocol_flag, cli, evaluate, level_key, load_policy, mean,
+                     metrics, model_exists, parse_flags, protocol_of, resolve_device)
 from tools import TOOLS, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +47,7 @@ parser.add_argument("--adl", default="off", choices=["off", "per-sample", "per-r
 parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (when temperature > 0)")
 parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (when temperature > 0)")
-parser.add_argument("--batch-size", type=int, default=16, help="examples per rollout batch")
+parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="examples per rollout batch")
 parser.add_argument("--max-turns", type=int, default=8, help="assistant turns per trajectory")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per assistant turn")
 parser.add_argument("--max-total-tokens", type=int, default=4096, help="tokens per trajectory, prompt included")
