@@ -70,6 +70,11 @@ def load(args):
     return model.eval(), processor
 
 
+def peak_rss_gib():
+    """The process's peak resident memory so far, in GiB (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+
+
 def bench_examples(n):
     """vstar canvases: one input image each, large enough that Crop returns a 224 px zoom."""
     return tasks.generate("vstar", n, split="test", seed=0)
@@ -225,8 +230,7 @@ def bench_rollout(args):
               "model": args.config or args.model}
     result.update(time_rollout(model, processor, bench_examples(args.prompts), args.group, args.turns, args.free,
                                not args.skip_baseline))
-    # ru_maxrss is in KiB on Linux: the process's peak, both paths together
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    result["peak_rss_gib"] = peak_rss_gib()  # both paths together
     return result
 
 
@@ -243,7 +247,7 @@ def bench_curve(args):
         print(f"{r['turns']:>5} {r['total_tokens']:>12} {r['engine_s']:>9} {r.get('baseline_s', '-'):>10} "
               f"{r.get('speedup', '-'):>6} {r.get('identical_tokens', '-')}")
     return {"bench": "curve", "device": str(next(model.parameters()).device), "model": args.config or args.model,
-            "rows": rows, "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+            "rows": rows, "peak_rss_gib": peak_rss_gib()}
 
 
 def bench_train(args):
@@ -321,8 +325,7 @@ def bench_train(args):
     for k in ("sft", "tg"):
         result[f"{k}_speedup"] = round(result[f"{k}_optimised"]["tokens_per_s"] / result[f"{k}_plain"]["tokens_per_s"],
                                        2)
-    # ru_maxrss is in KiB on Linux, so / 2**20 gives GiB: the process's peak over all the variants above
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+    result["peak_rss_gib"] = peak_rss_gib()  # over all the variants above
     return result
 
 
