@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from PIL import Image
@@ -91,6 +92,7 @@ parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="tok
                     "trajectory (a real one stays under 2000; the cap bounds the cost of a model that loops)")
 rollout.add_device_flag(parser)
 rollout.add_grad_checkpointing_flag(parser)
+rollout.add_fsdp_flag(parser)
 rollout.add_protocol_flag(parser)  # of the evaluation and the saved model; curation writes ours (see main)
 parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
 parser.add_argument("--quick", action="store_true",
@@ -866,7 +868,10 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
             g["lr"] = lr_now
         # 2. forward and backward per micro-batch; dividing by the step's loss tokens makes the accumulated gradient
         # that of one token-mean loss over the whole step, whatever the split
-        for batch in [b for b in micro if b]:  # a rank may hold none of a short last micro-batch
+        for batch in micro:
+            if not batch:  # a rank may hold none of a short last micro-batch; under --fsdp it still runs a pass
+                rollout.idle_pass(model)
+                continue
             with autocast:
                 loss, n = rollout.masked_lm_loss(model, processor, batch, device)
             (loss / max(1, count)).backward()
@@ -877,7 +882,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         rollout.all_reduce_grads(trained)  # a no-op at world size 1
         loss_sum, n_tok, n_all = rollout.all_sum([loss_sum, n_tok, n_all])
         n_tok, n_all = int(n_tok), int(n_all)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)  # the global gradient, the same on every rank
+        grad_norm = rollout.clip_grads(trained, clip)  # the global gradient, the same on every rank
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # None, not zeros: memory freed between steps
         state["step"] += 1
@@ -896,7 +901,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.1e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         # 4. checkpoint every ckpt_every steps, and before a requested stop (--stop-after), so --resume goes on
         stop = stop_after and state["step"] >= stop_after
-        if ((ckpt_every and state["step"] % ckpt_every == 0) or stop) and rank == 0:
+        if (ckpt_every and state["step"] % ckpt_every == 0) or stop:  # every rank: rank 0 writes
             rollout.save_checkpoint(os.path.join(out, "ckpt"), model, processor, optimizer, state)
         if stop:
             break
@@ -913,7 +918,7 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a nohup log as they happen
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device))
+    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device), args.fsdp)
     task_names = [t for t in args.tasks.split(",") if t]
     try:
         offered = tools.tool_list(args.tools)
@@ -960,6 +965,8 @@ def main(argv=None):
         p.requires_grad_(not freeze)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.fsdp:  # before the optimizer: it must hold the shards
+        rollout.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]  # what AdamW and the gradient sum see
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trained (vision tower {'frozen' if freeze else 'trained'}), "
@@ -967,7 +974,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     state = None
     if found:
-        state = rollout.load_checkpoint(found, optimizer)
+        state = rollout.load_checkpoint(found, optimizer, model)
         print(f"resumed at step {state['step']}")
 
     # 3. SFT
@@ -984,9 +991,8 @@ def main(argv=None):
         rollout.barrier()  # rank 0's checkpoint is complete before any rank exits
         return None
     model_dir = os.path.join(args.out, "model")
-    if rank == 0:
-        rollout.save_policy(model, processor, model_dir, protocol.name)
-        print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
+    rollout.save_policy(model, processor, model_dir, protocol.name)  # every rank: rank 0 writes
+    print(f"model saved to {model_dir} ({time.perf_counter() - t_start:.0f} s)")
 
     # 4. evaluation: greedy rollouts on held-out test examples, as every stage evaluates. The training images and
     # their encodings are let go first: evaluation needs neither, so the peak is the larger of the two phases
@@ -994,15 +1000,17 @@ def main(argv=None):
     rollout.release_memory()
     results = {}
     if args.eval_n:
-        model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)  # training is over: inference dtype
+        if not args.fsdp:  # training is over: the inference dtype (FSDP's shards stay fp32, under bf16 autocast)
+            model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)
         examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
         shown = [] if args.no_tools else offered  # --no-tools: the direct-answer prompt
         # ADL: one random naming per example, seeded by its id
         plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)
-        _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
-                                      protocol=protocol,
-                                      max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
-                                      max_total_tokens=args.eval_max_total_tokens)
+        with rollout.unsharded(model), rollout.train_autocast(device) if args.fsdp else nullcontext():
+            _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
+                                          protocol=protocol,
+                                          max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
+                                          max_total_tokens=args.eval_max_total_tokens)
         for task, m in results.items():
             print(rollout.describe(task, m))
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),

@@ -97,6 +97,7 @@ def parse_args(argv=None):
     rollout.add_device_flag(g)
     rollout.add_protocol_flag(g)
     rollout.add_grad_checkpointing_flag(g)
+    rollout.add_fsdp_flag(g)
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling, ADL and torch")
     g.add_argument("--quick", action="store_true",
                    help="smallest run that exercises every code path (< 1 minute on CPU)")
@@ -234,7 +235,7 @@ def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, aut
     """{i: per-token log-probs of trajs[i]} under a model that is not being trained at this moment (the policy
     before the update, or the reference policy), in micro-batches, without gradient."""
     out = {}
-    with torch.no_grad():
+    with torch.no_grad(), rollout.unsharded(model):  # under --fsdp: each rank's own forwards, the whole weights
         for k in range(0, len(keep), micro_batch):
             idx = keep[k:k + micro_batch]
             logp, _ = forward_logprobs(model, processor, [trajs[i] for i in idx], temperature, autocast)
@@ -274,6 +275,9 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
             denom = sum(sum(trajs[i].loss_mask) for i in mb) if loss_agg == "token-mean" else len(mb)
             opt.zero_grad(set_to_none=True)
             own = [i for i in mb if owns(i)]
+            # under --fsdp a rank with fewer micro-batches of this minibatch makes up the difference with idle passes
+            for _ in range(rollout.lockstep_passes(model, -(-len(own) // micro_batch))):
+                rollout.idle_pass(model)
             for k in range(0, len(own), micro_batch):  # gradient accumulation: the loss is already / denom
                 idx = own[k:k + micro_batch]
                 batch = [trajs[i] for i in idx]
@@ -289,7 +293,7 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
                 totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
             rollout.all_reduce_grads([p for p in model.parameters() if p.requires_grad])  # several ranks: summed
             # after the sum: every rank clips the same gradient and takes the same step
-            totals["grad_norm"] += torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+            totals["grad_norm"] += rollout.clip_grads(model.parameters(), grad_clip)
             opt.step()
             totals["opt_steps"] += 1
     summed = ["tokens", "seq_tokens", "clipped", "kl_old", "kl_ref", "entropy"]  # the others agree on every rank
@@ -326,7 +330,7 @@ def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_
     # seed 0: the same test examples before and after training, and in every run
     examples = [ex for task in task_list for ex in tasks.generate(task, eval_n, split="test", seed=0)]
     plan = adl.plan(examples, schemas(offered), "per-sample" if use_adl else "off", seed)
-    with autocast:
+    with autocast, rollout.unsharded(model):  # under --fsdp every rank evaluates its share on the whole weights
         _, results = rollout.evaluate(model, processor, examples, offered, plan, batch_size, f"eval {label}", **limits)
     results["mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)  # unweighted over tasks
     results["seconds"] = time.perf_counter() - t0
@@ -378,7 +382,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device))
+    rank, world, device = rollout.dist_setup(rollout.resolve_device(args.device), args.fsdp)
     if not rollout.model_exists(args.init):
         raise tasks.InputError(f"the initial policy {args.init!r} does not exist. Run `python coldstart.py` first (it "
                                "writes runs/tc/model), or pass --init PATH to a model directory, or --init tiny (the "
@@ -411,10 +415,14 @@ def main(argv=None):
         # resumed, `model` holds trained weights: the reference is reloaded from --init
         ref_model = rollout.load_policy(args.init, device, dtype=torch.float32)[0] if found else copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
+        if args.fsdp:
+            rollout.shard(ref_model)
+    if args.fsdp:  # before the optimizer: it must hold the shards
+        rollout.shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, pos, evals = 0, 0, {}  # pos: the data position, the next RL prompt's index
     if found:
-        state = rollout.load_checkpoint(found, opt)
+        state = rollout.load_checkpoint(found, opt, model)
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
         print(f"resumed at step {step}")
     if rank == 0:
@@ -443,7 +451,8 @@ def main(argv=None):
         # those of one process
         mine = list(range(rank, len(examples), world))
         model.eval()
-        with autocast, tqdm(total=len(mine) * args.group_size, desc="rollout", leave=False, disable=rank > 0) as rbar:
+        with autocast, rollout.unsharded(model), \
+                tqdm(total=len(mine) * args.group_size, desc="rollout", leave=False, disable=rank > 0) as rbar:
             local = rollout.rollout(model, processor, [examples[k] for k in mine], tools=offered,
                                     group_size=args.group_size, max_turns=args.max_turns,
                                     max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
@@ -475,7 +484,7 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and rank == 0:  # weights, optimizer, RNG, data
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:  # weights, optimizer, RNG, data; rank 0 writes
             # step + 1 steps are done; pos is already past this step's prompts
             rollout.save_checkpoint(ckpt_dir, model, processor, opt,
                                     {"step": step + 1, "data_pos": pos, "evals": evals})
@@ -483,9 +492,8 @@ def main(argv=None):
 
     model.eval()
     rollout.release_memory()  # the last update's activations and encodings: the evaluation needs none of them
-    if rank == 0:
-        # protocol.name: a policy trained under the official protocol says so in protocol.json
-        rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
+    # protocol.name: a policy trained under the official protocol says so in protocol.json; every rank, rank 0 writes
+    rollout.save_policy(model, processor, os.path.join(args.out, "model"), protocol.name)
     if args.eval_n:  # every rank: rollout.evaluate splits the examples over the ranks
         evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                   args.eval_batch, autocast, "after", **limits)

@@ -18,6 +18,7 @@ import resource
 import shutil
 import sys
 import time
+import types
 import weakref
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -99,11 +100,14 @@ def is_cuda(device):
     return torch.device(device).type == "cuda"
 
 
-def dist_setup(device):
+def dist_setup(device, fsdp=False):
     """Under torchrun (WORLD_SIZE > 1) join the process group, nccl on CUDA and gloo on a CPU, and take this rank's
-    GPU -> (rank, world size, device). Without torchrun -> (0, 1, device)."""
+    GPU -> (rank, world size, device). Without torchrun -> (0, 1, device); with `fsdp` that is an error, said before
+    any work starts."""
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp and world == 1:
+        raise InputError("--fsdp shards over torchrun's processes: run the stage under torchrun --nproc_per_node N")
     if world == 1:
         return 0, 1, device
     if not dist.is_initialized():
@@ -141,10 +145,12 @@ def all_reduce_grads(params):
     hold different numbers of sequences in a step (or none, at an epoch's end) and only some of them images, so a
     rank may run fewer backward passes or leave the vision tower unused, which DDP does not allow. The losses are
     divided by the step's global token count, so the sum is the gradient of one token-mean loss over the global
-    batch, whatever the number of ranks."""
+    batch, whatever the number of ranks. Under --fsdp only the replicated parameters (the vision tower) are summed
+    here: FSDP's backward has already summed the shards' gradients."""
     import torch.distributed as dist
     if world_size() == 1:
         return
+    params = [p for p in params if not is_dtensor(p)]
     # a parameter no backward reached (the vision tower on a text-only rank) joins the sum as zeros: every rank must
     # reduce the same tensors in the same buckets, or the collectives mismatch and hang
     for p in params:
@@ -175,6 +181,117 @@ def barrier():
     import torch.distributed as dist
     if world_size() > 1:
         dist.barrier()
+
+
+# --fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) shards the language model over the ranks. Training passes then
+# run in lockstep (each all-gathers a layer's shards and reduce-scatters its gradients with every other rank), while
+# rollouts and evaluations, whose ranks run different numbers of decode steps, run on the whole parameters
+# (`unsharded`). A model without FSDP passes through every helper below unchanged.
+
+
+def add_fsdp_flag(parser):
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the language model's parameters, gradients and optimizer state "
+                             "over the ranks (FSDP2, one unit per decoder layer), for a model whose training state "
+                             "does not fit one GPU; the vision tower stays replicated")
+
+
+def is_dtensor(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def fsdp_units(model):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def shard(model):
+    """Shard `model` in place with FSDP2: each decoder layer is a unit, the embeddings, final norm and LM head are
+    the root's. The vision tower is left out (ignored_params): it stays whole on every rank and all_reduce_grads sums
+    its gradients, because a rank whose micro-batch holds no image skips it, and a sharded tower would keep the
+    other ranks waiting (it is 0.67B of Qwen2.5-VL-7B's 8.3B parameters, frozen by default there)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=set(model.model.visual.parameters()))
+    # masked_logits runs model.model and model.lm_head rather than model.forward: FSDP must gather the root's
+    # embeddings and head around that call too
+    model.masked_head = types.MethodType(masked_head, model)
+    register_fsdp_forward_method(model, "masked_head")
+    for unit in fsdp_units(model):
+        # summed, not averaged, over the ranks: the losses are already divided by the global token count
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied one
+    return model
+
+
+def idle_pass(model):
+    """A forward and backward that adds nothing to any gradient, for a rank that holds no sequence at this point of
+    a step: under FSDP every rank must run the same passes, or the others wait for its all-gathers forever."""
+    if not fsdp_units(model):
+        return
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    (model(input_ids=ids).logits.sum() * 0).backward()
+
+
+def lockstep_passes(model, n):
+    """How many more idle passes this rank owes so that every rank runs as many training passes as the rank with
+    the most: max over the ranks minus n (0 without FSDP)."""
+    return max(all_gather(n)) - n if fsdp_units(model) else 0
+
+
+@contextmanager
+def unsharded(model):
+    """Whole parameters on every rank for the block (rollouts, evaluation: ranks run different numbers of forward
+    passes there, so they must not all-gather per pass); sharded again after it."""
+    units = fsdp_units(model)
+    for unit in units:  # one all-gather per unit, in the same order on every rank
+        unit.unshard()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def gathered_state(model, optimizer=None):
+    """Under FSDP: (model state dict, optimizer state dict), whole, gathered from the shards onto rank 0's CPU (the
+    other ranks get empty dicts); a collective every rank must call. Without FSDP: (None, None), meaning the live
+    ones (model.state_dict(), optimizer.state_dict())."""
+    if not fsdp_units(model):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # a tied parameter (the LM head of a tied model): written once, as save_pretrained does
+            weights.pop(name, None)
+        seen.add(id(p))
+    return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def clip_grads(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ -> the total norm (a float), also over FSDP's sharded gradients beside the
+    replicated ones, which torch's cannot mix: the shards' squares are summed over the ranks, the replicated
+    gradients (the same on every rank after all_reduce_grads) are counted once."""
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(is_dtensor(g) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sharded = sum(float(g.to_local().double().pow(2).sum()) for g in grads if is_dtensor(g))
+    replicated = sum(float(g.double().pow(2).sum()) for g in grads if not is_dtensor(g))
+    total = (all_sum([sharded])[0] + replicated) ** 0.5
+    scale = min(1.0, max_norm / (total + 1e-6))  # torch's clip coefficient, clamped at 1
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
 
 
 BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
@@ -266,11 +383,15 @@ def load_policy(path="tiny", device="auto", dtype=None):
 
 def save_policy(model, processor, out_dir, protocol="ours"):
     """Write a Hugging Face model directory atomically: a half-written directory never has the final name. A policy
-    trained under another protocol than ours declares it (PROTOCOL_FILE), so later stages read it the same way."""
+    trained under another protocol than ours declares it (PROTOCOL_FILE), so later stages read it the same way.
+    Every rank calls it (under --fsdp the weights are gathered from every rank's shards); rank 0 writes."""
+    weights, _ = gathered_state(model)  # None without FSDP: save_pretrained reads the model's own
+    if rank_and_world()[0] > 0:
+        return None
     out_dir = os.path.abspath(out_dir)
     tmp = out_dir + ".tmp"  # beside the target: the final rename stays on one filesystem
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     if protocol != "ours":
         with open(os.path.join(tmp, PROTOCOL_FILE), "w") as f:
@@ -1019,14 +1140,20 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, m
 
 def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
     """A resumable checkpoint: the policy as a model directory plus optimizer, RNG and loop state. Its last file,
-    COMPLETE, says the checkpoint is whole; it is written into CKPT.tmp, which then replaces CKPT."""
+    COMPLETE, says the checkpoint is whole; it is written into CKPT.tmp, which then replaces CKPT. Every rank calls
+    it (under --fsdp the states are gathered from the shards); rank 0 writes."""
+    weights, optim = gathered_state(model, optimizer)  # (None, None) without FSDP: the live states
+    if rank_and_world()[0] > 0:
+        return
     tmp = os.path.abspath(ckpt_dir) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"))
+    model.save_pretrained(os.path.join(tmp, "model"), state_dict=weights)
     processor.save_pretrained(os.path.join(tmp, "model"))
     # the CPU torch and python RNGs go on where they were
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
+    # an FSDP run's optimizer state is keyed by parameter name (whole tensors), a plain run's by position
+    torch.save({"optimizer": optimizer.state_dict() if optim is None else optim, "fsdp": optim is not None,
+                "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
     with open(os.path.join(tmp, "COMPLETE"), "w") as f:  # last: without it the checkpoint is incomplete
         json.dump({"step": state["step"]}, f)
     replace_dir(tmp, os.path.abspath(ckpt_dir))
@@ -1052,16 +1179,24 @@ def resume_from(ckpt_dir, resume):
     return path
 
 
-def load_checkpoint(ckpt_dir, optimizer):
+def load_checkpoint(ckpt_dir, optimizer, model=None):
     """Restore optimizer and RNG state -> the saved loop state dict. The weights are the model directory
-    `ckpt_dir/model`, loaded with load_policy like any other."""
+    `ckpt_dir/model`, loaded with load_policy like any other. `model`: the (sharded) policy, under --fsdp."""
     path = os.path.join(ckpt_dir, "trainer.pt")
     try:
         blob = torch.load(path, weights_only=False)  # RNG states and dicts, not only tensors
     except Exception as e:  # a damaged checkpoint stops the run rather than silently restarting over its outputs
         raise InputError(f"{path}: unreadable checkpoint ({reason(e)}); "
                          "remove it to start over, or restore it") from None
-    optimizer.load_state_dict(blob["optimizer"])
+    sharded = model is not None and bool(fsdp_units(model))
+    if blob.get("fsdp", False) != sharded:
+        raise InputError(f"{path}: written by a run {'with' if blob.get('fsdp') else 'without'} --fsdp; resume it "
+                         "the same way")
+    if sharded:  # whole tensors keyed by name: each rank keeps its own shard of them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])
     return blob["state"]
@@ -1146,11 +1281,18 @@ def sequence_logits(model, processor, seqs, images, device=None):
 def masked_logits(model, processor, seqs, images, masks, device):
     """One forward over whole sequences with the LM head run only where masks[b][t] is 1 (position t-1 predicts
     token t) -> (logits [N, V] in row-major order of the mask, their target tokens [N], mask [B, L-1])."""
-    hidden = model.model(**sequence_inputs(processor, seqs, images, device, model.dtype),
-                         use_cache=False).last_hidden_state                       # [B, L, H]
+    inputs = sequence_inputs(processor, seqs, images, device, model.dtype)
     targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]  # [B, L-1]: position t predicts t+1
     mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()  # [B, L-1] bool
-    return model.lm_head(hidden[:, :-1][mask]), targets[mask], mask              # N = masked tokens
+    # under --fsdp, shard() made masked_head a forward method of the model (FSDP gathers the root's weights for it)
+    logits = model.masked_head(inputs, mask) if hasattr(model, "masked_head") else masked_head(model, inputs, mask)
+    return logits, targets[mask], mask                                             # N = masked tokens
+
+
+def masked_head(model, inputs, mask):
+    """The decoder's hidden states [B, L, H], through the LM head at the mask's positions only -> logits [N, V]."""
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state             # [B, L, H]
+    return model.lm_head(hidden[:, :-1][mask])
 
 
 def masked_lm_loss(model, processor, batch, device):

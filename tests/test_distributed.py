@@ -49,8 +49,8 @@ def tc_runs(tmp_path_factory):
     return one, two
 
 
-def test_tc_on_two_processes_equals_one(tc_runs):
-    one, two = tc_runs
+def assert_same_tc(one, two):
+    """Two TC runs on the same global batch: the same weights (to float noise), log and evaluation."""
     a, b = weights(os.path.join(one, "model")), weights(os.path.join(two, "model"))
     assert a.keys() == b.keys()
     # within 1e-5 everywhere but at a handful of weights whose gradient is float noise in both runs: Adam moves each
@@ -63,9 +63,52 @@ def test_tc_on_two_processes_equals_one(tc_runs):
     assert [r["step"] for r in log2] == [r["step"] for r in log1]  # one log, one line per step
     assert [(r["tokens"], r["loss_tokens"]) for r in log2] == [(r["tokens"], r["loss_tokens"]) for r in log1]
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], rel=1e-5)
+    assert [r["grad_norm"] for r in log2] == pytest.approx([r["grad_norm"] for r in log1], rel=1e-5)
     e1, e2 = (json.load(open(os.path.join(d, "eval.json")))["results"] for d in (one, two))
     assert e1 == e2  # the evaluation split over the ranks and gathered gives the same metrics
     assert not [f for f in os.listdir(two) if f.startswith("log.jsonl.")]
+
+
+def test_tc_on_two_processes_equals_one(tc_runs):
+    assert_same_tc(*tc_runs)
+
+
+@pytest.fixture(scope="module")
+def tc_fsdp(tc_runs, tmp_path_factory):
+    """The two-process TC again, with --fsdp (the curated data shared) -> its output folder."""
+    out = str(tmp_path_factory.mktemp("tc_fsdp") / "fsdp")
+    os.makedirs(out)
+    os.symlink(os.path.join(tc_runs[0], "data"), os.path.join(out, "data"))
+    run(TC + ["--out", out, "--fsdp"], nproc=2)
+    return out
+
+
+def test_tc_fsdp_equals_ddp(tc_runs, tc_fsdp):
+    """Sharded parameters, gradients and optimizer state: the same training as the replicated two-process run, and
+    one whole model directory gathered from the shards (the tied LM head written once, as save_pretrained does)."""
+    assert_same_tc(tc_runs[1], tc_fsdp)
+    assert "lm_head.weight" not in weights(os.path.join(tc_fsdp, "model"))
+
+
+def test_tc_fsdp_resume_after_a_stop(tc_fsdp, tmp_path):
+    """--fsdp stopped after step 1 and resumed (the optimizer state gathered, saved whole and sharded again): the
+    uninterrupted run's weights exactly. A checkpoint of an --fsdp run does not resume without --fsdp."""
+    cut = str(tmp_path / "cut")
+    os.makedirs(cut)
+    os.symlink(os.path.join(tc_fsdp, "data"), os.path.join(cut, "data"))
+    run(TC + ["--out", cut, "--stop-after", "1", "--eval-n", "0", "--fsdp"], nproc=2)
+    wrong = subprocess.run([sys.executable] + TC + ["--out", cut, "--resume", "--eval-n", "0"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "written by a run with --fsdp; resume it the same way" in wrong.stderr
+    run(TC + ["--out", cut, "--resume", "--eval-n", "0", "--fsdp"], nproc=2)
+    assert_close(weights(os.path.join(tc_fsdp, "model")), weights(os.path.join(cut, "model")), tol=0)
+
+
+def test_fsdp_without_torchrun_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable] + TC + ["--out", str(tmp_path / "x"), "--fsdp"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--fsdp shards over torchrun's processes" in proc.stderr
+    assert not os.path.exists(tmp_path / "x" / "data")  # refused before curation
 
 
 def test_tc_two_processes_resume_after_a_stop(tc_runs, tmp_path):
@@ -96,26 +139,32 @@ TG = ["--quick", "--device", "cpu", "--init", "tiny", "--steps", "2", "--prompts
 
 
 def test_tg_on_two_processes_equals_one(tmp_path):
-    """3 prompts per step over 2 ranks (2 and 1 prompt, groups whole): the same samples, rewards and weights."""
+    """3 prompts per step over 2 ranks (2 and 1 prompt, groups whole): the same samples, rewards and weights, with
+    the parameters replicated and with --fsdp (rollouts and evaluation on the whole weights, the update sharded: a
+    rank with fewer micro-batches in a minibatch makes them up with idle passes)."""
     script = tmp_path / "toy_grpo.py"
     script.write_text(TOY.format(root=ROOT))
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one, two, fsdp = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "fsdp")
     run([str(script)] + TG + ["--out", one])
     run([str(script)] + TG + ["--out", two], nproc=2)
+    run([str(script)] + TG + ["--out", fsdp, "--fsdp"], nproc=2)
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
-    log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
-    assert [r["examples"] for r in log2] == [r["examples"] for r in log1]  # the same data, logged once per step
-    for key in ("reward", "tokens", "seq_tokens", "trained"):
-        assert [r[key] for r in log2] == pytest.approx([r[key] for r in log1], rel=1e-9), key
     assert all(r["trained"] > 0 and r["reward_std"] > 0 for r in log1)  # real updates, not empty steps
-    a, b = weights(os.path.join(one, "model")), weights(os.path.join(two, "model"))
-    assert_close(a, b)
+    a = weights(os.path.join(one, "model"))
     base = load_file(os.path.join(ROOT, "tiny_base", "model.safetensors"))
     assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # it trained
-    e1, e2 = (json.load(open(os.path.join(d, "eval.json"))) for d in (one, two))
-    for label in ("before", "after"):  # the same metrics, split over the ranks and gathered (timings aside)
-        assert {k: v for k, v in e1[label].items() if k != "seconds"} == \
-            {k: v for k, v in e2[label].items() if k != "seconds"}
+    e1 = json.load(open(os.path.join(one, "eval.json")))
+    for other in (two, fsdp):
+        log2 = [json.loads(x) for x in open(os.path.join(other, "log.jsonl"))]
+        assert [r["examples"] for r in log2] == [r["examples"] for r in log1]  # the same data, logged once per step
+        for key in ("reward", "tokens", "seq_tokens", "trained"):
+            assert [r[key] for r in log2] == pytest.approx([r[key] for r in log1], rel=1e-9), key
+        assert [r["grad_norm"] for r in log2] == pytest.approx([r["grad_norm"] for r in log1], rel=1e-5)
+        assert_close(a, weights(os.path.join(other, "model")))
+        e2 = json.load(open(os.path.join(other, "eval.json")))
+        for label in ("before", "after"):  # the same metrics, split over the ranks and gathered (timings aside)
+            assert {k: v for k, v in e1[label].items() if k != "seconds"} == \
+                {k: v for k, v in e2[label].items() if k != "seconds"}
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients():
