@@ -51,7 +51,8 @@ parser.add_argument("--eval-n", type=int, default=100, help="test examples per t
 rollout.add_device_flag(parser, "every stage runs")
 parser.add_argument("--seed", type=int, default=0, help="passed to every stage")
 parser.add_argument("--quick", action="store_true", help="every stage with its own --quick: minutes, for tests")
-parser.add_argument("--report-only", action="store_true", help="rewrite summary.md and report.html from finished steps")
+parser.add_argument("--report-only", action="store_true", help="rewrite summary.md and report.html from the finished "
+                    "steps (a run still going or stopped gets the sections whose steps are done)")
 
 # experiments 2, 3 and 5-transfer: smaller than the stage defaults so the whole run fits in ~2 h on 2 cores
 SMALL_TC = ["--n-per-task", "300", "--epochs", "2"]
@@ -243,7 +244,7 @@ def modulate_table(args):
             ["model", "vsp_nav", "vsp_verify"], rows)
 
 
-def adl_tables(args):
+def adl_table(args):
     canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
     rows = []
     # each model under each naming: canonical, then randomized
@@ -251,20 +252,21 @@ def adl_tables(args):
         for cond, r in (("canonical", canonical), ("randomized", randomized)):
             rows.append([label, cond] + [with_ci(r[key][t]) for t in TASKS]
                         + [pct(mean(r[key][t]["accuracy"] for t in TASKS))])
+    return ("5. ADL: canonical against randomized tool names", "Same TC data and budget; randomized: a fresh mapping "
+            "(names, parameter names, paraphrased descriptions) per test example.", ["model", "names"] + TASKS
+            + ["mean"], rows)
+
+
+def transfer_table(args):
     tr = results(args, "eval_transfer")
     labels = [("tc", "TC jigsaw"), ("tc_adl", "TC jigsaw + ADL"), ("tctg", "TC jigsaw, TG 3 tasks"),
               ("tctg_adl", "TC jigsaw + ADL, TG 3 tasks + ADL")]
     # accuracy, then CPS, on the tasks TC never showed
-    transfer = [[label] + [with_ci(tr[key][t]) for t in UNSEEN] + [num(tr[key][t]["cps"]) for t in UNSEEN]
-                for key, label in labels]
-    return [
-        ("5. ADL: canonical against randomized tool names", "Same TC data and budget; randomized: a fresh mapping "
-         "(names, parameter names, paraphrased descriptions) per test example.", ["model", "names"] + TASKS + ["mean"],
-         rows),
-        ("5. ADL transfer: tasks unseen in TC", f"TC data from jigsaw only ({' '.join(SMALL_TC)}); RL on "
-         f"{TRANSFER_RL} ({' '.join(SMALL_RL)}).", ["model"] + [f"{t} accuracy" for t in UNSEEN]
-         + [f"{t} calls / sample" for t in UNSEEN], transfer),
-    ]
+    rows = [[label] + [with_ci(tr[key][t]) for t in UNSEEN] + [num(tr[key][t]["cps"]) for t in UNSEEN]
+            for key, label in labels]
+    return ("5. ADL transfer: tasks unseen in TC", f"TC data from jigsaw only ({' '.join(SMALL_TC)}); RL on "
+            f"{TRANSFER_RL} ({' '.join(SMALL_RL)}).", ["model"] + [f"{t} accuracy" for t in UNSEEN]
+            + [f"{t} calls / sample" for t in UNSEEN], rows)
 
 
 def tool_table(args):
@@ -287,9 +289,40 @@ def separated(a, b):
     return a["accuracy_ci"][0] > b["accuracy_ci"][1]
 
 
-def targets(args):
-    """The reproduction issue's targets (the paper's shape at the tiny scale), each with the measured figure."""
-    r, a, d = results(args, "eval_main"), results(args, "eval_adopt"), results(args, "eval_discard")
+def targets(args, have):
+    """The reproduction issue's targets (the paper's shape at the tiny scale), each with the measured figure; `have`:
+    the finished steps (a target whose evaluations have not run yet is left out)."""
+    checks = []
+    if "eval_main" in have:
+        checks += main_targets(results(args, "eval_main"))
+    if {"eval_adopt", "eval_discard"} <= have:
+        checks += adopt_targets(results(args, "eval_adopt"), results(args, "eval_discard"))
+    if "eval_main" in have:
+        r = results(args, "eval_main")
+        nav, verify = calls(r["tctg"]["vsp_nav"], "Point"), calls(r["tctg"]["vsp_verify"], "Point")
+        checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
+                       f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
+    if {"eval_adl_canonical", "eval_adl_randomized"} <= have:
+        canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
+        # per model: the accuracy lost when the names are randomized, averaged over tasks
+        loss = {key: mean(canonical[key][t]["accuracy"] - randomized[key][t]["accuracy"] for t in TASKS)
+                for key in ("tc", "tc_adl")}
+        checks.append(("ADL: the ADL model loses <= 10 points under random names, the non-ADL model >= 20",
+                       f"ADL {100 * loss['tc_adl']:.0f}, non-ADL {100 * loss['tc']:.0f} points",
+                       "yes" if loss["tc_adl"] <= 0.10 and loss["tc"] >= 0.20 else "no"))
+    if "eval_transfer" in have:
+        tr = results(args, "eval_transfer")
+        checks.append(("ADL transfer: TC jigsaw + ADL, TG 3 tasks above the non-ADL run on both unseen tasks",
+                       "; ".join(f"{t} {with_ci(tr['tctg_adl'][t])} vs {with_ci(tr['tctg'][t])}" for t in UNSEEN),
+                       "yes" if all(tr["tctg_adl"][t]["accuracy"] > tr["tctg"][t]["accuracy"] for t in UNSEEN)
+                       else "no"))
+    return ("Targets", "From the reproduction issue. 'yes' for a threshold: the whole 95% interval clears it; "
+            "'inside the interval': the sample cannot tell.", ["target", "measured", "met"],
+            [list(c) for c in checks])
+
+
+def main_targets(r):
+    """The main table's targets -> [(target, measured, met)]; r: eval_main's results."""
     checks = []
     # the absolute accuracy targets of TC+TG, per task
     for t, target in (("vsp_nav", 0.95), ("vsp_verify", 0.90), ("jigsaw", 0.90), ("guiqa", 0.90), ("vstar", 0.80)):
@@ -312,38 +345,24 @@ def targets(args):
         checks.append((f"Direct-SFT clearly below TC+TG on {t} (intervals apart)",
                        f"{with_ci(r['direct'][t])} vs {with_ci(r['tctg'][t])}",
                        "yes" if separated(r["tctg"][t], r["direct"][t]) else "no"))
-    # adopt: greedy evaluations before and after RL (eval_adopt offers all seven tools)
+    return checks
+
+
+def adopt_targets(a, d):
+    """Adopt and discard -> [(target, measured, met)]; a: eval_adopt's results (all seven tools offered), d:
+    eval_discard's (vsp_verify without AStar); greedy evaluations before and after RL."""
     before, after = calls(a["before"]["vsp_nav"], "AStar"), calls(a["after"]["vsp_nav"], "AStar")
-    checks.append(("adopt: AStar calls per vsp_nav sample < 0.1 before RL, >= 0.8 after",
-                   f"{num(before)} -> {num(after)}", "yes" if before < 0.1 and after >= 0.8 else "no"))
-    # a fraction: 0.30 is 30 points
-    gain = a["after"]["vsp_nav"]["accuracy"] - a["before"]["vsp_nav"]["accuracy"]
-    checks.append(("adopt: vsp_nav accuracy up >= 30 points over RL",
-                   f"{with_ci(a['before']['vsp_nav'])} -> {with_ci(a['after']['vsp_nav'])}",
-                   "yes" if gain >= 0.30 else "no"))
+    gain = a["after"]["vsp_nav"]["accuracy"] - a["before"]["vsp_nav"]["accuracy"]  # a fraction: 0.30 is 30 points
     discard = calls(a["after"]["vsp_verify"], "AStar")  # eval_adopt offers AStar on vsp_verify too
     # after RL: with AStar offered against without it
     gap = a["after"]["vsp_verify"]["accuracy"] - d["after"]["vsp_verify"]["accuracy"]
-    checks.append(("discard: after RL <= 0.1 AStar calls per vsp_verify sample, accuracy within 5 points of the "
-                   "run without AStar", f"{num(discard)} calls; {with_ci(a['after']['vsp_verify'])} vs "
-                   f"{with_ci(d['after']['vsp_verify'])}", "yes" if discard <= 0.1 and abs(gap) <= 0.05 else "no"))
-    nav, verify = calls(r["tctg"]["vsp_nav"], "Point"), calls(r["tctg"]["vsp_verify"], "Point")
-    checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
-                   f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
-    canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
-    # per model: the accuracy lost when the names are randomized, averaged over tasks
-    loss = {key: mean(canonical[key][t]["accuracy"] - randomized[key][t]["accuracy"] for t in TASKS)
-            for key in ("tc", "tc_adl")}
-    checks.append(("ADL: the ADL model loses <= 10 points under random names, the non-ADL model >= 20",
-                   f"ADL {100 * loss['tc_adl']:.0f}, non-ADL {100 * loss['tc']:.0f} points",
-                   "yes" if loss["tc_adl"] <= 0.10 and loss["tc"] >= 0.20 else "no"))
-    tr = results(args, "eval_transfer")
-    checks.append(("ADL transfer: TC jigsaw + ADL, TG 3 tasks above the non-ADL run on both unseen tasks",
-                   "; ".join(f"{t} {with_ci(tr['tctg_adl'][t])} vs {with_ci(tr['tctg'][t])}" for t in UNSEEN),
-                   "yes" if all(tr["tctg_adl"][t]["accuracy"] > tr["tctg"][t]["accuracy"] for t in UNSEEN) else "no"))
-    return ("Targets", "From the reproduction issue. 'yes' for a threshold: the whole 95% interval clears it; "
-            "'inside the interval': the sample cannot tell.", ["target", "measured", "met"],
-            [list(c) for c in checks])
+    return [("adopt: AStar calls per vsp_nav sample < 0.1 before RL, >= 0.8 after", f"{num(before)} -> {num(after)}",
+             "yes" if before < 0.1 and after >= 0.8 else "no"),
+            ("adopt: vsp_nav accuracy up >= 30 points over RL",
+             f"{with_ci(a['before']['vsp_nav'])} -> {with_ci(a['after']['vsp_nav'])}", "yes" if gain >= 0.30 else "no"),
+            ("discard: after RL <= 0.1 AStar calls per vsp_verify sample, accuracy within 5 points of the run without "
+             "AStar", f"{num(discard)} calls; {with_ci(a['after']['vsp_verify'])} vs {with_ci(d['after']['vsp_verify'])}",
+             "yes" if discard <= 0.1 and abs(gap) <= 0.05 else "no")]
 
 
 def timing_table(done):
@@ -380,22 +399,38 @@ def report_html(sections, head, links, figures):
     return "\n".join(h) + "</ul>\n"
 
 
-def write_report(args, done):
-    # in the summary's order; sections[1] is the adopt curve's table, the one the chart goes under
-    sections = [main_table(args), *adopt_tables(args), modulate_table(args), *adl_tables(args), tool_table(args),
-                targets(args), timing_table(done)]
+# the summary's sections in order, each with the steps it reads: a run that has not finished yet (see
+# --report-only) gets the sections whose steps are done
+SECTIONS = [(main_table, {"eval_main"}), (adopt_tables, {"tg_adopt", "eval_adopt", "eval_discard"}),
+            (modulate_table, {"eval_main"}), (adl_table, {"eval_adl_canonical", "eval_adl_randomized"}),
+            (transfer_table, {"eval_transfer"}), (tool_table, {"eval_main"})]
+ADOPT_CURVE = "2. Adopt: AStar calls per vsp_nav sample during RL"  # the table the report draws the curve under
+
+
+def write_report(args, done, plan):
+    have = set(done)
+    sections = []
+    for build, needs in SECTIONS:
+        if needs <= have:
+            part = build(args)
+            sections += part if isinstance(part, list) else [part]  # adopt_tables returns three
+    sections += [targets(args, have), timing_table(done)]
     total = sum(d["seconds"] for d in done.values()) / 60
+    missing = [name for name, _ in plan if name not in have]
     head = (f"`python reproduce.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores"
             f"{', --device ' + args.device if args.device != 'auto' else ''}: {total:.0f} min of steps, "
-            f"evaluations on {args.eval_n if not args.quick else 2} test examples per task.")
+            f"evaluations on {args.eval_n if not args.quick else 2} test examples per task."
+            + (f" Not finished yet: {', '.join(missing)} (run `python reproduce.py` again to continue)."
+               if missing else ""))
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(markdown(sections, "## Reproduction summary\n\n" + head))
     evals = [name for name in done if name.startswith("eval_")]  # each has its own report.html to link
     with open(os.path.join(args.out, "report.html"), "w") as f:
-        curve = adopt_curve(args)  # the adopt curve: AStar calls per vsp_nav sample at every RL step
-        # keyed by the adopt-curve table's title: report_html draws the chart right under it
-        figures = {sections[1][0]: svg_lines("AStar calls per vsp_nav sample during RL", {"AStar / sample": curve})}
-        f.write(report_html(sections, head.replace("`", ""), evals, figures if curve else {}))
+        # the adopt curve, AStar calls per vsp_nav sample at every RL step, under its table
+        curve = adopt_curve(args) if ADOPT_CURVE in [title for title, *_ in sections] else []
+        figures = {ADOPT_CURVE: svg_lines("AStar calls per vsp_nav sample during RL", {"AStar / sample": curve})
+                   } if curve else {}
+        f.write(report_html(sections, head.replace("`", ""), evals, figures))
     print(markdown(sections[:-1], head))  # the console leaves out the timing table
     print(f"wrote {args.out}/summary.md and {args.out}/report.html")
 
@@ -403,12 +438,12 @@ def write_report(args, done):
 def main(argv=None):
     args = parser.parse_args(argv)
     plan = steps(args)
-    if args.report_only:  # no step runs: the tables come from the outputs already there
+    if args.report_only:  # no step runs: the tables come from the outputs already there (of a finished run or not)
         done = json.load(open(os.path.join(args.out, "steps.json")))
     else:
         done = run_steps(args, plan)
     # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan)
-    write_report(args, {name: done[name] for name, _ in plan if name in done})
+    write_report(args, {name: done[name] for name, _ in plan if name in done}, plan)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ def test_quick_runs_every_step_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped") == len(names)
     assert json.load(open(out / "steps.json")) == done
+    # a run stopped after the main table: --report-only writes the sections it can and names the steps to come
+    first = names[:names.index("eval_main") + 1]
+    (out / "steps.json").write_text(json.dumps({k: done[k] for k in first}))
+    partial = subprocess.run(cmd + ["--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    assert "### 1. Main table" in summary and "### 6. Tool statistics" in summary and "| TC+TG >= 95% on vsp_nav |" \
+        in summary
+    assert "### 2. Adopt" not in summary and "### 5. ADL" not in summary and "ADL transfer:" not in summary
+    assert f"Not finished yet: {', '.join(names[len(first):])} (run `python reproduce.py` again" in summary
 
 
 def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
