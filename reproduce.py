@@ -1,7 +1,7 @@
 """
 Reproduce AdaReasoner's findings on the tiny default, from nothing, with one command.
 
-    python reproduce.py                      # the full run (1 h 49 min on a 2-core CPU at --eval-n 20)
+    python reproduce.py                      # the full run (159 min on a 2-core CPU at --eval-n 100, 2026-12-03)
     nohup python reproduce.py > runs/repro.log 2>&1 &
     python reproduce.py --quick              # every step at its smallest: a smoke check of the whole pipeline
 
@@ -209,6 +209,9 @@ def adopt_curve(args):
             if "vsp_nav" in rec.get("by_task", {})]
 
 
+ADOPT_CURVE = "2. Adopt: AStar calls per vsp_nav sample during RL"  # the table the report draws the curve under
+
+
 def adopt_tables(args):
     curve = adopt_curve(args)
     chunks = max(1, min(5, len(curve)))  # at most 5 blocks of steps: the table stays short
@@ -223,7 +226,7 @@ def adopt_tables(args):
     discard = [[label, with_ci(r[label]["vsp_verify"]), num(calls(r[label]["vsp_verify"], "AStar")),
                 with_ci(d[label]["vsp_verify"])] for label in ("before", "after")]
     return [
-        ("2. Adopt: AStar calls per vsp_nav sample during RL", "TC data without AStar (vsp_nav, vsp_verify; "
+        (ADOPT_CURVE, "TC data without AStar (vsp_nav, vsp_verify; "
          f"{' '.join(SMALL_TC)}); RL on {ADOPT_RL} with all seven tools ({' '.join(SMALL_RL)}). Sampled rollouts, "
          "mean over each block of steps (the report draws every step).", ["RL steps", "AStar calls / sample"], rows),
         ("2. Adopt: vsp_nav before and after RL", "Greedy evaluation, all seven tools offered.",
@@ -293,12 +296,12 @@ def targets(args, have):
     """The reproduction issue's targets (the paper's shape at the tiny scale), each with the measured figure; `have`:
     the finished steps (a target whose evaluations have not run yet is left out)."""
     checks = []
-    if "eval_main" in have:
-        checks += main_targets(results(args, "eval_main"))
+    r = results(args, "eval_main") if "eval_main" in have else None
+    if r:
+        checks += main_targets(r)
     if {"eval_adopt", "eval_discard"} <= have:
         checks += adopt_targets(results(args, "eval_adopt"), results(args, "eval_discard"))
-    if "eval_main" in have:
-        r = results(args, "eval_main")
+    if r:
         nav, verify = calls(r["tctg"]["vsp_nav"], "Point"), calls(r["tctg"]["vsp_verify"], "Point")
         checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
                        f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
@@ -404,7 +407,6 @@ def report_html(sections, head, links, figures):
 SECTIONS = [(main_table, {"eval_main"}), (adopt_tables, {"tg_adopt", "eval_adopt", "eval_discard"}),
             (modulate_table, {"eval_main"}), (adl_table, {"eval_adl_canonical", "eval_adl_randomized"}),
             (transfer_table, {"eval_transfer"}), (tool_table, {"eval_main"})]
-ADOPT_CURVE = "2. Adopt: AStar calls per vsp_nav sample during RL"  # the table the report draws the curve under
 
 
 def write_report(args, done, plan):
