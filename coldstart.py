@@ -85,11 +85,7 @@ parser.add_argument("--eval-n", type=int, default=100,
                     help="held-out test examples per task for the final evaluation (0: skip)")
 parser.add_argument("--eval-batch", type=int, default=rollout.EVAL_BATCH, help="examples per rollout batch in the "
                     "evaluation")
-parser.add_argument("--eval-max-new-tokens", type=int, default=384, help="token limit per assistant turn in the "
-                    "evaluation (an AStar call on an 8x8 grid with many holes needs about 250)")
-parser.add_argument("--eval-max-turns", type=int, default=8, help="assistant turns per evaluation trajectory")
-parser.add_argument("--eval-max-total-tokens", type=int, default=3072, help="token limit of a whole evaluation "
-                    "trajectory (a real one stays under 2000; the cap bounds the cost of a model that loops)")
+rollout.add_limit_flags(parser, "eval-")  # of the evaluation trajectories
 rollout.add_device_flag(parser)
 rollout.add_grad_checkpointing_flag(parser)
 rollout.add_fsdp_flag(parser)
@@ -1008,9 +1004,7 @@ def main(argv=None):
         plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)
         with rollout.unsharded(model), rollout.train_autocast(device) if args.fsdp else nullcontext():
             _, results = rollout.evaluate(model, processor, examples, shown, plan, args.eval_batch, seed=args.seed,
-                                          protocol=protocol,
-                                          max_new_tokens=args.eval_max_new_tokens, max_turns=args.eval_max_turns,
-                                          max_total_tokens=args.eval_max_total_tokens)
+                                          protocol=protocol, **rollout.limits_of(args, "eval-"))
         for task, m in results.items():
             print(rollout.describe(task, m))
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),

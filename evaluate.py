@@ -25,8 +25,8 @@ from PIL import Image
 
 import adl
 import tasks
-from rollout import (EVAL_BATCH, add_device_flag, add_protocol_flag, cli, evaluate, level_key, load_policy, mean,
-                     metrics, model_exists, parse_flags, protocol_of, resolve_device)
+from rollout import (EVAL_BATCH, add_device_flag, add_limit_flags, add_protocol_flag, cli, evaluate, level_key,
+                     limits_of, load_policy, mean, metrics, model_exists, parse_flags, protocol_of, resolve_device)
 from tools import TOOLS, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +48,7 @@ parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (
 parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (when temperature > 0)")
 parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (when temperature > 0)")
 parser.add_argument("--batch-size", type=int, default=EVAL_BATCH, help="examples per rollout batch")
-parser.add_argument("--max-turns", type=int, default=8, help="assistant turns per trajectory")
-parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per assistant turn")
-parser.add_argument("--max-total-tokens", type=int, default=4096, help="tokens per trajectory, prompt included")
-parser.add_argument("--tool-timeout", type=float, default=5.0, help="seconds a tool call may run")
+add_limit_flags(parser)
 parser.add_argument("--curves", default="", help="training logs to plot: comma-separated LABEL=path/log.jsonl")
 parser.add_argument("--show", type=int, default=20, help="trajectories per model and task in the report")
 parser.add_argument("--out", default="runs/eval", help="output directory")
@@ -643,10 +640,8 @@ def main(argv=None):
         plan = adl.plan(examples, protocol.schemas(offered), args.adl, args.seed)
         t0 = time.perf_counter()
         trajs, per_task = evaluate(model, processor, examples, offered, plan, args.batch_size, f"eval {label}",
-                                   args.seed, max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                                   max_total_tokens=args.max_total_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, tool_timeout=args.tool_timeout,
-                                   protocol=protocol)
+                                   args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                   protocol=protocol, **limits_of(args))
         seconds = time.perf_counter() - t0
         runs[label] = {"path": path, "tool_mode": mode, "tools": offered, "protocol": protocol.name,
                        "examples": examples,

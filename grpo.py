@@ -57,11 +57,7 @@ def parse_args(argv=None):
     g.add_argument("--group-size", type=int, default=4, help="trajectories sampled per prompt (the GRPO group)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; the loss uses the same one")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    g.add_argument("--max-turns", type=int, default=8, help="assistant turns per trajectory")
-    g.add_argument("--max-new-tokens", type=int, default=384, help="tokens per assistant turn (an AStar call with many "
-                   "obstacles takes ~340 with the tiny tokenizer)")
-    g.add_argument("--max-total-tokens", type=int, default=2048, help="tokens per trajectory, prompt included")
-    g.add_argument("--tool-timeout", type=float, default=5.0, help="seconds a tool call may run")
+    rollout.add_limit_flags(g)  # of the RL rollouts and the evaluation alike
     g = p.add_argument_group("reward and advantage")
     g.add_argument("--reward", default="adaptive", choices=["adaptive", "accuracy", "additive"],
                    help="adaptive: 0 if format invalid, 1 if correct, else lambda*T; accuracy: 1 iff format valid and "
@@ -429,8 +425,7 @@ def main(argv=None):
         # the log as of the state we start from; TG numbers steps from 0
         rollout.open_log(log_path, step, first=0).close()
 
-    limits = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                  tool_timeout=args.tool_timeout, protocol=protocol)
+    limits = dict(rollout.limits_of(args), protocol=protocol)
     if args.eval_before and args.eval_n and step == 0:
         evals["before"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                    args.eval_batch, autocast, "before", **limits)
@@ -454,12 +449,10 @@ def main(argv=None):
         with autocast, rollout.unsharded(model), \
                 tqdm(total=len(mine) * args.group_size, desc="rollout", leave=False, disable=rank > 0) as rbar:
             local = rollout.rollout(model, processor, [examples[k] for k in mine], tools=offered,
-                                    group_size=args.group_size, max_turns=args.max_turns,
-                                    max_new_tokens=args.max_new_tokens, max_total_tokens=args.max_total_tokens,
-                                    temperature=args.temperature, top_p=args.top_p,
-                                    seed=args.seed * 1_000_003 + step, tool_timeout=args.tool_timeout,
+                                    group_size=args.group_size, temperature=args.temperature, top_p=args.top_p,
+                                    seed=args.seed * 1_000_003 + step,
                                     adl=[mappings[k] for k in mine] if mappings else None, progress=rbar,
-                                    protocol=protocol, keys=mine)
+                                    keys=mine, **limits)
         # 3. rewards from the checked answer, the format and the tool calls; advantages normalized within each group,
         # so only differences between samples of the same prompt push the policy (groups are whole on a rank)
         for t in local:

@@ -336,6 +336,26 @@ def add_grad_checkpointing_flag(parser):
                              "less memory for long sequences and large models, about a third more compute")
 
 
+# a trajectory's limits, the same defaults in every stage (TC's evaluation, TG's rollouts and evaluation, evaluate.py):
+# an AStar call on an 8x8 grid with many holes takes ~340 tokens with the tiny tokenizer, and a real trajectory
+# stays under 2000 (the total only bounds the cost of a model that loops)
+LIMITS = {"max_turns": 8, "max_new_tokens": 384, "max_total_tokens": 3072, "tool_timeout": 5.0}
+
+
+def add_limit_flags(parser, prefix=""):
+    """--{prefix}max-turns, --{prefix}max-new-tokens, --{prefix}max-total-tokens, --{prefix}tool-timeout."""
+    helps = {"max_turns": "assistant turns per trajectory", "max_new_tokens": "tokens per assistant turn",
+             "max_total_tokens": "tokens per trajectory, prompt included", "tool_timeout": "seconds a tool call may run"}
+    for key, default in LIMITS.items():
+        parser.add_argument(f"--{prefix}{key.replace('_', '-')}", type=type(default), default=default,
+                            help=f"{helps[key]} (default %(default)s)")
+
+
+def limits_of(args, prefix=""):
+    """The limit flags' values as rollout() keywords: {max_turns, max_new_tokens, max_total_tokens, tool_timeout}."""
+    return {key: getattr(args, prefix.replace("-", "_") + key) for key in LIMITS}
+
+
 def reason(e):
     """An exception as a short clause for a one-line error: its type and first sentence."""
     text = (str(e).strip().splitlines() or [""])[0]
@@ -1000,8 +1020,9 @@ class LiveBatch:
 
 
 @torch.no_grad()
-def rollout(model, processor, examples, tools=None, group_size=1, max_turns=8, max_new_tokens=256,
-            max_total_tokens=4096, temperature=1.0, top_p=1.0, top_k=0, seed=0, tool_timeout=5.0,
+def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMITS["max_turns"],
+            max_new_tokens=LIMITS["max_new_tokens"], max_total_tokens=LIMITS["max_total_tokens"], temperature=1.0,
+            top_p=1.0, top_k=0, seed=0, tool_timeout=LIMITS["tool_timeout"],
             adl=None, toolsets=None, forcer=None, progress=None, timings=None, protocol=OURS, keys=None):
     """Sample `group_size` multi-turn trajectories per example; returns them example-major.
 

@@ -271,3 +271,15 @@ def test_inverse_cdf_sampling_never_draws_a_banned_token():
     for u in (0.0, 0.3, 0.5, 0.999999999):
         got = rollout.sample(logits, 1.0, 1.0, 0, [u, u]).tolist()
         assert got[0] == 1 and got[1] == (3 if u < 0.5 else 4)
+
+
+def test_every_stage_limits_trajectories_alike():
+    """TC's evaluation, TG's rollouts and evaluate.py read one set of limit defaults (rollout.LIMITS), and a flag moves
+    its own stage's value only."""
+    import coldstart
+    import evaluate
+    import grpo
+    assert rollout.limits_of(coldstart.parser.parse_args([]), "eval-") == rollout.LIMITS
+    assert rollout.limits_of(evaluate.parser.parse_args([])) == rollout.LIMITS
+    assert rollout.limits_of(grpo.parse_args([])) == rollout.LIMITS
+    assert rollout.limits_of(grpo.parse_args(["--max-new-tokens", "7"])) == {**rollout.LIMITS, "max_new_tokens": 7}
