@@ -184,8 +184,9 @@ THINK = {
                    "With {letter} inserted the picture looks seamless.",
                    "Candidate {letter} fits: no seams at the borders."],
     # vstar: Point finds the small object, Crop zooms in (reflect: too wide a crop first)
-    "vstar_point": ["The object is tiny; let me find it first.", "I locate the {what} in the large image.",
-                    "The target is small, so I search for it with Point."],
+    # every opening names the object as the question does, so the description Point gets repeats a word just written
+    "vstar_point": ["First I find the {what} in the large image.", "I locate the {what} in the large image.",
+                    "The target is small, so I search for the {what} with Point."],
     "vstar_crop": ["Found it. I zoom in on the object to see it clearly.", "Let me crop around it and look closer.",
                    "I crop the region around that point to read the details."],
     "vstar_toobig": ["Let me zoom into a large region around it first.", "I crop a wide area around the point.",
@@ -194,8 +195,9 @@ THINK = {
                      "Too far away to be sure; a tighter crop is needed.", "Still tiny here. Let me crop tighter."],
     "vstar_count": ["Point found {n} matching objects.", "There are {n} of them according to Point.",
                     "The search returned {n} points, one per object."],
-    "vstar_answer": ["The zoomed view shows it clearly.", "Now I can see the object well.",
-                     "In the crop the answer is plain."],
+    # {fact}: what the crop shows, in words ("the star is red"), before the letter that names it among the options
+    "vstar_answer": ["The zoomed view shows it clearly: {fact}.", "Now I can see it well: {fact}.",
+                     "In the crop the answer is plain: {fact}."],
     # guiqa: OCR on the screen, the value read off the label's row (reflect: a header crop first)
     "gui_ocr": ["The text on this screen is small; let me read it with OCR.", "I read all the fields with OCR.",
                 "OCR gives me every label and value on the screen."],
@@ -452,18 +454,18 @@ def vstar(b, kind):
     if m["level"] == "count":  # no crop: the points are the answer
         return b.answer(b.think("vstar_count", n=len(points)), b.ex["answer"])
     w, h = b.ex["images"][0].size  # the search canvas
-
-    def box(r):  # a square of half-side r around the first point, clipped to the image
-        (x, y) = points[0]
-        return [max(0, x - r), max(0, y - r), min(w, x + r), min(h, y + r)]
-
-    # reflect: a 512-px crop leaves the object small, a 64-px one shows it
-    if kind == "reflect":
-        b.call(b.think("vstar_toobig"), "Crop", {"image": "img_1", "coordinates": box(256)})
-        b.call(b.think("vstar_closer"), "Crop", {"image": "img_1", "coordinates": box(32)})
+    (x, y) = points[0]
+    # the zoom copies Point's [x, y] (Crop's point form: the 40-px square around it); a box would need x - 20 and
+    # x + 20, arithmetic a small model does not learn from a few hundred examples (the tiny default never did)
+    if kind == "reflect":  # a 512-px box first leaves the object small, then the point form shows it
+        wide = [max(0, x - 256), max(0, y - 256), min(w, x + 256), min(h, y + 256)]
+        b.call(b.think("vstar_toobig"), "Crop", {"image": "img_1", "coordinates": wide})
+        b.call(b.think("vstar_closer"), "Crop", {"image": "img_1", "coordinates": [x, y]})
     else:
-        b.call(b.think("vstar_crop"), "Crop", {"image": "img_1", "coordinates": box(32)})
-    return b.answer(b.think("vstar_answer"), b.ex["answer"])
+        b.call(b.think("vstar_crop"), "Crop", {"image": "img_1", "coordinates": [x, y]})
+    fact = (f"the {m['shape']} is {m['colour']}" if m["level"] == "color"
+            else f"the {m['colour']} object is a {m['shape']}")  # the label's words (the letter is the example's)
+    return b.answer(b.think("vstar_answer", fact=fact), b.ex["answer"])
 
 
 def guiqa(b, kind):

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 MAX_SIDE = 1024        # longest side of any image a tool returns
 CROP_MIN_SIDE = 224    # Crop zooms until the short side is at least this (the model's input side)
+CROP_POINT_SIDE = 40   # Crop given a point [x, y]: the side of the square cut around it (a vstar target is 14-22 px)
 MAX_COORD = 100_000    # pixel coordinates beyond this are a model's typo, not a real image
 MAX_TEXT = 500         # longest free-text argument
 
@@ -503,7 +504,24 @@ def insert_image(args, images):
 
 def crop(args, images):
     img = _image(args, "image", images)
-    x1, y1, x2, y2 = _box(args, "coordinates", img, args["image"])
+    v = args["coordinates"]
+    if isinstance(v, str):  # models send lists as strings too; _numbers parses them again below
+        try:
+            v = json.loads(v)
+        except ValueError:
+            pass
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        # a point, e.g. copied from Point's result: the square of CROP_POINT_SIDE px around it, clipped to the image.
+        # A model that cannot do arithmetic (the tiny default) can still zoom on what it found, by copying.
+        x, y = _numbers(args, "coordinates", 2)
+        w, h = img.size
+        if not (0 <= x < w and 0 <= y < h):
+            raise ToolError(f"argument 'coordinates' as a point [x, y] must lie inside {args['image']} ({w}x{h}); "
+                            f"got {_short(args['coordinates'])}")
+        half = CROP_POINT_SIDE // 2
+        x1, y1, x2, y2 = max(0, x - half), max(0, y - half), min(w, x + half), min(h, y + half)
+    else:
+        x1, y1, x2, y2 = _box(args, "coordinates", img, args["image"])
     out = img.crop((x1, y1, x2, y2))
     zoom = max(1.0, CROP_MIN_SIDE / min(out.size))  # upscale only: a large box keeps its pixels
     if zoom > 1:
@@ -622,7 +640,8 @@ TOOLS = {
         ["base_image", "image_to_insert", "coordinates"]), insert_image),
     "Crop": (_schema(
         "Crop", f"Cut a box out of an image and zoom it so its short side is at least {CROP_MIN_SIDE} pixels.",
-        {"image": ("string", _IMG), "coordinates": ("array", _BOX)},
+        {"image": ("string", _IMG), "coordinates": ("array", _BOX + f", or a point [x, y] to zoom on the "
+                                                    f"{CROP_POINT_SIDE}x{CROP_POINT_SIDE} px square around it")},
         ["image", "coordinates"]), crop),
     "OCR": (_schema(
         "OCR", "Read the text of a synthetic app screen (the project's 5x7 pixel font, dark text on a light "

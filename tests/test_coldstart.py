@@ -87,6 +87,32 @@ def test_trajectories_are_valid_correct_and_in_the_configured_shares(data):
             if r["kind"] == "tool_failure" else not errors, r["id"]
 
 
+def test_vstar_trajectories_copy_what_they_use(data):
+    """vstar's plan asks for copies only: the object's words from the question into Point, Point's [x, y] into
+    Crop, and the answer's attribute named in words before the letter."""
+    _, records = data
+    crops = 0
+    for r in (r for r in records if r["task"] == "vstar"):
+        calls, results = [], []
+        for m in r["messages"][2:]:
+            if m["role"] == "assistant" and "<tool_call>" in m["content"]:
+                calls.append((m["content"], json.loads(m["content"].split("<tool_call>")[1].split("</tool_call>")[0])))
+            elif m["role"] == "user":
+                results.append(json.loads(m["content"][0]["text"].split("\n")[0]))
+        point = [(t, c) for t, c in calls if c["name"] == "Point"][-1]  # the last: a tool_failure retries Point
+        description = point[1]["parameters"]["description"]
+        assert description in r["messages"][1]["content"][-1]["text"] and description in point[0], r["id"]
+        found = [res for (_, c), res in zip(calls, results) if c["name"] == "Point"][-1]["points"]
+        crop = [c for _, c in calls if c["name"] == "Crop"]
+        if crop:
+            crops += 1
+            assert crop[-1]["parameters"]["coordinates"] == found[0], r["id"]  # the point form, copied
+            ex = example_of(r)
+            words = ex["meta"]["colour"] if ex["meta"]["level"] == "color" else ex["meta"]["shape"]
+            assert words in r["messages"][-1]["content"].split("\\boxed")[0], r["id"]
+    assert crops > 0
+
+
 def test_data_without_astar_never_mentions_it_and_still_solves_vsp_nav():
     offered = [t for t in tools.TOOLS if t != "AStar"]
     records = list(coldstart.curate_task("vsp_nav", N, SHARES, seed=0, offered=offered))

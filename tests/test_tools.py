@@ -238,6 +238,19 @@ def test_draw_crop_insert_return_new_images(images):
     assert max(c.size) <= tools.MAX_SIDE
 
 
+def test_crop_of_a_point_is_the_square_around_it_clipped_to_the_image():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    half = tools.CROP_POINT_SIDE // 2
+    for (x, y), box in [((200, 150), [200 - half, 150 - half, 200 + half, 150 + half]),
+                        ((5, 290), [0, 290 - half, 5 + half, 300])]:
+        r = call_tool("Crop", {"image": "img_1", "coordinates": [x, y]}, [img])
+        want = call_tool("Crop", {"image": "img_1", "coordinates": box}, [img])
+        assert r.data["box"] == box and r.image.tobytes() == want.image.tobytes()
+    assert call_tool("Crop", {"image": "img_1", "coordinates": "[200, 150]"}, [img]).data["box"][0] == 200 - half
+    r = call_tool("Crop", {"image": "img_1", "coordinates": [400, 10]}, [img])
+    assert r.error == "argument 'coordinates' as a point [x, y] must lie inside img_1 (400x300); got [400, 10]"
+
+
 def test_point_vocabulary_and_empty_results(images):
     blank = [Image.new("RGB", (128, 128), (230, 230, 230))]
     assert call_tool("Point", {"image": "img_1", "description": "the gift"}, blank).data == {"points": []}
