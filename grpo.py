@@ -80,8 +80,8 @@ def parse_args(argv=None):
                    help="trajectories per forward/backward (gradient accumulation); on the 2-core CPU 2 is the fastest "
                    "and leanest (14 default steps: update 59 s at 2, 64 s at 4, 76 s at 8; peak RSS 1.39, 1.77, "
                    "2.69 GiB)")
-    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW; for the tiny default, whose SFT "
-                   "peak is 2e-3; ~1e-6 for a 7B model)")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (AdamW; for the tiny default, a tenth of "
+                   "TC's 5e-4: 2e-4 broke that TC model's vsp_nav; ~1e-6 for a 7B model)")
     g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="LR after warmup")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
