@@ -70,8 +70,8 @@ def parse_args(argv=None):
     g.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean"],
                    help="token-mean: every sampled token of the minibatch weighs the same; seq-mean: every trajectory")
     # 0.1, not the paper's 0: on the tiny default, RL without it lost TC's vsp_nav plan at 1 seed of 3 (and with
-    # mean-only advantages at 1 of 2): a branch point other tasks share; with it at none of 3 (README, "TG from TC over
-    # seeds, the group std and a KL term")
+    # mean-only advantages at 1 of 2): a branch point other tasks share; with it at none of 3 (results/HISTORY.md,
+    # "TG from TC over seeds, the group std and a KL term")
     g.add_argument("--kl-coef", type=float, default=0.1, help="weight of a k3 KL penalty to the initial policy, "
                    "which holds what TC taught (0, as in the paper, keeps no reference copy: 33 GB less at 7B)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")

@@ -129,7 +129,7 @@ def build_tokenizer(corpus, vocab_size=TINY_VOCAB):
     bpe = Tokenizer(models.BPE())
     # Pieces split at newlines and brackets only, so merges may span words and quotes: a schema fragment or a
     # description the corpus repeats becomes a token or two (ADL's paraphrases too). (Splitting after the `: "`
-    # that opens a string value as well was tried in pretraining run 4 and not kept: see the README.)
+    # that opens a string value as well was tried in pretraining run 4 and not kept: see results/HISTORY.md.)
     # Numbers split into runs of at most three digits and every run 0-999 is one token (tokenizer_corpus lists
     # them all), so a coordinate is one or two tokens that tokenize the same wherever they are copied; the
     # separators of number, point and move lists (", " and "], [") stand alone. Copying a point list is then the
