@@ -253,10 +253,11 @@ def bench_curve(args):
 def bench_train(args):
     """Forward + backward throughput of the SFT loss and of the GRPO update's log-probs on the same TC-like
     trajectories (batch of 8), each against its plain counterpart in the same run. Plain: logits over the whole
-    vocabulary at every position, fp32, and (SFT) every image encoded again at every step. Optimised, as coldstart,
-    tiny and grpo run them: the LM head only where a token carries loss, bf16 autocast on CUDA
-    (rollout.train_autocast; fp32 on a CPU), and image encodings reused (rollout.encode_image_cached). The losses of
-    both are reported, to show they agree."""
+    vocabulary at every position, the padding mask, fp32, and (SFT) every image encoded again at every step.
+    Optimised, as coldstart, tiny and grpo run them: the LM head only where a token carries loss, no padding mask
+    (right padding under causal attention: rollout.sequence_inputs), bf16 autocast on CUDA (rollout.train_autocast;
+    fp32 on a CPU), and image encodings reused (rollout.encode_image_cached). The losses of both are reported, to
+    show they agree."""
     model, processor = load(args)
     device = next(model.parameters()).device
     trajs = rollout.rollout(model, processor, bench_examples(8), temperature=0,

@@ -1281,11 +1281,17 @@ def train_autocast(device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16_autocast_fits(device))
 
 
-def sequence_inputs(processor, seqs, images, device, dtype):
+def sequence_inputs(processor, seqs, images, device, dtype, padding_mask=True):
     """Model inputs for whole sequences, right-padded: ids, attention mask, M-RoPE positions and pixels.
-    seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw)."""
+    seqs: list of token id lists; images: per row, a list of (pixel_values, grid_thw).
+    padding_mask=False passes no attention mask. Under causal attention a right-padded row's padding comes after
+    every real token, so no real position ever attends to it: the real positions' outputs are the same, and SDPA
+    runs its causal kernel (which skips the upper triangle) instead of reading a [B, 1, L, L] mask. The training
+    passes use it: on this CPU TC's loop ran 1.14x faster and the TG update 1.21x (README, Results). Padded
+    positions' outputs are then garbage, and nothing reads them."""
     ids = torch.tensor(pad_batch(seqs, processor.pad, left=False), device=device)  # [B, L], right-padded
-    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device)  # [B, L]: 0 on padding
+    attn = torch.tensor(pad_batch([[1] * len(s) for s in seqs], 0, left=False), device=device) \
+        if padding_mask else None  # [B, L]: 0 on padding
     # [3, B, L]: each row's M-RoPE positions from 0, zeros on its padding
     pos = torch.stack([F.pad(mrope_positions(s, [g for _, g in im], processor)[0], (0, ids.shape[1] - len(s)))
                        for s, im in zip(seqs, images)], dim=1).to(device)
@@ -1294,7 +1300,8 @@ def sequence_inputs(processor, seqs, images, device, dtype):
 
 
 def sequence_logits(model, processor, seqs, images, device=None):
-    """One full, cache-free forward over whole sequences -> logits [B, L, V] (position t predicts token t+1)."""
+    """One full, cache-free forward over whole sequences, with the padding mask -> logits [B, L, V] (position t
+    predicts token t+1). The plain reference the training passes (masked_logits) are tested against."""
     device = device or next(model.parameters()).device
     return model(**sequence_inputs(processor, seqs, images, device, model.dtype), use_cache=False).logits
 
@@ -1302,7 +1309,7 @@ def sequence_logits(model, processor, seqs, images, device=None):
 def masked_logits(model, processor, seqs, images, masks, device):
     """One forward over whole sequences with the LM head run only where masks[b][t] is 1 (position t-1 predicts
     token t) -> (logits [N, V] in row-major order of the mask, their target tokens [N], mask [B, L-1])."""
-    inputs = sequence_inputs(processor, seqs, images, device, model.dtype)
+    inputs = sequence_inputs(processor, seqs, images, device, model.dtype, padding_mask=False)  # right-padded
     targets = torch.tensor(pad_batch(seqs, 0, left=False), device=device)[:, 1:]  # [B, L-1]: position t predicts t+1
     mask = torch.tensor(pad_batch(masks, 0, left=False), device=device)[:, 1:].bool()  # [B, L-1] bool
     # under --fsdp, shard() made masked_head a forward method of the model (FSDP gathers the root's weights for it)
