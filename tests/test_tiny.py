@@ -238,8 +238,9 @@ def test_scratch_is_the_same_model_untrained(base):
 
 def test_masked_loss_equals_full_logits_loss():
     """The LM head only at loss positions, without the padding mask, gives the plain computation's loss and gradients
-    (a full forward with the padding mask). Float sums run in another order, so each gradient tensor is compared
-    to within 1e-5 of its largest entry (measured: 4e-7)."""
+    (a full forward with the padding mask). Float sums run in another order, so each gradient entry is compared
+    within 1e-4 relative plus an absolute 1e-6 of its tensor's largest entry (the summed loss makes entries of
+    thousands; measured worst difference: 4e-7 of the largest)."""
     model, processor = tiny.build_scratch(seed=1)
     batch = [tiny.encode_item(processor, tiny.corpus_item(random.Random(f"loss-{i}"))) for i in range(8)]
     batch.append(rollout.encode_conversation(processor, tiny.vision_item(random.Random(0))))
@@ -255,7 +256,7 @@ def test_masked_loss_equals_full_logits_loss():
     for g, h in zip(grads, plain_grads):
         assert (g is None) == (h is None)
         if g is not None:
-            assert (g - h).abs().max() <= 1e-5 * h.abs().max()
+            assert torch.allclose(g, h, rtol=1e-4, atol=1e-6 * h.abs().max().item())
 
 
 def test_wsd_schedule():
