@@ -370,6 +370,7 @@ def bench_tools():
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    rollout.keep_freed_memory()  # the allocator the stages run with (rollout.cli): both sides of every ratio get it
     torch.manual_seed(args.seed)  # --config 7b draws its random weights from torch's generator
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -297,9 +297,27 @@ def clip_grads(params, max_norm):
 BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
 
 
+def keep_freed_memory():
+    """Make glibc's malloc keep the memory a step frees, for the next step to reuse. By default every block over
+    ~128 KiB (an activation, a gradient, a KV buffer) is mmap'd when allocated and unmapped when freed, so each
+    training step takes tens of thousands of page faults to map and zero its activations again. With the mmap
+    threshold at its largest (32 MiB) and no automatic trim, freed blocks go back to the heap and stay mapped.
+    Measured on the bench's SFT step (2-core CPU): 1.35 -> 1.12 s. release_memory's explicit trim still returns
+    memory between phases. Returns False where glibc is not the allocator (the settings then do nothing)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # mallopt's parameter numbers (malloc.h): M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3; 1 = accepted
+    settings = {-3: 32 * 2**20, -1: 2**30, -2: 256 * 2**20}  # mmap only above 32 MiB; trim above 1 GiB; grow by 256 MiB
+    return all(libc.mallopt(param, value) == 1 for param, value in settings.items())
+
+
 def cli(main):
     """Run a stage's main() from the command line: bad input (InputError: a data file, a model directory, a
-    checkpoint) ends in one line naming the file and exit status 2, like a bad flag; nothing else is caught."""
+    checkpoint) ends in one line naming the file and exit status 2, like a bad flag; nothing else is caught.
+    The allocator keeps freed memory first (keep_freed_memory)."""
+    keep_freed_memory()
     try:
         main()
     except InputError as e:

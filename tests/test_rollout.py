@@ -1,6 +1,10 @@
 """The rollout engine: exact log-probs, greedy equivalence with cache-free decoding, the loss mask, tool limits."""
+import ctypes
 import json
+import pathlib
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -283,3 +287,32 @@ def test_every_stage_limits_trajectories_alike():
     assert rollout.limits_of(evaluate.parser.parse_args([])) == rollout.LIMITS
     assert rollout.limits_of(grpo.parse_args([])) == rollout.LIMITS
     assert rollout.limits_of(grpo.parse_args(["--max-new-tokens", "7"])) == {**rollout.LIMITS, "max_new_tokens": 7}
+
+
+def test_keep_freed_memory_serves_activations_from_the_heap():
+    # in a fresh process: the setting is process-wide, and the first allocation must see glibc's defaults
+    code = """
+import ctypes, json, torch, rollout
+class Info(ctypes.Structure):  # glibc's struct mallinfo2: arena = heap bytes, hblkhd = bytes in mmap'd blocks
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def grew(make):  # -> (mmap'd bytes, heap bytes) that appeared while making and holding one tensor
+    a, h = libc.mallinfo2().hblkhd, libc.mallinfo2().arena
+    x = make()
+    return libc.mallinfo2().hblkhd - a, libc.mallinfo2().arena - h
+block = lambda: torch.empty(4 * 2**20)  # 16 MiB, an activation of the SFT step
+out = {"default": grew(block), "kept": rollout.keep_freed_memory(), "first": grew(block), "again": grew(block)}
+print(json.dumps(out))
+"""
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("glibc >= 2.33 (mallinfo2) only")
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=pathlib.Path(__file__).parents[1]).stdout)
+    assert out["default"][0] >= 16 * 2**20  # glibc's default: a block this large is mmap'd, and unmapped when freed
+    assert out["kept"] is True
+    assert out["first"][0] == 0 and out["first"][1] >= 16 * 2**20  # now it comes from the heap...
+    assert out["again"] == [0, 0]  # ...and after it is freed, the next one reuses it: nothing mapped anew
