@@ -873,6 +873,37 @@ def vision_item(rng):
                       answer=answer)]
 
 
+@dataclass
+class Marked:
+    """Plain text whose loss falls on marked character spans only (the choose drill): the spans are tokenized as
+    part of the whole text, exactly as they are when the model writes them in a turn."""
+    text: str
+    spans: list  # [(start, end)] character offsets
+
+
+def choose_item(rng):
+    """A tool-choice drill: a prompt's tool list, 2-6 tools of random kinds shown as the system prompt shows them
+    (most with random names), then one thinking line per tool in another order, each naming the tool for its purpose
+    as the corpus's turns do ("To sort the numbers I call x7uppz."), the loss on the names only. What the held-out tool-choice check misses
+    is this token: read in its failures, 66 of 69 first calls name another offered tool or a name not offered (the
+    tail of one tool's name with the head of another's), while the arguments are right whenever the tool is. The
+    name comes before its description in a schema, so choosing by description is a lookup backwards, which the
+    tools scenarios practise on one token in hundreds; here it is every line's target. -> Marked."""
+    ts = Toolset({})  # the tools are only named here, never called: no world behind them
+    kinds = rng.sample(list(KINDS), rng.randint(2, 6))
+    random_names = rng.random() < 0.8  # the check's case (ADL-style names), and readable names sometimes
+    for k in kinds:
+        ts.add(k, rng, random_names)
+    text, spans = rollout.system_prompt(ts.schemas) + "\n\n", []
+    # each offered tool once, in another order: a second line for a kind could copy the first instead of looking up
+    for kind_key in rng.sample(kinds, len(kinds)):
+        line, name = think_call(ts, kind_key, rng), ts.name_of(kind_key)
+        start = len(text) + line.rindex(name)  # every template ends with the name or with "{name} does."
+        spans.append((start, start + len(name)))
+        text += line + "\n"
+    return Marked(text, spans)
+
+
 def drill_item(rng):
     """A plain copy drill, no chat template: 2-3 labelled lists (words, numbers or [x, y] pairs) and a cue; the
     loss falls on the copy only. Short and dense: the copy circuit forms here (for the shipped base, abruptly
@@ -902,9 +933,9 @@ def drill_item(rng):
 def parse_mix(text):
     """'copy=0.35,tools=0.5,vision=0.15' -> (("copy", 0.35), ...)"""
     mix = tuple((k.strip(), float(v)) for k, v in (p.split("=") for p in text.split(",")))
-    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "layout", "vision")]
+    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "layout", "choose", "vision")]
     if unknown:
-        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, layout, vision")
+        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, layout, choose, vision")
     return mix
 
 
@@ -919,6 +950,8 @@ def corpus_item(rng, mix=None, images=True):
         return vision_item(rng)
     if part == "copy":
         return copy_item(rng)
+    if part == "choose":
+        return choose_item(rng)
     if part == "layout":  # the layout scenario alone (it is also one of the "tools" scenarios)
         return tool_scenario(rng, "layout")[0]
     return tool_scenario(rng)[0]  # "tools", and "vision" when images=False (the tokenizer's corpus is text only)
@@ -932,6 +965,10 @@ def encode_item(processor, item):
     plain text with the loss on the copy and the <|im_end|> that closes it."""
     if isinstance(item, list):
         return rollout.encode_conversation(processor, item)
+    if isinstance(item, Marked):  # loss on every token that overlaps a marked span
+        enc = processor.tokenizer(item.text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [int(any(a < end and start < b for start, end in item.spans)) for a, b in enc["offset_mapping"]]
+        return enc["input_ids"], mask, []
     # the closing <|im_end|> carries loss too: the drill also teaches where a copy stops
     head, copy = processor.encode_text(item[0]), processor.encode_text(item[1]) + [processor.im_end]
     return head + copy, [0] * len(head) + [1] * len(copy), []

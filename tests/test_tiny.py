@@ -23,6 +23,8 @@ def render_text(item):
     """A corpus item as text, images as their PNG bytes, so two draws can be compared exactly."""
     if isinstance(item, tuple):  # a drill: (text, copy)
         return "".join(item)
+    if isinstance(item, tiny.Marked):  # the choose drill
+        return item.text
     out = []
     for m in item:
         for p in rollout.render(m):
@@ -197,6 +199,36 @@ def test_numbers_are_tokens_that_copy_alike(base):
     for context in (f"blue: {points}\n", f'{{"name": "f", "parameters": {{"pts": {points}}}}}'):
         ids = processor.encode_text(context)
         assert any(ids[i:i + len(alone)] == alone for i in range(len(ids))), context
+
+
+def test_choose_drill_marks_the_names_of_the_tools_that_fit():
+    """The choose drill's loss falls on tool names only, and each is the offered tool whose description belongs to
+    the kind its line asks for; the marked tokens are the names as the whole text tokenizes them."""
+    processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)
+    for i in range(20):
+        item = tiny.choose_item(random.Random(f"choose-{i}"))
+        schemas = [json.loads(line) for line in item.text.split("<tools>\n")[1].split("\n</tools>")[0].split("\n")]
+        described = {s["function"]["name"]: s["function"]["description"] for s in schemas}
+        lines = item.text.split("\n\n")[-1].strip().split("\n")
+        assert len(lines) == len(item.spans) == len(schemas)  # one line per offered tool
+        assert sorted(item.text[a:b] for a, b in item.spans) == sorted(described)  # each tool asked for once
+        for line, (a, b) in zip(lines, item.spans):
+            name = item.text[a:b]
+            assert line.rstrip(".").endswith(name) or line.endswith(f"{name} does.")
+            kind = next(k for k in tiny.KINDS.values() if k.purpose in line)
+            assert described[name] in kind.descriptions
+        ids, mask, images = tiny.encode_item(processor, item)
+        assert ids == processor.encode_text(item.text) and images == []  # tokenized as one text
+        # the marked tokens, read back as runs: each run spells one name, in order; a token at either end may
+        # hold a character or two beside it (merges span words: "use wns7k4" can split as "us", "e w", "ns7", ...)
+        runs, cur = [], []
+        for t, m in zip(ids, mask):
+            if m:
+                cur.append(t)
+            elif cur:
+                runs, cur = runs + [processor.decode(cur)], []
+        names = [item.text[a:b] for a, b in item.spans]
+        assert len(runs) == len(names) and all(n in r and len(r) <= len(n) + 4 for r, n in zip(runs, names)), runs
 
 
 def test_shipped_base_copies_held_out_drills(base):
