@@ -66,8 +66,8 @@ parser.add_argument("--cooldown", type=float, default=0.15,
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
 parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part "
-                    "after the drill steps (drill, copy, tools, layout, vision; layout: the layout scenario alone, also one of the "
-                    "tools scenarios; the tokenizer corpus uses the default)")
+                    "after the drill steps (drill, copy, tools, layout, choose, vision; layout: the layout scenario alone, also one of "
+                    "the tools scenarios; choose: the tool-choice drill; the tokenizer corpus uses the default)")
 parser.add_argument("--workers", type=int, default=None, help="processes that build batches ahead of the GPU (default: "
                     "none on a CPU, where the training process keeps up; up to 14 on a GPU)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
