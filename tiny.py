@@ -66,8 +66,9 @@ parser.add_argument("--cooldown", type=float, default=0.15,
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
 parser.add_argument("--mix", default="drill=0.1,copy=0.3,tools=0.45,vision=0.15", help="share of each corpus part "
-                    "after the drill steps (drill, copy, tools, layout, choose, vision; layout: the layout scenario alone, also one of "
-                    "the tools scenarios; choose: the tool-choice drill; the tokenizer corpus uses the default)")
+                    "after the drill steps (drill, copy, tools, layout, choose, vision; layout: the layout scenario "
+                    "alone, also one of the tools scenarios; choose: the tool-choice drill; the tokenizer corpus uses "
+                    "the default)")
 parser.add_argument("--workers", type=int, default=None, help="processes that build batches ahead of the GPU (default: "
                     "none on a CPU, where the training process keeps up; up to 14 on a GPU)")
 parser.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps")
@@ -883,12 +884,13 @@ class Marked:
 
 def choose_item(rng):
     """A tool-choice drill: a prompt's tool list, 2-6 tools of random kinds shown as the system prompt shows them
-    (most with random names), then one thinking line per tool in another order, each naming the tool for its purpose
-    as the corpus's turns do ("To sort the numbers I call x7uppz."), the loss on the names only. What the held-out tool-choice check misses
-    is this token: read in its failures, 66 of 69 first calls name another offered tool or a name not offered (the
-    tail of one tool's name with the head of another's), while the arguments are right whenever the tool is. The
-    name comes before its description in a schema, so choosing by description is a lookup backwards, which the
-    tools scenarios practise on one token in hundreds; here it is every line's target. -> Marked."""
+    (most with random names), then one thinking line per tool in another order, each naming the tool for its
+    purpose as the corpus's turns do ("To sort the numbers I call x7uppz."), the loss on the names only. The
+    held-out tool-choice check misses this token: in 66 of the 69 failures of the run-5 base, the first call named
+    another offered tool or a name not offered (the tail of one tool's name with the head of another's), while the
+    arguments were right whenever the tool was. The name comes before its description in a schema, so choosing by
+    description is a lookup backwards, which the tools scenarios practise on one token in hundreds; here it is
+    every line's target. -> Marked."""
     ts = Toolset({})  # the tools are only named here, never called: no world behind them
     kinds = rng.sample(list(KINDS), rng.randint(2, 6))
     random_names = rng.random() < 0.8  # the check's case (ADL-style names), and readable names sometimes
@@ -961,8 +963,8 @@ def corpus_item(rng, mix=None, images=True):
 
 
 def encode_item(processor, item):
-    """-> (ids, loss mask, images). A conversation as the engine sees it (loss on assistant turns); a drill as
-    plain text with the loss on the copy and the <|im_end|> that closes it."""
+    """-> (ids, loss mask, images). A conversation as the engine sees it (loss on assistant turns); a copy drill as
+    plain text with the loss on the copy and the <|im_end|> that closes it; a Marked text with the loss on its spans."""
     if isinstance(item, list):
         return rollout.encode_conversation(processor, item)
     if isinstance(item, Marked):  # loss on every token that overlaps a marked span
