@@ -160,8 +160,7 @@ def test_tg_on_two_processes_equals_one(tmp_path):
         assert [r["examples"] for r in log2] == [r["examples"] for r in log1]  # the same data, logged once per step
         for key in ("reward", "tokens", "seq_tokens", "trained"):
             assert [r[key] for r in log2] == pytest.approx([r[key] for r in log1], rel=1e-9), key
-        # the norm sums ~3.7M squared gradients in another order on each side: 1.1e-5 apart (relative) with the run-6 base
-    assert [r["grad_norm"] for r in log2] == pytest.approx([r["grad_norm"] for r in log1], rel=5e-5)
+        assert [r["grad_norm"] for r in log2] == pytest.approx([r["grad_norm"] for r in log1], rel=1e-5)
         assert_close(a, weights(os.path.join(other, "model")))
         e2 = json.load(open(os.path.join(other, "eval.json")))
         for label in ("before", "after"):  # the same metrics, split over the ranks and gathered (timings aside)
