@@ -932,12 +932,15 @@ def drill_item(rng):
     return "".join(f"{lab}: {x}\n" for lab, x in zip(labels, lists)) + f"copy {labels[k]}: ", lists[k]
 
 
+MIX_PARTS = ("drill", "copy", "tools", "layout", "choose", "vision")  # what corpus_item can draw
+
+
 def parse_mix(text):
     """'copy=0.35,tools=0.5,vision=0.15' -> (("copy", 0.35), ...)"""
     mix = tuple((k.strip(), float(v)) for k, v in (p.split("=") for p in text.split(",")))
-    unknown = [k for k, _ in mix if k not in ("drill", "copy", "tools", "layout", "choose", "vision")]
+    unknown = [k for k, _ in mix if k not in MIX_PARTS]
     if unknown:
-        raise ValueError(f"--mix: unknown parts {unknown}; the parts are drill, copy, tools, layout, choose, vision")
+        raise ValueError(f"--mix: unknown parts {unknown}; the parts are {', '.join(MIX_PARTS)}")
     return mix
 
 
