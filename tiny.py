@@ -79,7 +79,8 @@ parser.add_argument("--stop-minutes", type=float, default=0, help="stop after th
                     "(a machine lent for a while; 0: no limit)")
 parser.add_argument("--check", action="store_true", help="only run the held-out skill checks on --model")
 parser.add_argument("--model", default="tiny", help="model the checks read: tiny | scratch | PATH")
-parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check")
+parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check (0: none; with --check "
+                    "and --tc-data, the transfer checks alone)")
 parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the transfer "
                     "checks (teacher-forced: the numbers of vsp_nav's AStar obstacles, the value guiqa's answer quotes)")
 rollout.add_device_flag(parser)
@@ -1245,7 +1246,7 @@ def main(argv=None):
     if args.check:  # bf16 on CUDA, fp32 on a CPU (load_policy's default)
         model, processor = rollout.load_policy(args.model, device=device)
         with torch.no_grad():
-            results = run_checks(model, processor, args.check_n, args.seed)
+            results = run_checks(model, processor, args.check_n, args.seed) if args.check_n else {}
             if args.tc_data:
                 for check, (rate, n) in transfer_check(model, processor, args.tc_data).items():
                     results[f"transfer_{check}"], results[f"transfer_{check}_records"] = rate, n

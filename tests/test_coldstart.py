@@ -173,6 +173,10 @@ def test_transfer_check_scores_the_copied_numbers_and_the_quoted_value(data):
     ids = processor.encode_text(text[:start + len(value)])
     ends = [len(processor.decode(ids[:j + 1])) for j in range(len(ids))]
     assert n == sum(e > start for e in ends) and 0 <= hits <= n
+    # the command line: --check-n 0 with --tc-data runs the transfer checks alone
+    cli = tiny.main(["--check", "--check-n", "0", "--tc-data", d, "--device", "cpu"])
+    assert set(cli) == {"transfer_obstacles", "transfer_obstacles_records", "transfer_gui_value",
+                        "transfer_gui_value_records"} and cli["transfer_obstacles_records"] >= out["obstacles"][1]
 
 
 def run(args, out):
