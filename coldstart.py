@@ -58,6 +58,8 @@ parser.add_argument("--no-tools", action="store_true", help="ablation: the same 
                     "(system prompt without tools); evaluation offers no tools")
 parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
                     "mapping every time it is used; evaluation draws one mapping per example")
+parser.add_argument("--adl-share", type=float, default=1.0, help="with --adl: the share of uses rewritten, the rest "
+                    "keeping the canonical names (ablation; DESIGN's ADL rewrites every use, 1.0)")
 parser.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=None,
                     help="freeze the vision tower (default: on for a --model PATH, off for tiny and scratch, whose "
                     "tower is small)")
@@ -795,10 +797,11 @@ def batch_plan(lengths, batch_size, epoch, seed):
     return batches
 
 
-def encode_record(rec, processor, images, rng, use_adl):
-    """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL draws a fresh mapping for this use of the record (rng is
-    the use's own: seeded by the micro-batch and the record's place in it, so every rank draws the same)."""
-    if use_adl:
+def encode_record(rec, processor, images, rng, adl_share):
+    """-> (ids, loss_mask, [(pixel_values, grid_thw)]). ADL (adl_share > 0) draws a fresh mapping for this use of the
+    record, for a share adl_share of the uses (rng is the use's own: seeded by the micro-batch and the record's place
+    in it, so every rank draws the same; at 1.0 it draws nothing else, so --adl's mappings stay as they were)."""
+    if adl_share and (adl_share >= 1 or rng.random() < adl_share):
         rec = adl.apply(rec, adl.randomize(rec["tools"], rng)[1])  # [1]: the Mapping
     k = iter(images)  # the record's images in message order
     # each image part gets its pixels, decoded now (Packed.open)
@@ -820,7 +823,7 @@ def replay_item(processor, seed, micro, k):
 
 
 def train(model, processor, records, images, device, optimizer, *, out, epochs, batch_size, grad_accum, lr, warmup,
-          clip, max_len, use_adl, seed, ckpt_every, replay=0, stop_after=0, start_state=None):
+          clip, max_len, adl_share, seed, ckpt_every, replay=0, stop_after=0, start_state=None):
     """The SFT loop; returns (final loop state, total steps). `images[i]` holds record i's images (Packed) in order.
     replay: text-only pretraining items added to each micro-batch, drawn from (seed, micro-batch), so a resumed run
     draws the same ones."""
@@ -856,7 +859,7 @@ def train(model, processor, records, images, device, optimizer, *, out, epochs, 
             mine = [k for k in range(len(batch) + replay) if k % world == rank]  # this rank's share, records first
             micro.append([encode_record(records[keep[batch[k]]], processor, images[keep[batch[k]]],
                                         # the use's ADL stream: the same on every rank and on resume
-                                        random.Random(f"{seed}-adl-{state['micro']}-{k}"), use_adl)
+                                        random.Random(f"{seed}-adl-{state['micro']}-{k}"), adl_share)
                           if k < len(batch) else replay_item(processor, seed, state["micro"], k - len(batch))
                           for k in mine])
             state["micro"] += 1
@@ -926,6 +929,8 @@ def main(argv=None):
         parser.error(f"--tools: {e}")
     if not offered:
         parser.error("--tools: TC data needs at least one tool (--no-tools makes direct-answer SFT data)")
+    if not 0 < args.adl_share <= 1 or (args.adl_share < 1 and not args.adl):
+        parser.error(f"--adl-share {args.adl_share}: a share in (0, 1], with --adl")
     protocol = rollout.protocol_of(args.protocol, args.model)
     if protocol.name != "ours" and not args.data:
         parser.error("--protocol official: curation writes this project's protocol; train on data in the official "
@@ -983,8 +988,8 @@ def main(argv=None):
                if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"] for r in records]
     state, total = train(model, processor, records, images, device, optimizer, out=args.out, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-                         clip=args.clip, max_len=args.max_len, use_adl=args.adl, seed=args.seed,
-                         ckpt_every=args.ckpt_every, replay=args.replay, stop_after=args.stop_after,
+                         clip=args.clip, max_len=args.max_len, adl_share=args.adl_share if args.adl else 0.0,
+                         seed=args.seed, ckpt_every=args.ckpt_every, replay=args.replay, stop_after=args.stop_after,
                          start_state=state)
     if state["step"] < total:
         print(f"stopped after step {state['step']} of {total}; continue with --resume")

@@ -2,6 +2,7 @@
 the assistant turns, a resumed run ends where an uninterrupted one does, and --quick runs end to end."""
 import collections
 import json
+import random
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adl
 import coldstart
 import rollout
 import tasks
@@ -152,6 +154,26 @@ def test_loss_mask_is_exactly_the_assistant_turns(data):
         runs += [cur] if cur else []
         want = [m["content"] + "<|im_end|>" for m in rec["messages"] if m["role"] == "assistant"]
         assert [processor.decode(r) for r in runs] == want
+
+
+def test_adl_share_rewrites_that_share_of_uses_and_share_one_is_plain_adl(data):
+    """--adl-share: each use of a record is rewritten with probability share, by its own seeded stream; at 1.0 the
+    encoding equals adl.randomize on that stream (--adl as before), at 0.5 some uses keep the canonical names."""
+    d, records = data
+    processor = rollout.load_policy("tiny", device="cpu")[1]
+    rec = next(r for r in records if r["task"] == "vsp_nav")
+    images = [coldstart.Packed(coldstart.shrink(p["image"], processor))
+              for m in coldstart.with_pil(rec["messages"], d) if isinstance(m["content"], list)
+              for p in m["content"] if p["type"] == "image"]
+    canonical = coldstart.encode_record(rec, processor, images, random.Random(0), 0.0)[0]
+    full = coldstart.encode_record(rec, processor, images, random.Random(7), 1.0)[0]
+    by_hand = coldstart.encode_record(adl.apply(rec, adl.randomize(rec["tools"], random.Random(7))[1]), processor,
+                                      images, random.Random(0), 0.0)[0]
+    assert full == by_hand and full != canonical
+    kept = [coldstart.encode_record(rec, processor, images, random.Random(s), 0.5)[0] == canonical for s in range(40)]
+    assert 8 <= sum(kept) <= 32  # about half the uses keep the canonical names
+    with pytest.raises(SystemExit):  # a share without --adl is refused
+        coldstart.main(["--adl-share", "0.5", "--out", "unused", "--device", "cpu"])
 
 
 def test_transfer_check_scores_the_copied_numbers_and_the_quoted_value(data):
