@@ -781,6 +781,12 @@ class Packed:
             return im.convert("RGB")
 
 
+def record_images(rec, data_dir, processor):
+    """A record's images at the size the model sees, held as PNG bytes (Packed), in message order."""
+    return [Packed(shrink(p["image"], processor)) for m in with_pil(rec["messages"], data_dir)
+            if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
+
+
 def batch_plan(lengths, batch_size, epoch, seed):
     """Length-grouped batches for one epoch: shuffle, sort within windows of 32 batches, shuffle the batches.
     A pure function of (epoch, seed), so a resumed run replays the same order."""
@@ -983,9 +989,7 @@ def main(argv=None):
         print(f"resumed at step {state['step']}")
 
     # 3. SFT
-    # every record's images at the size the model sees, held as PNG bytes (Packed), in message order
-    images = [[Packed(shrink(p["image"], processor)) for m in with_pil(r["messages"], data_dir)
-               if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"] for r in records]
+    images = [record_images(r, data_dir, processor) for r in records]
     state, total = train(model, processor, records, images, device, optimizer, out=args.out, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                          clip=args.clip, max_len=args.max_len, adl_share=args.adl_share if args.adl else 0.0,

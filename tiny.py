@@ -1142,7 +1142,9 @@ def check_examples(check, n):
 
 
 def run_checks(model, processor, n, seed=0):
-    """Greedy rollouts on the three held-out checks -> {check: rate}, plus format validity over all."""
+    """Greedy rollouts on the three held-out checks -> {check: rate}, plus format validity over all; {} for n=0."""
+    if not n:
+        return {}
     out, fmt = {}, []
     for check in ("copy_list", "lookup", "tool_choice"):
         examples, toolsets, expected = check_examples(check, n)
@@ -1246,7 +1248,7 @@ def main(argv=None):
     if args.check:  # bf16 on CUDA, fp32 on a CPU (load_policy's default)
         model, processor = rollout.load_policy(args.model, device=device)
         with torch.no_grad():
-            results = run_checks(model, processor, args.check_n, args.seed) if args.check_n else {}
+            results = run_checks(model, processor, args.check_n, args.seed)
             if args.tc_data:
                 for check, (rate, n) in transfer_check(model, processor, args.tc_data).items():
                     results[f"transfer_{check}"], results[f"transfer_{check}_records"] = rate, n
@@ -1286,7 +1288,7 @@ def main(argv=None):
     with open(os.path.join(save, "command.txt"), "w") as f:
         f.write("python tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     with torch.no_grad():  # pretrain() left the model in eval mode
-        results = run_checks(model, processor, args.check_n, args.seed) if args.check_n else {}
+        results = run_checks(model, processor, args.check_n, args.seed)
     results["wall_s"] = time.perf_counter() - t0
     json.dump(results, open(os.path.join(save, "checks.json"), "w"), indent=1)
     print(f"base saved to {save} ({results['wall_s']:.0f} s): {json.dumps(results)}")

@@ -2,8 +2,8 @@
 the assistant turns, a resumed run ends where an uninterrupted one does, and --quick runs end to end."""
 import collections
 import json
-import random
 import os
+import random
 import re
 import subprocess
 import sys
@@ -162,9 +162,7 @@ def test_adl_share_rewrites_that_share_of_uses_and_share_one_is_plain_adl(data):
     d, records = data
     processor = rollout.load_policy("tiny", device="cpu")[1]
     rec = next(r for r in records if r["task"] == "vsp_nav")
-    images = [coldstart.Packed(coldstart.shrink(p["image"], processor))
-              for m in coldstart.with_pil(rec["messages"], d) if isinstance(m["content"], list)
-              for p in m["content"] if p["type"] == "image"]
+    images = coldstart.record_images(rec, d, processor)
     canonical = coldstart.encode_record(rec, processor, images, random.Random(0), 0.0)[0]
     full = coldstart.encode_record(rec, processor, images, random.Random(7), 1.0)[0]
     by_hand = coldstart.encode_record(adl.apply(rec, adl.randomize(rec["tools"], random.Random(7))[1]), processor,
