@@ -1,14 +1,15 @@
 """
 Reproduce AdaReasoner's findings on the tiny default, from nothing, with one command.
 
-    python reproduce.py                      # the full run (159 min on a 2-core CPU at --eval-n 100, 2026-12-03)
+    python reproduce.py                      # the full run (about 70 min on a 2-core CPU at --eval-n 100, 2026-12-05)
     nohup python reproduce.py > runs/repro.log 2>&1 &
     python reproduce.py --quick              # every step at its smallest: a smoke check of the whole pipeline
 
 Every step is a plain stage command (python coldstart.py / grpo.py / evaluate.py ...), run as a subprocess with
 its output in OUT/logs/STEP.log, so any step can be rerun by hand from the command printed in the summary.
 A finished step is recorded in OUT/steps.json and skipped on the next call: an interrupted run continues
-where it stopped (a training step resumes from its last checkpoint). At the end the outputs are read back
+where it stopped (a training step resumes from its last checkpoint). A step whose command changed runs again from
+its start, and so does every later step that reads its outputs. At the end the outputs are read back
 and summarized in OUT/summary.md and OUT/report.html (the per-experiment evaluate.py reports hold the
 browsable trajectories and the training curves).
 
@@ -30,10 +31,12 @@ table reads every accuracy with its interval: a threshold is met when the whole 
 models differ when their intervals do not overlap.
 """
 import argparse
+import datetime
 import html
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +53,9 @@ parser.add_argument("--eval-n", type=int, default=100, help="test examples per t
                     "95%% interval about 10-20 points wide)")
 rollout.add_device_flag(parser, "every stage runs")
 parser.add_argument("--seed", type=int, default=0, help="passed to every stage")
+parser.add_argument("--reward", default="accuracy", choices=["adaptive", "accuracy", "additive"],
+                    help="the reward of every RL step (grpo.py --reward). accuracy: measured on the tiny base over three "
+                    "seeds each (README, Rewards), where the paper's adaptive reward lets RL farm its tool term")
 parser.add_argument("--quick", action="store_true", help="every stage with its own --quick: minutes, for tests")
 parser.add_argument("--report-only", action="store_true", help="rewrite summary.md and report.html from the finished "
                     "steps (a run still going or stopped gets the sections whose steps are done)")
@@ -90,7 +96,8 @@ def steps(args):
 
     def grpo(name, init, *a):  # init: a step whose model starts the RL, or "tiny" (the pretrained base)
         start = init if init == "tiny" else model(init)
-        return name, ["grpo.py", "--init", start, "--out", o(name), "--eval-n", "0", *a, *common]
+        return name, ["grpo.py", "--init", start, "--out", o(name), "--eval-n", "0", "--reward", args.reward, *a,
+                      *common]
 
     def evaluate(name, models, *a):  # --quick keeps evaluate.py's own quick size (an explicit --n would win over it)
         n = [] if args.quick else ["--n", str(args.eval_n)]
@@ -132,22 +139,42 @@ def steps(args):
 
 
 def run_steps(args, plan):
-    """Run every step not yet recorded as done; stop at the first failure (its log names the cause)."""
+    """Run every step not yet recorded as done; stop at the first failure (its log names the cause). A step whose
+    inputs (another step's outputs, named in its command) finished after it did runs again."""
     done_path = os.path.join(args.out, "steps.json")
     # step name -> {command, seconds, finished} of the steps that completed
     done = json.load(open(done_path)) if os.path.exists(done_path) else {}
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+
+    order = [n for n, _ in plan]
+
+    def in_order():  # the done steps in plan order (a step run again is not moved to the end)
+        return {n: done[n] for n in sorted(done, key=lambda n: order.index(n) if n in order else len(order))}
+
+    def save_done():  # written to .tmp and renamed, so a kill never leaves a half-written steps.json
+        with open(done_path + ".tmp", "w") as f:
+            json.dump(in_order(), f, indent=1)
+        os.replace(done_path + ".tmp", done_path)
+
     for i, (name, argv) in enumerate(plan, 1):
         command = " ".join(shlex.quote(a) for a in ["python"] + argv)
-        # done only with the very same command: a changed flag (say --eval-n) runs the step again
-        if done.get(name, {}).get("command") == command:
+        # the earlier steps whose outputs this one reads ('runs/repro/tc/' in runs/repro/tc/model)
+        inputs = [n for n, _ in plan[:i - 1] if any(os.path.join(args.out, n, "") in a for a in argv[1:])]
+        # done only with the very same command (a changed flag, say --eval-n, runs the step again) and inputs no
+        # newer than it (the "finished" strings sort as time does): an evaluation of a retrained model runs again
+        if done.get(name, {}).get("command") == command and all(done[n]["finished"] <= done[name]["finished"]
+                                                                  for n in inputs):
             print(f"[{i}/{len(plan)}] {name}: done ({done[name]['seconds']:.0f} s), skipped")
             continue
         # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
-        ckpt = os.path.join(args.out, name, "ckpt")
+        ckpt = [os.path.join(args.out, name, "ckpt" + s) for s in ("", ".tmp", ".old")]
+        if name in done:  # it finished once, with another command or older inputs: start afresh, not from its checkpoint
+            for path in ckpt:
+                shutil.rmtree(path, ignore_errors=True)
+            del done[name]  # until it finishes again; a kill before that leaves a checkpoint of this run to resume
+            save_done()
         # evaluate.py has no --resume: an evaluation simply runs again
-        resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(ckpt + s)
-                                                                  for s in ("", ".tmp", ".old")) else []
+        resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(path) for path in ckpt) else []
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()
@@ -159,13 +186,12 @@ def run_steps(args, plan):
         if rc != 0:
             sys.exit(f"step {name} failed (exit {rc}) after {seconds:.0f} s; see {log_path}. "
                      "Rerunning reproduce.py continues from this step.")
-        # recorded only after success; written to .tmp and renamed, so a kill never leaves a half-written steps.json
-        done[name] = {"command": command, "seconds": seconds, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        with open(done_path + ".tmp", "w") as f:
-            json.dump(done, f, indent=1)
-        os.replace(done_path + ".tmp", done_path)
+        # to the microsecond, so that a step rerun within a second of its reader's finish still counts as newer
+        done[name] = {"command": command, "seconds": seconds,
+                      "finished": datetime.datetime.now().isoformat(" ", timespec="microseconds")}
+        save_done()  # recorded only after success
         print(f"    {seconds:.0f} s", flush=True)
-    return done
+    return in_order()
 
 # -----------------------------------------------------------------------------
 # reading the outputs back into tables: (title, note, header, rows)

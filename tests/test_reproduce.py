@@ -61,3 +61,41 @@ def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
         raise AssertionError("the failing step did not stop the run")
     assert "step broken failed" in message and "logs/broken.log" in message
     assert "unknown tools ['NoSuchTool']" in (tmp_path / "logs" / "broken.log").read_text()
+
+
+def test_a_changed_step_runs_again_with_every_step_that_reads_it_and_starts_afresh(tmp_path):
+    """Steps are skipped by command; a step run again (new command) starts without --resume (its old checkpoint is
+    removed) and the later steps that read its outputs run again, while a step that does not read them stays skipped."""
+    script = tmp_path / "stage.py"  # a stand-in stage: appends its arguments to calls.txt, makes OUT/ckpt
+    script.write_text("import os, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "os.makedirs(os.path.join(out, 'ckpt'), exist_ok=True)\n"
+                      f"open({str(tmp_path / 'calls.txt')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
+    out = tmp_path / "repro"
+    args = reproduce.parser.parse_args(["--out", str(out)])
+
+    def plan(flag):
+        return [("a", [str(script), "--out", str(out / "a"), "--lr", flag]),
+                ("b", [str(script), "--init", str(out / "a" / "model"), "--out", str(out / "b")]),
+                ("c", [str(script), "--init", "tiny", "--out", str(out / "c")]),
+                ("ab", [str(script), "--out", str(out / "ab")])]  # 'ab' must not read as a reader of 'a'
+
+    def calls():
+        lines = (tmp_path / "calls.txt").read_text().splitlines() if (tmp_path / "calls.txt").exists() else []
+        return [line.split("--out ")[1].split()[0].rsplit("/", 1)[1] + (" resumed" if "--resume" in line else "")
+                for line in lines]
+
+    reproduce.run_steps(args, plan("1"))
+    assert calls() == ["a", "b", "c", "ab"]
+    reproduce.run_steps(args, plan("1"))
+    assert calls() == ["a", "b", "c", "ab"]  # all skipped
+    (out / "a" / "ckpt" / "old").write_text("from the first run")
+    done = reproduce.run_steps(args, plan("2"))
+    # a ran afresh (no --resume, its old checkpoint gone), b read it and ran again; c and ab did not
+    assert calls()[4:] == ["a", "b"]
+    assert not (out / "a" / "ckpt" / "old").exists()
+    assert list(done) == ["a", "b", "c", "ab"] and "--lr 2" in done["a"]["command"]
+    # interrupted: a step not recorded as done with a checkpoint on disk resumes
+    del done["b"]
+    (out / "steps.json").write_text(json.dumps(done))
+    reproduce.run_steps(args, plan("2"))
+    assert calls()[6:] == ["b resumed"]
