@@ -561,8 +561,18 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
                     and tasks.score(ex, tasks.extract_answer(turns[-1])) == 1), (ex["id"], kind)
             left[kind] -= 1
             yield {"id": f"{ex['id']}-{kind}", "task": task, "kind": kind, "tools": tools.schemas(offered),
-                   "adl_mapping": None, "messages": b.messages, "answer": answer}
+                   "adl_mapping": None, "messages": mark_inputs(b.messages, ex), "answer": answer}
             break  # one trajectory per example
+
+
+def mark_inputs(messages, ex):
+    """Each of the example's own images (the question's) tagged with where it comes from, "tasks:ID#K" (its K-th
+    image): save_records stores that reference instead of the pixels, and tasks.open_image makes it again."""
+    def part(p):
+        k = next((k for k, im in enumerate(ex["images"]) if p["type"] == "image" and p["image"] is im), None)
+        return p if k is None else {**p, "source": f"{tasks.SOURCE}{ex['id']}#{k}"}
+    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+            for m in messages]
 
 
 def curate(data_dir, config):
@@ -594,8 +604,10 @@ def direct_record(rec, rng):
 
 
 def save_records(records, data_dir):
-    """train.jsonl plus every image (inputs and tool outputs) as a PNG under images/, paths relative. records may
-    be a generator: each is written as it comes, so only one record's images are held at a time."""
+    """train.jsonl plus every image a tool made as a PNG under images/, paths relative; an input image tagged by
+    mark_inputs is stored as its reference with a digest of its pixels (a 1024 px search canvas is 1 MB of PNG, most
+    of it incompressible grain, and the generator makes it again in 10 ms). records may be a generator: each is
+    written as it comes, so only one record's images are held at a time."""
     shutil.rmtree(data_dir, ignore_errors=True)  # no image of an earlier curation survives
     os.makedirs(os.path.join(data_dir, "images"))
     with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
@@ -605,7 +617,9 @@ def save_records(records, data_dir):
                 if isinstance(m["content"], list):
                     parts = []
                     for p in m["content"]:
-                        if p["type"] == "image":
+                        if p["type"] == "image" and "source" in p:
+                            p = {"type": "image", "image": p["source"], "sha256": tasks.image_digest(p["image"])}
+                        elif p["type"] == "image":
                             k += 1
                             path = f"images/{rec['id']}_{k}.png"
                             # lossless; level 1 is 10x faster
@@ -626,7 +640,12 @@ def load_records(data_dir):
             if m["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"bad role {m['role']!r}")
             for p in m["content"] if isinstance(m["content"], list) else []:
-                if p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
+                if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):
+                    example_id, _, k = p["image"][len(tasks.SOURCE):].partition("#")
+                    tasks.parse_id(example_id)  # a ValueError naming it
+                    if not k.isdigit() or "sha256" not in p:
+                        raise ValueError(f"image {p['image']!r}: not tasks:ID#K with its sha256")
+                elif p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
                     raise ValueError(f"missing image {p['image']}")
                 if p["type"] not in ("image", "text"):
                     raise ValueError(f"bad content part {p['type']!r}")
@@ -656,7 +675,12 @@ def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
             parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
             value = ""
             for p in parts:
-                if p["type"] == "image":
+                if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):  # a generated input: written out as a PNG
+                    value += "<image>"
+                    images.append(os.path.join("images", p["image"][len(tasks.SOURCE):].replace("#", "_") + ".png"))
+                    if not os.path.exists(os.path.join(out, images[-1])):
+                        tasks.open_image(p, data_dir).save(os.path.join(out, images[-1]), compress_level=1)
+                elif p["type"] == "image":
                     value += "<image>"
                     images.append(os.path.join("images", os.path.basename(p["image"])))
                     src, dst = os.path.join(data_dir, p["image"]), os.path.join(out, images[-1])
@@ -739,14 +763,10 @@ def load_data(path):
     return read_sharegpt(path)
 
 
-def with_pil(messages, data_dir, load=Image.open):
+def with_pil(messages, data_dir):
     """Messages with every image path replaced by the PIL image (what encode_conversation takes)."""
-    def part(p):
-        if p["type"] != "image":
-            return p
-        with load(os.path.join(data_dir, p["image"])) as im:
-            return {"type": "image", "image": im.convert("RGB")}  # loaded: the file closes
-    return [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m["content"], list) else m
+    return [{**m, "content": [{"type": "image", "image": tasks.open_image(p, data_dir)} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m
             for m in messages]
 
 

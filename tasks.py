@@ -447,14 +447,58 @@ def generate(task, n, split="test", seed=0, **knobs):
     target_px=, objects=, size=, fields=)."""
     if task not in TASKS or split not in SPLITS:
         raise ValueError(f"unknown task {task!r} or split {split!r}; tasks: {TASKS}, splits: {list(SPLITS)}")
-    out = []
-    for i in range(n):
-        # one generator per example: example i is the same whatever n is, and no two tasks or splits share a stream
-        rng = np.random.default_rng([SPLITS[split], TASKS.index(task), seed, i])
-        question, images, answer, meta = _GENERATORS[task](rng, split, **knobs)
-        out.append({"id": f"{task}-{split}-{seed}-{i}", "task": task, "question": question,
-                    "images": images, "answer": answer, "meta": meta})
-    return out
+    return [_example(task, split, seed, i, **knobs) for i in range(n)]
+
+
+def _example(task, split, seed, i, **knobs):
+    # one generator per example: example i is the same whatever n is, and no two tasks or splits share a stream
+    rng = np.random.default_rng([SPLITS[split], TASKS.index(task), seed, i])
+    question, images, answer, meta = _GENERATORS[task](rng, split, **knobs)
+    return {"id": f"{task}-{split}-{seed}-{i}", "task": task, "question": question,
+            "images": images, "answer": answer, "meta": meta}
+
+
+def parse_id(example_id):
+    """'vstar-train-3000-17' -> ('vstar', 'train', 3000, 17): a generated example's task, split, seed and index."""
+    task, split, seed, i = (example_id.rsplit("-", 3) + ["", "", ""])[:4]
+    if task not in TASKS or split not in SPLITS or not seed.isdigit() or not i.isdigit():
+        raise ValueError(f"{example_id!r} is not the id of a generated example (TASK-SPLIT-SEED-INDEX)")
+    return task, split, int(seed), int(i)
+
+
+def regenerate(example_id):
+    """The example generate() made under this id with its default knobs, made again from its seed: what TC data
+    stores in place of an input image's pixels."""
+    return _example(*parse_id(example_id))
+
+
+SOURCE = "tasks:"  # a data file's image path that names a generated example's image ("tasks:ID#K") instead of a file
+
+
+@functools.lru_cache(maxsize=4)  # a jigsaw record reads 3-4 images of one example in a row
+def _example_images(example_id):
+    return regenerate(example_id)["images"]
+
+
+def open_image(part, data_dir):
+    """The PIL image of a data file's image part: a file under data_dir, or a generated example's image
+    ("tasks:ID#K", made again and checked against the digest written with it)."""
+    if not part["image"].startswith(SOURCE):
+        with Image.open(os.path.join(data_dir, part["image"])) as im:
+            return im.convert("RGB")  # loaded: the file closes
+    example_id, _, k = part["image"][len(SOURCE):].partition("#")
+    image = _example_images(example_id)[int(k)].convert("RGB")  # a copy: the cached one stays as made
+    if image_digest(image) != part.get("sha256"):
+        raise InputError(f"{os.path.join(data_dir, 'train.jsonl')}: image {part['image']} comes out with other "
+                         "pixels than it was curated with (tasks.py changed since?); curate the data again")
+    return image
+
+
+def image_digest(image):
+    """A short hash of an image's pixels, size and mode: a regenerated image is checked against it."""
+    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height} ".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:16]
 
 
 def extract_answer(text):

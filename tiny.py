@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import rollout
-from tasks import extract_answer, read_jsonl
+from tasks import extract_answer, open_image, read_jsonl
 from tools import ToolError, ToolResult, observation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1211,9 +1211,8 @@ def transfer_check(model, processor, data_dir, limit=100):
                   and any(marker in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
         hits = total = 0
         for r in chosen:
-            # the TC data stores images as files under its directory; the encoder needs them as PIL images
-            messages = [{**m, "content": [{**p, "image": Image.open(os.path.join(data_dir, p["image"]))}
-                                          if p["type"] == "image" else p
+            # the TC data names its images (files under its directory, or generated inputs); the encoder needs PIL
+            messages = [{**m, "content": [{**p, "image": open_image(p, data_dir)} if p["type"] == "image" else p
                                           for p in m["content"]]} if isinstance(m["content"], list) else m
                         for m in r["messages"]]
             if check == "obstacles":

@@ -35,8 +35,35 @@ def data(tmp_path_factory):
 
 def example_of(rec):
     """Regenerate the train example a record was built from (its id names split, seed and index)."""
-    task, split, seed, index = rec["id"].rsplit("-", 1)[0].rsplit("-", 3)
-    return tasks.generate(task, int(index) + 1, split=split, seed=int(seed))[int(index)]
+    return tasks.regenerate(rec["id"].rsplit("-", 1)[0])
+
+
+def test_inputs_are_stored_as_references_that_regenerate_pixel_exact(data, tmp_path):
+    d, records = data
+    pngs = set(os.listdir(os.path.join(d, "images")))
+    for rec in records:
+        ex = example_of(rec)
+        question = [p for p in rec["messages"][1]["content"] if p["type"] == "image"]
+        # the question's images: references to the example's images, in order, and no PNG of them
+        assert [p["image"] for p in question] == [f"tasks:{ex['id']}#{k}" for k in range(len(ex["images"]))]
+        assert [tasks.open_image(p, d).tobytes() for p in question] == [im.tobytes() for im in ex["images"]]
+        # every image a tool returned: a PNG of its own
+        made = [p["image"] for m in rec["messages"][2:] if isinstance(m["content"], list)
+                for p in m["content"] if p["type"] == "image"]
+        assert all(path.startswith("images/") and path[len("images/"):] in pngs for path in made)
+        pngs -= {path[len("images/"):] for path in made}
+    assert not pngs  # no other file was written
+    # pixels that no longer match the digest (a changed generator) stop the load, naming the file and the image
+    part = next(p for p in records[0]["messages"][1]["content"] if p["type"] == "image")
+    with pytest.raises(tasks.InputError, match=rf"train.jsonl: image {part['image']} comes out with other pixels"):
+        tasks.open_image({**part, "sha256": "0" * 16}, d)
+    # a reference that names no generated example is refused at load
+    lines = open(os.path.join(d, "train.jsonl")).read().splitlines()
+    bad = tmp_path / "data"
+    os.makedirs(bad)
+    (bad / "train.jsonl").write_text(lines[0].replace(part["image"], "tasks:vstar-1#0") + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, line 1.*'vstar-1' is not the id of a generated example"):
+        coldstart.load_records(str(bad))
 
 
 def test_replaying_every_tool_call_reproduces_the_data(data):
