@@ -33,6 +33,9 @@ def test_quick_runs_every_step_and_resumes(tmp_path):
     # TG starts from the pretrained base, and the discard run without AStar offers every other tool
     plan = dict(reproduce.steps(reproduce.parser.parse_args(["--quick", "--out", str(out)])))
     assert plan["tg"][plan["tg"].index("--init") + 1] == "tiny"
+    # every RL step gets reproduce's --reward (accuracy by default), no other step does
+    assert [n for n, a in plan.items() if "--reward" in a] == ["tg", "tctg", "tg_adopt", "tg_transfer", "tg_transfer_adl"]
+    assert all(plan[n][plan[n].index("--reward") + 1] == "accuracy" for n in ("tg", "tctg", "tg_adopt"))
     assert plan["eval_discard"][plan["eval_discard"].index("--tools") + 1] == reproduce.NO_ASTAR
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
