@@ -490,7 +490,7 @@ def open_image(part, data_dir):
     image = _example_images(example_id)[int(k)].convert("RGB")  # a copy: the cached one stays as made
     if image_digest(image) != part.get("sha256"):
         raise InputError(f"{os.path.join(data_dir, 'train.jsonl')}: image {part['image']} comes out with other "
-                         "pixels than it was curated with (tasks.py changed since?); curate the data again")
+                         f"pixels than it was curated with (tasks.py changed since?); delete {data_dir} and curate it again")
     return image
 
 
