@@ -641,10 +641,9 @@ def load_records(data_dir):
                 raise ValueError(f"bad role {m['role']!r}")
             for p in m["content"] if isinstance(m["content"], list) else []:
                 if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):
-                    example_id, _, k = p["image"][len(tasks.SOURCE):].partition("#")
-                    tasks.parse_id(example_id)  # a ValueError naming it
-                    if not k.isdigit() or "sha256" not in p:
-                        raise ValueError(f"image {p['image']!r}: not tasks:ID#K with its sha256")
+                    tasks.parse_source(p["image"])  # a ValueError naming it
+                    if "sha256" not in p:
+                        raise ValueError(f"image {p['image']!r}: no sha256 of its pixels")
                 elif p["type"] == "image" and not os.path.isfile(os.path.join(data_dir, p["image"])):
                     raise ValueError(f"missing image {p['image']}")
                 if p["type"] not in ("image", "text"):
@@ -763,13 +762,6 @@ def load_data(path):
     return read_sharegpt(path)
 
 
-def with_pil(messages, data_dir):
-    """Messages with every image path replaced by the PIL image (what encode_conversation takes)."""
-    return [{**m, "content": [{"type": "image", "image": tasks.open_image(p, data_dir)} if p["type"] == "image" else p
-                              for p in m["content"]]} if isinstance(m["content"], list) else m
-            for m in messages]
-
-
 # -----------------------------------------------------------------------------
 # SFT
 
@@ -803,7 +795,7 @@ class Packed:
 
 def record_images(rec, data_dir, processor):
     """A record's images at the size the model sees, held as PNG bytes (Packed), in message order."""
-    return [Packed(shrink(p["image"], processor)) for m in with_pil(rec["messages"], data_dir)
+    return [Packed(shrink(p["image"], processor)) for m in tasks.with_pil(rec["messages"], data_dir)
             if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
 
 

@@ -480,18 +480,35 @@ def _example_images(example_id):
     return regenerate(example_id)["images"]
 
 
+def parse_source(path):
+    """'tasks:vstar-train-3000-17#0' -> ('vstar-train-3000-17', 0); a ValueError naming a malformed one."""
+    example_id, _, k = path[len(SOURCE):].partition("#")
+    parse_id(example_id)  # a ValueError naming the id
+    if not k.isdigit():
+        raise ValueError(f"image {path!r}: not {SOURCE}ID#K")
+    return example_id, int(k)
+
+
 def open_image(part, data_dir):
     """The PIL image of a data file's image part: a file under data_dir, or a generated example's image
     ("tasks:ID#K", made again and checked against the digest written with it)."""
     if not part["image"].startswith(SOURCE):
         with Image.open(os.path.join(data_dir, part["image"])) as im:
             return im.convert("RGB")  # loaded: the file closes
-    example_id, _, k = part["image"][len(SOURCE):].partition("#")
-    image = _example_images(example_id)[int(k)].convert("RGB")  # a copy: the cached one stays as made
+    example_id, k = parse_source(part["image"])
+    image = _example_images(example_id)[k].convert("RGB")  # a copy: the cached one stays as made
     if image_digest(image) != part.get("sha256"):
         raise InputError(f"{os.path.join(data_dir, 'train.jsonl')}: image {part['image']} comes out with other "
                          f"pixels than it was curated with (tasks.py changed since?); delete {data_dir} and curate it again")
     return image
+
+
+def with_pil(messages, data_dir):
+    """Messages of a data file with every image part's path replaced by its PIL image (what encode_conversation
+    takes)."""
+    return [{**m, "content": [{"type": "image", "image": open_image(p, data_dir)} if p["type"] == "image" else p
+                              for p in m["content"]]} if isinstance(m["content"], list) else m
+            for m in messages]
 
 
 def image_digest(image):

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import rollout
-from tasks import extract_answer, open_image, read_jsonl
+from tasks import extract_answer, read_jsonl, with_pil
 from tools import ToolError, ToolResult, observation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1211,10 +1211,7 @@ def transfer_check(model, processor, data_dir, limit=100):
                   and any(marker in m["content"] for m in r["messages"] if m["role"] == "assistant")][:limit]
         hits = total = 0
         for r in chosen:
-            # the TC data names its images (files under its directory, or generated inputs); the encoder needs PIL
-            messages = [{**m, "content": [{**p, "image": open_image(p, data_dir)} if p["type"] == "image" else p
-                                          for p in m["content"]]} if isinstance(m["content"], list) else m
-                        for m in r["messages"]]
+            messages = with_pil(r["messages"], data_dir)  # the encoder takes PIL images
             if check == "obstacles":
                 k = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and marker in m["content"])
                 text = messages[k]["content"]

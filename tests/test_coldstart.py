@@ -69,7 +69,7 @@ def test_inputs_are_stored_as_references_that_regenerate_pixel_exact(data, tmp_p
 def test_replaying_every_tool_call_reproduces_the_data(data):
     d, records = data
     for rec in records:
-        messages = coldstart.with_pil(rec["messages"], d)
+        messages = tasks.with_pil(rec["messages"], d)
         images = [p["image"] for p in messages[1]["content"] if p["type"] == "image"]
         for k, m in enumerate(messages):
             if m["role"] != "assistant" or "<tool_call>" not in m["content"]:
@@ -170,7 +170,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(data):
     d, records = data
     _, processor = tiny.build_scratch()
     for rec in [r for r in records if r["task"] in ("vsp_nav", "jigsaw")][:6]:
-        ids, mask, images = rollout.encode_conversation(processor, coldstart.with_pil(rec["messages"], d))
+        ids, mask, images = rollout.encode_conversation(processor, tasks.with_pil(rec["messages"], d))
         assert len(ids) == len(mask)
         runs, cur = [], []
         for t, m in zip(ids, mask):
@@ -212,7 +212,7 @@ def test_transfer_check_scores_the_copied_numbers_and_the_quoted_value(data):
         assert set(out) == {"obstacles", "gui_value"} and all(n > 0 for _, n in out.values())
         assert out["obstacles"][0] >= 0.9, out
         rec = next(r for r in records if r["task"] == "guiqa" and r["kind"] == "direct")
-        messages = coldstart.with_pil(rec["messages"], d)
+        messages = tasks.with_pil(rec["messages"], d)
         text, value = messages[-1]["content"], rec["answer"]
         start = text.index('{"text": "' + value) + len('{"text": "')
         hits, n = tiny.teacher_forced(model, processor, messages, len(messages) - 1, (start, start + len(value)))
@@ -276,7 +276,7 @@ def test_quick_end_to_end(tmp_path):
 
 
 def encoded(records, folder, processor):
-    return [rollout.encode_conversation(processor, coldstart.with_pil(r["messages"], folder))[:2] for r in records]
+    return [rollout.encode_conversation(processor, tasks.with_pil(r["messages"], folder))[:2] for r in records]
 
 
 def test_sharegpt_round_trip_gives_the_same_tokens_and_masks(data, tmp_path):
