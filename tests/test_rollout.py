@@ -251,6 +251,42 @@ def test_the_encoding_cache_lets_go_of_images_that_died():
     for i in range(4):  # what TC does: a fresh image decoded for every use, gone after the step
         cache(processor, Image.new("RGB", (224, 224), (0, 40 * i, 0)))
     assert len(cache.items) == 2 and cache.used == 2 * cache(processor, kept)[0].nbytes  # the live one and the last
+    # keyed by content: another image with the same pixels gets the same tensor, a changed pixel does not
+    same, changed = kept.copy(), kept.copy()
+    changed.putpixel((5, 5), (0, 0, 0))
+    assert cache(processor, same)[0] is cache(processor, kept)[0]
+    assert cache(processor, changed)[0] is not cache(processor, kept)[0]
+    del kept, same, changed  # every image of those contents gone: their encodings leave at the next miss
+    cache(processor, Image.new("RGB", (224, 224), "blue"))
+    assert len(cache.items) == 1
+
+
+def test_identical_images_go_through_the_vision_tower_once(policy):
+    """Two rows holding the same image (a group's equal tool calls; the prompt's image in the update's
+    micro-batches) share one encoding and one pass of the vision tower, and get the logits of the model's own path,
+    which runs the tower on every image."""
+    model, processor = policy
+    a, b = make_examples(2)[0]["images"][0], make_examples(2)[1]["images"][0]
+    rows = [[a], [a.copy(), b]]  # the copy: another object with the same pixels
+    seqs, images = [], []
+    for row in rows:
+        ids, imgs = rollout.encode(processor, ["<|im_start|>user\n", *row, "What colour?<|im_end|>\n"])
+        seqs.append(ids)
+        images.append(imgs)
+    assert images[1][0][0] is images[0][0][0]  # one tensor for both
+    patches = []  # what the tower is given, per pass
+    hook = model.model.visual.register_forward_pre_hook(lambda m, args: patches.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            shared = rollout.sequence_logits(model, processor, seqs, images)
+            # every image encoded on its own (distinct tensors): the model's own path, the tower on all three
+            own = rollout.sequence_logits(model, processor, seqs, [[processor.encode_image(im) for im in row]
+                                                                    for row in rows])
+    finally:
+        hook.remove()
+    n_a, n_b = (int(rollout.encode_image_cached(processor, im)[1].prod()) for im in (a, b))
+    assert patches == [n_a + n_b, 2 * n_a + n_b]
+    assert torch.allclose(shared, own, atol=1e-5), (shared - own).abs().max()
 
 
 def test_sampled_rows_do_not_depend_on_the_rest_of_the_batch(policy):
