@@ -8,6 +8,7 @@ stages share its checkpoint and schedule helpers (save_policy, save_checkpoint, 
 """
 import copy
 import ctypes
+import functools
 import gc
 import inspect
 import json
@@ -812,7 +813,19 @@ def pixel_inputs(model, images, device):
 
 def takes_encoder_outputs(model):
     """Whether this transformers version's Qwen2.5-VL accepts precomputed vision features (mm_encoder_outputs)."""
-    return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
+    return "mm_encoder_outputs" in forward_params(type(model.model))
+
+
+def cache_kwarg(model, cache):
+    """The KV cache as this transformers version's forward takes it: `cache` where the argument has that name
+    (5.25 takes both, warns about `past_key_values` and drops it in 5.40), `past_key_values` before the rename."""
+    return {"cache" if "cache" in forward_params(type(model)) else "past_key_values": cache}
+
+
+@functools.lru_cache(maxsize=None)
+def forward_params(cls):
+    """The argument names of a model class's forward, read once per class (they moved between 5.x releases)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def forward_chunk(model, processor, chunks, cache, attn, device):
@@ -829,8 +842,8 @@ def forward_chunk(model, processor, chunks, cache, attn, device):
     attn = new if attn is None else torch.cat([attn, new], dim=1)
     # logits_to_keep=1: the LM head runs on the last position only; the pixels of all rows go in batch order, the order
     # of their pad tokens in the flattened batch
-    out = model(input_ids=ids, position_ids=pos, attention_mask=attn, past_key_values=cache, use_cache=True,
-                logits_to_keep=1, **pixel_inputs(model, [im for c in chunks for im in c[1]], device))
+    out = model(input_ids=ids, position_ids=pos, attention_mask=attn, use_cache=True, logits_to_keep=1,
+                **cache_kwarg(model, cache), **pixel_inputs(model, [im for c in chunks for im in c[1]], device))
     return out.logits[:, -1].float(), attn  # [B, V] in float32 for sampling and log-probs
 
 
@@ -994,7 +1007,7 @@ def decode_step(model, cache, attn, ids, mask, pos, device):
     out = model(input_ids=torch.tensor(ids, device=device).view(-1, 1),
                 # [3, B, 1]: a text token has the same position on all three M-RoPE axes
                 position_ids=torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1),
-                attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                attention_mask=attn, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
     return out.logits[:, -1].float(), attn
 
 
