@@ -632,7 +632,7 @@ class EncodedImages:
         if seen is not None and seen[0]() is image:  # the weakref catches an id reused by a new image
             key = seen[1]
         else:
-            key = image_digest(image)  # sha256 of mode, size and pixels: 0.2 ms for 224x224, 4 ms for 1024x1024
+            key = image_digest(image)  # sha256 of mode, size and pixels: 0.3 ms for 224x224 RGB, 5 ms for 1024x1024
             self.keys[id(image)] = (weakref.ref(image), key)
         hit = self.items.get(key)
         if hit is None or hit[0] is not processor:
