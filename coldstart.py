@@ -676,7 +676,8 @@ def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
             for p in parts:
                 if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):  # a generated input: written out as a PNG
                     value += "<image>"
-                    images.append(os.path.join("images", p["image"][len(tasks.SOURCE):].replace("#", "_") + ".png"))
+                    example_id, k = tasks.parse_source(p["image"])
+                    images.append(os.path.join("images", f"{example_id}_{k}.png"))
                     if not os.path.exists(os.path.join(out, images[-1])):
                         tasks.open_image(p, data_dir).save(os.path.join(out, images[-1]), compress_level=1)
                 elif p["type"] == "image":

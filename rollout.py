@@ -794,10 +794,11 @@ def pixel_inputs(model, images, device):
     update's micro-batches), so each repeat reuses the first one's features instead of running the tower again."""
     if not images:
         return {}
-    first = {}  # id(pixels) -> index among the distinct images, in token order
-    for p, _ in images:
-        first.setdefault(id(p), len(first))
-    distinct = list({id(p): (p, g) for p, g in images}.values())  # the same order as `first`
+    first, distinct = {}, []  # id(pixels) -> its index in distinct; the distinct images, in token order
+    for p, g in images:
+        if id(p) not in first:
+            first[id(p)] = len(distinct)
+            distinct.append((p, g))
     # pixel_values [patches of all distinct images, dim], split back into images by image_grid_thw [images, 3]
     pixel_values = torch.cat([p for p, _ in distinct]).to(device, model.dtype)
     grids = torch.stack([g for _, g in distinct]).to(device)
