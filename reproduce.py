@@ -5,8 +5,9 @@ Reproduce AdaReasoner's findings on the tiny default, from nothing, with one com
     nohup python reproduce.py > runs/repro.log 2>&1 &
     python reproduce.py --quick              # every step at its smallest: a smoke check of the whole pipeline
 
-Every step is a plain stage command (python coldstart.py / grpo.py / evaluate.py ...), run as a subprocess with
-its output in OUT/logs/STEP.log, so any step can be rerun by hand from the command printed in the summary.
+Every step is a plain stage command (python coldstart.py / grpo.py / evaluate.py ...), run in a process of its own
+(on Linux forked from this one, which has imported torch and the stages once) with its output in OUT/logs/STEP.log,
+so any step can be rerun by hand from the command printed in the summary.
 A finished step is recorded in OUT/steps.json and skipped on the next call: an interrupted run continues
 where it stopped (a training step resumes from its last checkpoint). A step whose command changed runs again from
 its start, and so does every later step that reads its outputs. At the end the outputs are read back
@@ -35,12 +36,21 @@ import datetime
 import html
 import json
 import os
+import runpy
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import traceback
 
+import torch
+# the model class and the stages the forked steps run (run_stage): imported once here, not once per step
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: F401
+
+import coldstart  # noqa: F401
+import grpo  # noqa: F401
 import rollout
 from evaluate import CHART_CSS, html_table, md_table, svg_lines
 from rollout import mean
@@ -138,6 +148,45 @@ def steps(args):
     ]
 
 
+def run_stage(script, argv, log_path):
+    """`python script argv`, its output appended to log_path (a rerun's output follows the failed attempt's)
+    -> exit status. Every step gets a process of its own (its memory is returned when it ends, a crash ends only the
+    step). On Linux that process is forked from this one after torch, transformers and the stages are imported, which
+    is most of a --quick step (about 7 s a process on a slow 2-core CPU); elsewhere it is a fresh interpreter."""
+    if sys.platform != "linux" or torch.cuda.is_initialized():  # fork is safe only before any CUDA work
+        with open(log_path, "a") as log:
+            return subprocess.call([sys.executable, script] + argv, stdout=log, stderr=subprocess.STDOUT)
+    sys.stdout.flush(), sys.stderr.flush()  # else the child would write this process's buffered text again
+    pid = os.fork()
+    if pid == 0:  # the child: becomes `python script argv`, then exits without returning into this loop
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            os.dup2(fd, 1), os.dup2(fd, 2)  # C-level output (warnings from torch's kernels) goes there too
+            # and Python's, through streams of its own, as a fresh interpreter has them (this process's sys.stdout may
+            # not write to fd 1: pytest replaces it)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+            sys.argv, sys.path[0] = [script] + argv, os.path.dirname(script)  # what `python script` would see
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter does: None is 0, a message is printed and exits 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(code)
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except BaseException:  # Ctrl-C (the child got it too) or any error here: the step does not outlive this run
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+
+
 def run_steps(args, plan):
     """Run every step not yet recorded as done; stop at the first failure (its log names the cause). A step whose
     inputs (another step's outputs, named in its command) finished after it did runs again."""
@@ -178,10 +227,8 @@ def run_steps(args, plan):
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
         log_path = os.path.join(args.out, "logs", f"{name}.log")
         t0 = time.perf_counter()
-        with open(log_path, "a") as log:  # appended: a rerun's output follows the failed attempt's
-            # the stage scripts sit next to this file; paths in argv stay relative to the caller's directory
-            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0])
-            rc = subprocess.call([sys.executable, script] + argv[1:] + resume, stdout=log, stderr=subprocess.STDOUT)
+        # the stage scripts sit next to this file; paths in argv stay relative to the caller's directory
+        rc = run_stage(os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0]), argv[1:] + resume, log_path)
         seconds = time.perf_counter() - t0
         if rc != 0:
             sys.exit(f"step {name} failed (exit {rc}) after {seconds:.0f} s; see {log_path}. "

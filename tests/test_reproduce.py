@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import reproduce
 
 ROOT = reproduce.os.path.dirname(reproduce.os.path.abspath(reproduce.__file__))
@@ -102,3 +104,26 @@ def test_a_changed_step_runs_again_with_every_step_that_reads_it_and_starts_afre
     (out / "steps.json").write_text(json.dumps(done))
     reproduce.run_steps(args, plan("2"))
     assert calls()[6:] == ["b resumed"]
+
+
+@pytest.mark.parametrize("body, code, logged", [
+    ("print('hello', sys.argv[1:], os.path.basename(sys.path[0]))", 0, "hello ['--x', '1'] stand"),
+    ("sys.exit('bad flag value')", 1, "bad flag value"),
+    ("sys.exit(3)", 3, ""),
+    ("raise RuntimeError('kernel failed')", 1, "RuntimeError: kernel failed"),
+    ("os.write(2, b'from C level')", 0, "from C level"),
+])
+def test_a_forked_step_behaves_as_a_fresh_interpreter(tmp_path, monkeypatch, body, code, logged):
+    """run_stage forks on Linux and starts `python script` elsewhere: the same exit status and the same log."""
+    (tmp_path / "stand").mkdir()
+    script = tmp_path / "stand" / "stage.py"
+    script.write_text(f"import os, sys\n{body}\n")
+    logs = {}
+    for platform in ("linux", "other"):
+        monkeypatch.setattr(sys, "platform", platform)
+        log = tmp_path / f"{platform}.log"
+        assert reproduce.run_stage(str(script), ["--x", "1"], str(log)) == code, platform
+        logs[platform] = log.read_text()
+        assert logged in logs[platform], (platform, logs[platform])
+    if "RuntimeError" not in body:  # a traceback names the runner's frames only when forked
+        assert logs["linux"].strip() == logs["other"].strip()
