@@ -539,8 +539,9 @@ def curate_task(task, n, shares, seed, offered=tuple(tools.TOOLS)):
     pool, i = [], 0  # i: examples drawn so far
     while sum(left.values()):
         if not pool:
-            # 64 fresh train examples at a time, batch i // 64 seeded apart
-            pool = tasks.generate(task, 64, split="train", seed=seed * 1000 + i // 64)
+            # train examples in batches of 64 seeded apart (example i is index i % 64 under seed 1000 * seed + i // 64),
+            # made 8 at a time: a small curation (--quick: 6 a task) does not make 64 1024 px vstar canvases
+            pool = tasks.generate(task, 8, split="train", seed=seed * 1000 + i // 64, start=i % 64)
             # a bound on tries: a tool that fails on most examples stops curation instead of looping
             if i > 200 * max(n, 10):
                 raise RuntimeError(f"{task}: cannot fill the kinds {left} (the tools fail on too many examples)")

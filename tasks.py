@@ -442,12 +442,12 @@ _GENERATORS = {"vsp_nav": lambda r, s, **kw: _grid_task(r, s, False, **kw),
                "jigsaw": _jigsaw, "vstar": _vstar, "guiqa": _guiqa}
 
 
-def generate(task, n, split="test", seed=0, **knobs):
-    """n examples of a task; knobs go to the generator (sizes=, cell=, candidates=, canvas=,
-    target_px=, objects=, size=, fields=)."""
+def generate(task, n, split="test", seed=0, start=0, **knobs):
+    """n examples of a task, indices start..start+n-1 of the (split, seed) stream; knobs go to the generator
+    (sizes=, cell=, candidates=, canvas=, target_px=, objects=, size=, fields=)."""
     if task not in TASKS or split not in SPLITS:
         raise ValueError(f"unknown task {task!r} or split {split!r}; tasks: {TASKS}, splits: {list(SPLITS)}")
-    return [_example(task, split, seed, i, **knobs) for i in range(n)]
+    return [_example(task, split, seed, i, **knobs) for i in range(start, start + n)]
 
 
 def _example(task, split, seed, i, **knobs):
