@@ -989,7 +989,7 @@ def main(argv=None):
     for p in model.model.visual.parameters():
         p.requires_grad_(not freeze)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        rollout.checkpoint_activations(model)
     if args.fsdp:  # before the optimizer: it must hold the shards
         rollout.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]  # what AdamW and the gradient sum see

@@ -393,7 +393,7 @@ def main(argv=None):
     model, processor = rollout.load_policy(os.path.join(found, "model") if found else args.init, device,
                                            dtype=torch.float32)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        rollout.checkpoint_activations(model)
     autocast = rollout.train_autocast(device)  # bf16 on CUDA; fp32 on a CPU, where the rollouts are fp32 too
     task_list = args.tasks.split(",")
     offered = tool_list(args.tools)

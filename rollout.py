@@ -357,6 +357,12 @@ def add_grad_checkpointing_flag(parser):
                              "less memory for long sequences and large models, about a third more compute")
 
 
+def checkpoint_activations(model):
+    """--grad-checkpointing, under the name the installed transformers gives it (5.25 warns that the old name goes
+    in v6)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 # a trajectory's limits, the same defaults in every stage (TC's evaluation, TG's rollouts and evaluation, evaluate.py):
 # an AStar call on an 8x8 grid with many holes takes ~340 tokens with the tiny tokenizer, and a real trajectory
 # stays under 2000 (the total only bounds the cost of a model that loops)
