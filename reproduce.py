@@ -152,7 +152,9 @@ def run_stage(script, argv, log_path):
     """`python script argv`, its output appended to log_path (a rerun's output follows the failed attempt's)
     -> exit status. Every step gets a process of its own (its memory is returned when it ends, a crash ends only the
     step). On Linux that process is forked from this one after torch, transformers and the stages are imported, which
-    is most of a --quick step (about 7 s a process on a slow 2-core CPU); elsewhere it is a fresh interpreter."""
+    is most of a --quick step (about 7 s a process on a slow 2-core CPU); elsewhere it is a fresh interpreter.
+    This process runs no torch work of its own, and must not: a child forked after the CPU thread pool has started
+    hangs in its first parallel operation (tried: a matrix product before the fork, then one in the child)."""
     if sys.platform != "linux" or torch.cuda.is_initialized():  # fork is safe only before any CUDA work
         with open(log_path, "a") as log:
             return subprocess.call([sys.executable, script] + argv, stdout=log, stderr=subprocess.STDOUT)
