@@ -5,6 +5,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -154,9 +155,10 @@ def test_loss_mask_covers_exactly_the_model_tokens(policy):
 
 def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, monkeypatch):
     model, processor = policy
+    release = threading.Event()  # the hung thread ends with the test, not 30 s later in another test
 
     def hang(args, images):
-        time.sleep(30)
+        release.wait(30)
     schema = {"type": "function", "function": {"name": "Sleep", "description": "waits",
                                                "parameters": {"type": "object", "properties": {}, "required": []}}}
     monkeypatch.setitem(tools.TOOLS, "Sleep", (schema, hang))
@@ -170,8 +172,11 @@ def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, 
     def forcer(row, turn, toks):
         seq = enc[row % 2][min(turn, len(enc[row % 2]) - 1)]
         return seq[len(toks)] if len(toks) < len(seq) else processor.im_end
-    trajs = rollout.rollout(model, processor, make_examples(2), tools=["Sleep", "Crop"], temperature=0,
-                            tool_timeout=0.5, forcer=forcer)
+    try:
+        trajs = rollout.rollout(model, processor, make_examples(2), tools=["Sleep", "Crop"], temperature=0,
+                                tool_timeout=0.5, forcer=forcer)
+    finally:
+        release.set()
     hung, broken = trajs
     assert hung.calls[0]["status"] == "error" and "timed out" in hung.calls[0]["error"]
     assert hung.calls[0]["seconds"] < 5  # cut at its limit, not after the 30 s it would take

@@ -3,6 +3,7 @@ import json
 import math
 import random
 import re
+import threading
 import time
 
 import numpy as np
@@ -186,11 +187,15 @@ def test_error_messages_say_what_to_fix(images):
 
 def test_time_limit_on_a_hanging_tool(monkeypatch, images):
     schema = tools._schema("Hang", "never returns", {}, [])
-    monkeypatch.setitem(tools.TOOLS, "Hang", (schema, lambda args, imgs: time.sleep(30)))
+    release = threading.Event()  # the hung thread ends with the test, not 30 s later in a test that needs its slot
+    monkeypatch.setitem(tools.TOOLS, "Hang", (schema, lambda args, imgs: release.wait(30)))
     t = time.perf_counter()
-    r = call_tool("Hang", {}, images, timeout=0.3)
-    assert time.perf_counter() - t < 1.5
-    assert r.status == "error" and r.error == "tool 'Hang' timed out after 0.3 s"
+    try:
+        r = call_tool("Hang", {}, images, timeout=0.3)
+        assert time.perf_counter() - t < 1.5
+        assert r.status == "error" and r.error == "tool 'Hang' timed out after 0.3 s"
+    finally:
+        release.set()
 
 # -----------------------------------------------------------------------------
 # contracts of individual tools
