@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import coldstart
+import grpo
 from tasks import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,16 @@ def run(args, nproc=1, timeout=600):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run_here(main, argv):
+    """A one-process run in this process (no interpreter to start), on one thread as the torchrun workers run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def weights(d):
@@ -54,7 +65,7 @@ def tc_runs(tmp_path_factory):
     (one, two) output folders."""
     tmp = tmp_path_factory.mktemp("tc")
     one, two = str(tmp / "one"), str(tmp / "two")
-    run(TC + ["--out", one])
+    run_here(coldstart.main, TC[1:] + ["--out", one])
     os.makedirs(two)
     os.symlink(os.path.join(one, "data"), os.path.join(two, "data"))  # the same curated data
     stopped_and_resumed(two)
@@ -121,14 +132,18 @@ def test_fsdp_without_torchrun_is_refused_before_any_work(tmp_path):
     assert not os.path.exists(tmp_path / "x" / "data")  # refused before curation
 
 
-TOY = """import sys
-sys.path.insert(0, {root!r})
-import grpo, rollout
-
-def toy_reward(traj, example, kind, lam):  # the untrained base earns no real reward; this one varies per sample
+def toy_reward(traj, example, kind, lam):
+    """The untrained base earns no real reward, so nothing would train; this one differs between samples."""
     r = sum(x % 4 == 0 for x, m in zip(traj.token_ids, traj.loss_mask) if m) / max(1, sum(traj.loss_mask))
-    return {{"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0,
-            "reward_from_correct": 0.0, "reward_from_tools": r}}
+    return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0,
+            "reward_from_correct": 0.0, "reward_from_tools": r}
+
+
+# grpo.py with toy_reward, for the torchrun workers
+TOY = """import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import grpo, rollout
+from test_distributed import toy_reward
 
 grpo.reward = toy_reward
 rollout.cli(lambda: grpo.main(sys.argv[1:]))
@@ -142,9 +157,11 @@ def test_tg_on_two_processes_equals_one(tmp_path):
     the parameters replicated and with --fsdp (rollouts and evaluation on the whole weights, the update sharded: a
     rank with fewer micro-batches in a minibatch makes them up with idle passes)."""
     script = tmp_path / "toy_grpo.py"
-    script.write_text(TOY.format(root=ROOT))
+    script.write_text(TOY.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
     one, two, fsdp = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "fsdp")
-    run([str(script)] + TG + ["--out", one])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grpo, "reward", toy_reward)
+        run_here(grpo.main, TG + ["--out", one])
     run([str(script)] + TG + ["--out", two], nproc=2)
     run([str(script)] + TG + ["--out", fsdp, "--fsdp"], nproc=2)
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]

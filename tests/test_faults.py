@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 import coldstart
 import rollout
 from tasks import InputError
+from test_distributed import toy_reward  # a reward that varies between the untrained model's samples
 
 TC = ["--quick", "--tasks", "guiqa", "--n-per-task", "4", "--batch-size", "1", "--grad-accum", "2", "--epochs", "2",
       "--ckpt-every", "1", "--device", "cpu", "--eval-n", "0"]
@@ -95,13 +96,6 @@ def test_a_kill_at_any_write_resumes_to_the_same_weights(whole, tmp_path, monkey
 
 TG = ["--quick", "--steps", "4", "--ckpt-every", "1", "--eval-n", "0", "--tasks", "vsp_verify", "--tools", "Point",
       "--max-new-tokens", "8", "--device", "cpu"]
-
-
-def toy_reward(traj, example, kind, lam):
-    """The untrained model's real rewards are all 0, so nothing would train; this one differs between samples."""
-    r = sum(x % 4 == 0 for x, m in zip(traj.token_ids, traj.loss_mask) if m) / max(1, sum(traj.loss_mask))
-    return {"reward": r, "correct": 0.0, "format": 0.0, "tool_quality": 0.0, "tool_term": 0.0,
-            "reward_from_correct": 0.0, "reward_from_tools": r}
 
 
 @pytest.fixture(scope="module")
