@@ -109,10 +109,14 @@ def tg_whole(scratch_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("write", list(WRITES))
-def test_tg_killed_at_any_write_resumes_to_the_same_weights(scratch_dir, tg_whole, tmp_path, monkeypatch, write):
-    """The same guarantee for Tool-GRPO: killed at each write of its third checkpoint save, --resume takes the newest
-    complete checkpoint and ends with the uninterrupted run's weights, each RL step logged once."""
+# the two sides of the moment a checkpoint becomes complete: the last write before its COMPLETE file, and the first
+# after it (the new checkpoint whole in CKPT.tmp, CKPT being moved aside). The writes are rollout.save_checkpoint's,
+# killed at every one of them with TC above; what TG adds is its own loop state, which either side resumes from
+@pytest.mark.parametrize("write", ["optimizer state", "old checkpoint moved aside"])
+def test_tg_killed_around_a_complete_checkpoint_resumes_to_the_same_weights(scratch_dir, tg_whole, tmp_path,
+                                                                           monkeypatch, write):
+    """The same guarantee for Tool-GRPO: killed just before and just after its third checkpoint is complete, --resume
+    takes the newest complete checkpoint and ends with the uninterrupted run's weights, each RL step logged once."""
     import grpo
     monkeypatch.setattr(grpo, "reward", toy_reward)
     owner, name, nth = WRITES[write]
