@@ -165,6 +165,7 @@ def run_stage(script, argv, log_path):
         try:
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.dup2(fd, 1), os.dup2(fd, 2)  # C-level output (warnings from torch's kernels) goes there too
+            os.close(fd)
             # and Python's, through streams of its own, as a fresh interpreter has them (this process's sys.stdout may
             # not write to fd 1: pytest replaces it)
             sys.stdout = open(1, "w", closefd=False)
@@ -172,10 +173,12 @@ def run_stage(script, argv, log_path):
             sys.argv, sys.path[0] = [script] + argv, os.path.dirname(script)  # what `python script` would see
             runpy.run_path(script, run_name="__main__")
             code = 0
-        except SystemExit as e:  # as the interpreter does: None is 0, a message is printed and exits 1
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            if not isinstance(e.code, int) and e.code is not None:
+        except SystemExit as e:  # as the interpreter does: None is 0, an int the status, anything else printed and 1
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
                 print(e.code, file=sys.stderr)
+                code = 1
         except BaseException:
             traceback.print_exc()
         finally:
