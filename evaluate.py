@@ -589,17 +589,17 @@ def write_outputs(out, settings, runs, curves=None):
     return results
 
 
-def load_examples(args, task_list):
-    if args.data:
+def load_examples(task_list, n, data, split, seed):
+    """The test examples of task_list, the same for every model: from the file `data` when given (the first n of
+    each task, in file order; all of them when n is None), else generated (n per task, 20 when None)."""
+    if data:
         per_task, examples = Counter(), []
-        for ex in tasks.load(args.data):
-            # --n with --data: the first n of each task, in file order
-            if ex["task"] in task_list and (args.n is None or per_task[ex["task"]] < args.n):
+        for ex in tasks.load(data):
+            if ex["task"] in task_list and (n is None or per_task[ex["task"]] < n):
                 per_task[ex["task"]] += 1
                 examples.append(ex)
         return examples
-    # generated: n per task (20 unless --n), the same examples for every model
-    return [ex for t in task_list for ex in tasks.generate(t, args.n or 20, split=args.split, seed=args.seed)]
+    return [ex for t in task_list for ex in tasks.generate(t, n or 20, split=split, seed=seed)]
 
 
 def main(argv=None):
@@ -623,7 +623,7 @@ def main(argv=None):
     command = "python " + " ".join(shlex.quote(a) for a in ([os.path.basename(sys.argv[0]) or "evaluate.py"] +
                                                             (sys.argv[1:] if argv is None else list(argv))))
     settings = {**vars(args), "command": command, "device": device, "tasks": task_list}
-    examples = load_examples(args, task_list)
+    examples = load_examples(task_list, args.n, args.data, args.split, args.seed)
     if not examples:
         parser.error("no examples to evaluate (check --tasks, --n and --data)")
     os.makedirs(args.out, exist_ok=True)
