@@ -88,14 +88,14 @@ ADOPT_RL = "vsp_nav,vsp_verify"  # AStar helps on vsp_nav, not on vsp_verify: ad
 # the steps
 
 
-def steps(args):
-    """[(name, argv)] in run order; every path is under args.out."""
+def steps(out, device, seed, quick, reward, eval_n):
+    """[(name, argv)] in run order; every path is under out."""
     # every stage gets the same device and seed, and --quick when this run has it
-    common = ["--device", args.device, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
-    small_tc, small_rl = ([], []) if args.quick else (SMALL_TC, SMALL_RL)  # --quick sizes win over SMALL
+    common = ["--device", device, "--seed", str(seed)] + (["--quick"] if quick else [])
+    small_tc, small_rl = ([], []) if quick else (SMALL_TC, SMALL_RL)  # --quick sizes win over SMALL
 
     def o(*parts):
-        return os.path.join(args.out, *parts)
+        return os.path.join(out, *parts)
 
     def model(step):  # a stage's final model directory
         return o(step, "model")
@@ -106,11 +106,11 @@ def steps(args):
 
     def grpo(name, init, *a):  # init: a step whose model starts the RL, or "tiny" (the pretrained base)
         start = init if init == "tiny" else model(init)
-        return name, ["grpo.py", "--init", start, "--out", o(name), "--eval-n", "0", "--reward", args.reward, *a,
+        return name, ["grpo.py", "--init", start, "--out", o(name), "--eval-n", "0", "--reward", reward, *a,
                       *common]
 
     def evaluate(name, models, *a):  # --quick keeps evaluate.py's own quick size (an explicit --n would win over it)
-        n = [] if args.quick else ["--n", str(args.eval_n)]
+        n = [] if quick else ["--n", str(eval_n)]
         return name, ["evaluate.py", "--models", ",".join(f"{k}={v}" for k, v in models), "--out", o(name), *n, *a,
                       *common]
 
@@ -192,13 +192,13 @@ def run_stage(script, argv, log_path):
         raise
 
 
-def run_steps(args, plan):
+def run_steps(out, plan):
     """Run every step not yet recorded as done; stop at the first failure (its log names the cause). A step whose
     inputs (another step's outputs, named in its command) finished after it did runs again."""
-    done_path = os.path.join(args.out, "steps.json")
+    done_path = os.path.join(out, "steps.json")
     # step name -> {command, seconds, finished} of the steps that completed
     done = json.load(open(done_path)) if os.path.exists(done_path) else {}
-    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
     order = [n for n, _ in plan]
 
@@ -213,7 +213,7 @@ def run_steps(args, plan):
     for i, (name, argv) in enumerate(plan, 1):
         command = " ".join(shlex.quote(a) for a in ["python"] + argv)
         # the earlier steps whose outputs this one reads ('runs/repro/tc/' in runs/repro/tc/model)
-        inputs = [n for n, _ in plan[:i - 1] if any(os.path.join(args.out, n, "") in a for a in argv[1:])]
+        inputs = [n for n, _ in plan[:i - 1] if any(os.path.join(out, n, "") in a for a in argv[1:])]
         # done only with the very same command (a changed flag, say --eval-n, runs the step again) and inputs no
         # newer than it (the "finished" strings sort as time does): an evaluation of a retrained model runs again
         if done.get(name, {}).get("command") == command and all(done[n]["finished"] <= done[name]["finished"]
@@ -221,7 +221,7 @@ def run_steps(args, plan):
             print(f"[{i}/{len(plan)}] {name}: done ({done[name]['seconds']:.0f} s), skipped")
             continue
         # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
-        ckpt = [os.path.join(args.out, name, "ckpt" + s) for s in ("", ".tmp", ".old")]
+        ckpt = [os.path.join(out, name, "ckpt" + s) for s in ("", ".tmp", ".old")]
         if name in done:  # it finished once, with another command or older inputs: start afresh, not from its checkpoint
             for path in ckpt:
                 shutil.rmtree(path, ignore_errors=True)
@@ -230,7 +230,7 @@ def run_steps(args, plan):
         # evaluate.py has no --resume: an evaluation simply runs again
         resume = ["--resume"] if argv[0] != "evaluate.py" and any(os.path.isdir(path) for path in ckpt) else []
         print(f"[{i}/{len(plan)}] {name}: {command}{' --resume' if resume else ''}", flush=True)
-        log_path = os.path.join(args.out, "logs", f"{name}.log")
+        log_path = os.path.join(out, "logs", f"{name}.log")
         t0 = time.perf_counter()
         # the stage scripts sit next to this file; paths in argv stay relative to the caller's directory
         rc = run_stage(os.path.join(os.path.dirname(os.path.abspath(__file__)), argv[0]), argv[1:] + resume, log_path)
@@ -249,9 +249,9 @@ def run_steps(args, plan):
 # reading the outputs back into tables: (title, note, header, rows)
 
 
-def results(args, step):
+def results(out, step):
     # {model label: {task: rollout.metrics}}
-    return json.load(open(os.path.join(args.out, step, "results.json")))["results"]
+    return json.load(open(os.path.join(out, step, "results.json")))["results"]
 
 
 def pct(v):
@@ -272,20 +272,21 @@ def with_ci(m):
     return f"{pct(m['accuracy'])} [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
-def main_table(args):
-    r = results(args, "eval_main")
+def main_table(out):
+    r = results(out, "eval_main")
     # per MAIN model: accuracy [95% interval] per task, then the macro mean
     rows = [[label] + [with_ci(r[key][t]) for t in TASKS] + [pct(mean(r[key][t]["accuracy"] for t in TASKS))]
             for key, label in MAIN]
-    return ("1. Main table: accuracy, tools offered", f"{args.eval_n} test examples per task, greedy; each cell the "
-            "accuracy and its 95% Wilson interval. Base: the pretrained tiny base, no TC; TG: RL from the base.",
+    n = r["base"][TASKS[0]]["n"]  # test examples per task, as evaluate.py recorded them
+    return ("1. Main table: accuracy, tools offered", f"{n} test examples per task, greedy; each cell the accuracy "
+            "and its 95% Wilson interval. Base: the pretrained tiny base, no TC; TG: RL from the base.",
             ["model"] + TASKS + ["mean"], rows)
 
 
-def adopt_curve(args):
+def adopt_curve(out):
     """[(RL step, AStar calls per vsp_nav sample)] from the adopt run's log (sampled rollouts, per task)."""
     # one record per RL step; by_task: that step's sampled rollouts, per task (a step without vsp_nav is skipped)
-    log = [json.loads(line) for line in open(os.path.join(args.out, "tg_adopt", "log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(out, "tg_adopt", "log.jsonl"))]
     return [(rec["step"], calls(rec["by_task"]["vsp_nav"], "AStar")) for rec in log
             if "vsp_nav" in rec.get("by_task", {})]
 
@@ -293,14 +294,14 @@ def adopt_curve(args):
 ADOPT_CURVE = "2. Adopt: AStar calls per vsp_nav sample during RL"  # the table the report draws the curve under
 
 
-def adopt_tables(args):
-    curve = adopt_curve(args)
+def adopt_tables(out):
+    curve = adopt_curve(out)
     chunks = max(1, min(5, len(curve)))  # at most 5 blocks of steps: the table stays short
     size = -(-len(curve) // chunks)  # steps per block, rounded up
     # 'first-last step' and the block's mean AStar calls per sample
     rows = [[f"{part[0][0]}-{part[-1][0]}", num(mean(c for _, c in part))]
             for part in (curve[k:k + size] for k in range(0, len(curve), size))]
-    r, d = results(args, "eval_adopt"), results(args, "eval_discard")  # d: vsp_verify without AStar
+    r, d = results(out, "eval_adopt"), results(out, "eval_discard")  # d: vsp_verify without AStar
     before_after = [[label, with_ci(r[label]["vsp_nav"]), num(calls(r[label]["vsp_nav"], "AStar")),
                      pct(r[label]["vsp_nav"]["format_valid_rate"])] for label in ("before", "after")]
     # vsp_verify with AStar offered (eval_adopt), then without it (eval_discard)
@@ -318,8 +319,8 @@ def adopt_tables(args):
     ]
 
 
-def modulate_table(args):
-    r = results(args, "eval_main")
+def modulate_table(out):
+    r = results(out, "eval_main")
     # Direct-SFT has no tools and is left out
     rows = [[label, num(calls(r[key]["vsp_nav"], "Point")), num(calls(r[key]["vsp_verify"], "Point"))]
             for key, label in MAIN if key != "direct"]
@@ -328,8 +329,8 @@ def modulate_table(args):
             ["model", "vsp_nav", "vsp_verify"], rows)
 
 
-def adl_table(args):
-    canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
+def adl_table(out):
+    canonical, randomized = results(out, "eval_adl_canonical"), results(out, "eval_adl_randomized")
     rows = []
     # each model under each naming: canonical, then randomized
     for key, label in (("tc", "TC"), ("tc_adl", "TC + ADL")):
@@ -341,8 +342,8 @@ def adl_table(args):
             + ["mean"], rows)
 
 
-def transfer_table(args):
-    tr = results(args, "eval_transfer")
+def transfer_table(out):
+    tr = results(out, "eval_transfer")
     labels = [("tc", "TC jigsaw"), ("tc_adl", "TC jigsaw + ADL"), ("tctg", "TC jigsaw, TG 3 tasks"),
               ("tctg_adl", "TC jigsaw + ADL, TG 3 tasks + ADL")]
     # accuracy, then CPS, on the tasks TC never showed
@@ -353,8 +354,8 @@ def transfer_table(args):
             + [f"{t} calls / sample" for t in UNSEEN], rows)
 
 
-def tool_table(args):
-    r = results(args, "eval_main")
+def tool_table(out):
+    r = results(out, "eval_main")
     # every main model but Direct-SFT (no tools), one row per task
     rows = [[label, t, pct(r[key][t]["accuracy"]), num(r[key][t]["cps"]), pct(r[key][t]["tool_success_rate"]),
              pct(r[key][t]["format_valid_rate"])] for key, label in MAIN if key != "direct" for t in TASKS]
@@ -373,21 +374,21 @@ def separated(a, b):
     return a["accuracy_ci"][0] > b["accuracy_ci"][1]
 
 
-def targets(args, have):
+def targets(out, have):
     """The reproduction issue's targets (the paper's shape at the tiny scale), each with the measured figure; `have`:
     the finished steps (a target whose evaluations have not run yet is left out)."""
     checks = []
-    r = results(args, "eval_main") if "eval_main" in have else None
+    r = results(out, "eval_main") if "eval_main" in have else None
     if r:
         checks += main_targets(r)
     if {"eval_adopt", "eval_discard"} <= have:
-        checks += adopt_targets(results(args, "eval_adopt"), results(args, "eval_discard"))
+        checks += adopt_targets(results(out, "eval_adopt"), results(out, "eval_discard"))
     if r:
         nav, verify = calls(r["tctg"]["vsp_nav"], "Point"), calls(r["tctg"]["vsp_verify"], "Point")
         checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
                        f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
     if {"eval_adl_canonical", "eval_adl_randomized"} <= have:
-        canonical, randomized = results(args, "eval_adl_canonical"), results(args, "eval_adl_randomized")
+        canonical, randomized = results(out, "eval_adl_canonical"), results(out, "eval_adl_randomized")
         # per model: (canonical, randomized) mean accuracy over the tasks, and the points lost between them; the cell
         # shows both, since a model weak under either naming also "loses" nothing
         acc = {key: [mean(run[key][t]["accuracy"] for t in TASKS) for run in (canonical, randomized)]
@@ -398,7 +399,7 @@ def targets(args, have):
                                  for key, name in (("tc_adl", "ADL"), ("tc", "non-ADL"))),
                        "yes" if loss["tc_adl"] <= 0.10 and loss["tc"] >= 0.20 else "no"))
     if "eval_transfer" in have:
-        tr = results(args, "eval_transfer")
+        tr = results(out, "eval_transfer")
         checks.append(("ADL transfer: TC jigsaw + ADL, TG 3 tasks above the non-ADL run on both unseen tasks",
                        "; ".join(f"{t} {with_ci(tr['tctg_adl'][t])} vs {with_ci(tr['tctg'][t])}" for t in UNSEEN),
                        "yes" if all(tr["tctg_adl"][t]["accuracy"] > tr["tctg"][t]["accuracy"] for t in UNSEEN)
@@ -493,43 +494,49 @@ SECTIONS = [(main_table, {"eval_main"}), (adopt_tables, {"tg_adopt", "eval_adopt
             (transfer_table, {"eval_transfer"}), (tool_table, {"eval_main"})]
 
 
-def write_report(args, done, plan):
+def write_report(out, done, plan, command):
+    """OUT/summary.md and OUT/report.html from the finished steps `done` of `plan`; command: the reproduce.py command
+    line that ran them, for the summary's first line."""
     have = set(done)
     sections = []
     for build, needs in SECTIONS:
         if needs <= have:
-            part = build(args)
+            part = build(out)
             sections += part if isinstance(part, list) else [part]  # adopt_tables returns three
-    sections += [targets(args, have), timing_table(done)]
+    sections += [targets(out, have), timing_table(done)]
     total = sum(d["seconds"] for d in done.values()) / 60
     missing = [name for name, _ in plan if name not in have]
-    head = (f"`python reproduce.py{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores"
-            f"{', --device ' + args.device if args.device != 'auto' else ''}: {total:.0f} min of steps, "
-            f"evaluations on {args.eval_n if not args.quick else 2} test examples per task."
+    # the test size as the evaluations recorded it (--quick runs each stage's own smaller size)
+    evals = [name for name in done if name.startswith("eval_")]  # each has its own report.html to link
+    n = [m["n"] for r in results(out, evals[0]).values() for m in r.values()][0] if evals else None
+    head = (f"`{command}` on {os.cpu_count()} CPU cores: {total:.0f} min of steps"
+            + (f", evaluations on {n} test examples per task." if n else ".")
             + (f" Not finished yet: {', '.join(missing)} (run `python reproduce.py` again to continue)."
                if missing else ""))
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+    with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(sections, "## Reproduction summary\n\n" + head))
-    evals = [name for name in done if name.startswith("eval_")]  # each has its own report.html to link
-    with open(os.path.join(args.out, "report.html"), "w") as f:
+    with open(os.path.join(out, "report.html"), "w") as f:
         # the adopt curve, AStar calls per vsp_nav sample at every RL step, under its table
-        curve = adopt_curve(args) if ADOPT_CURVE in [title for title, *_ in sections] else []
+        curve = adopt_curve(out) if ADOPT_CURVE in [title for title, *_ in sections] else []
         figures = {ADOPT_CURVE: svg_lines("AStar calls per vsp_nav sample during RL", {"AStar / sample": curve})
                    } if curve else {}
         f.write(report_html(sections, head.replace("`", ""), evals, figures))
     print(markdown(sections[:-1], head))  # the console leaves out the timing table
-    print(f"wrote {args.out}/summary.md and {args.out}/report.html")
+    print(f"wrote {out}/summary.md and {out}/report.html")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    plan = steps(args)
+    plan = steps(args.out, args.device, args.seed, args.quick, args.reward, args.eval_n)
     if args.report_only:  # no step runs: the tables come from the outputs already there (of a finished run or not)
         done = json.load(open(os.path.join(args.out, "steps.json")))
     else:
-        done = run_steps(args, plan)
-    # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan)
-    write_report(args, {name: done[name] for name, _ in plan if name in done}, plan)
+        done = run_steps(args.out, plan)
+    # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan); the summary names the
+    # command that ran the steps, not the --report-only call that rewrote it
+    command = " ".join(shlex.quote(a) for a in ["python", "reproduce.py"] + argv if a != "--report-only")
+    write_report(args.out, {name: done[name] for name, _ in plan if name in done}, plan, command)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     cmd = [sys.executable, "reproduce.py", "--quick", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    names = [name for name, _ in reproduce.steps(reproduce.parser.parse_args(["--quick", "--out", str(out)]))]
+    names = [name for name, _ in reproduce.steps(str(out), "cpu", 0, True, "accuracy", 100)]
     done = json.load(open(out / "steps.json"))
     assert list(done) == names
     summary = (out / "summary.md").read_text()
@@ -33,7 +33,7 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     report = (out / "report.html").read_text()
     assert "<table>" in report and "AStar calls per vsp_nav sample during RL</text>" in report  # the adopt curve
     # TG starts from the pretrained base, and the discard run without AStar offers every other tool
-    plan = dict(reproduce.steps(reproduce.parser.parse_args(["--quick", "--out", str(out)])))
+    plan = dict(reproduce.steps(str(out), "cpu", 0, True, "accuracy", 100))
     assert plan["tg"][plan["tg"].index("--init") + 1] == "tiny"
     # every RL step gets reproduce's --reward (accuracy by default), no other step does
     assert [n for n, a in plan.items() if "--reward" in a] == ["tg", "tctg", "tg_adopt", "tg_transfer", "tg_transfer_adl"]
@@ -54,13 +54,16 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
         in summary
     assert "### 2. Adopt" not in summary and "### 5. ADL" not in summary and "ADL transfer:" not in summary
     assert f"Not finished yet: {', '.join(names[len(first):])} (run `python reproduce.py` again" in summary
+    # the first line names the command that ran the steps (not the --report-only call) and the test size it used
+    head = summary.splitlines()[2]
+    assert head.startswith(f"`python reproduce.py --quick --device cpu --out {out}` on "), head
+    assert "evaluations on 2 test examples per task" in head, head
 
 
 def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
-    args = reproduce.parser.parse_args(["--quick", "--out", str(tmp_path)])
     plan = [("broken", ["coldstart.py", "--tools", "NoSuchTool", "--out", str(tmp_path / "broken")])]
     try:
-        reproduce.run_steps(args, plan)
+        reproduce.run_steps(str(tmp_path), plan)
     except SystemExit as e:
         message = str(e)
     else:
@@ -77,7 +80,6 @@ def test_a_changed_step_runs_again_with_every_step_that_reads_it_and_starts_afre
                       "os.makedirs(os.path.join(out, 'ckpt'), exist_ok=True)\n"
                       f"open({str(tmp_path / 'calls.txt')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n")
     out = tmp_path / "repro"
-    args = reproduce.parser.parse_args(["--out", str(out)])
 
     def plan(flag):
         return [("a", [str(script), "--out", str(out / "a"), "--lr", flag]),
@@ -90,12 +92,12 @@ def test_a_changed_step_runs_again_with_every_step_that_reads_it_and_starts_afre
         return [line.split("--out ")[1].split()[0].rsplit("/", 1)[1] + (" resumed" if "--resume" in line else "")
                 for line in lines]
 
-    reproduce.run_steps(args, plan("1"))
+    reproduce.run_steps(str(out), plan("1"))
     assert calls() == ["a", "b", "c", "ab"]
-    reproduce.run_steps(args, plan("1"))
+    reproduce.run_steps(str(out), plan("1"))
     assert calls() == ["a", "b", "c", "ab"]  # all skipped
     (out / "a" / "ckpt" / "old").write_text("from the first run")
-    done = reproduce.run_steps(args, plan("2"))
+    done = reproduce.run_steps(str(out), plan("2"))
     # a ran afresh (no --resume, its old checkpoint gone), b read it and ran again; c and ab did not
     assert calls()[4:] == ["a", "b"]
     assert not (out / "a" / "ckpt" / "old").exists()
@@ -103,7 +105,7 @@ def test_a_changed_step_runs_again_with_every_step_that_reads_it_and_starts_afre
     # interrupted: a step not recorded as done with a checkpoint on disk resumes
     del done["b"]
     (out / "steps.json").write_text(json.dumps(done))
-    reproduce.run_steps(args, plan("2"))
+    reproduce.run_steps(str(out), plan("2"))
     assert calls()[6:] == ["b resumed"]
 
 
