@@ -44,10 +44,12 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="append the result as a JSON line to this file")
 
 
-def load(args):
-    device = rollout.resolve_device(args.device)
-    if args.config != "7b":
-        return rollout.load_policy(args.model, device=device)  # bf16 weights on CUDA, fp32 on a CPU
+def load(model_path, config, device):
+    """-> (model, processor): model_path loaded as the stages load it, or, with config "7b", random weights of
+    Qwen2.5-VL-7B's shape."""
+    device = rollout.resolve_device(device)
+    if config != "7b":
+        return rollout.load_policy(model_path, device=device)  # bf16 weights on CUDA, fp32 on a CPU
     # random weights of the real shape: the speed of a pass depends on its shapes, not on what the weights know
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)  # only its token ids matter for speed
@@ -224,33 +226,28 @@ def time_rollout(model, processor, examples, group, turns, free, with_baseline=T
     return result
 
 
-def bench_rollout(args):
-    model, processor = load(args)
-    result = {"bench": "rollout", "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
-              "model": args.config or args.model}
-    result.update(time_rollout(model, processor, bench_examples(args.prompts), args.group, args.turns, args.free,
-                               not args.skip_baseline))
+def bench_rollout(model, processor, prompts, group, turns, free, with_baseline):
+    result = {"bench": "rollout", "device": str(next(model.parameters()).device), "threads": torch.get_num_threads()}
+    result.update(time_rollout(model, processor, bench_examples(prompts), group, turns, free, with_baseline))
     result["peak_rss_gib"] = peak_rss_gib()  # both paths together
     return result
 
 
-def bench_curve(args):
+def bench_curve(model, processor, prompts, group, free, with_baseline):
     """How the wall time grows with the tool turns per trajectory (1, 2, 4, 8): the engine prefills each turn's
     new tokens once, so its time should grow about linearly in the total tokens; the baseline re-encodes the whole
     conversation every turn, so its time grows about quadratically in the turns."""
-    model, processor = load(args)
-    examples = bench_examples(args.prompts)
-    rows = [time_rollout(model, processor, examples, args.group, turns, args.free, not args.skip_baseline)
-            for turns in (1, 2, 4, 8)]
+    examples = bench_examples(prompts)
+    rows = [time_rollout(model, processor, examples, group, turns, free, with_baseline) for turns in (1, 2, 4, 8)]
     print(f"{'turns':>5} {'total tokens':>12} {'engine s':>9} {'baseline s':>10} {'ratio':>6} identical")
     for r in rows:
         print(f"{r['turns']:>5} {r['total_tokens']:>12} {r['engine_s']:>9} {r.get('baseline_s', '-'):>10} "
               f"{r.get('speedup', '-'):>6} {r.get('identical_tokens', '-')}")
-    return {"bench": "curve", "device": str(next(model.parameters()).device), "model": args.config or args.model,
-            "rows": rows, "peak_rss_gib": peak_rss_gib()}
+    return {"bench": "curve", "device": str(next(model.parameters()).device), "rows": rows,
+            "peak_rss_gib": peak_rss_gib()}
 
 
-def bench_train(args):
+def bench_train(model, processor, turns, free):
     """Forward + backward throughput of the SFT loss and of the GRPO update's log-probs on the same TC-like
     trajectories (batch of 8), each against its plain counterpart in the same run. Plain: logits over the whole
     vocabulary at every position, the padding mask, fp32, and (SFT) every image encoded again at every step.
@@ -258,10 +255,9 @@ def bench_train(args):
     (right padding under causal attention: rollout.sequence_inputs), bf16 autocast on CUDA (rollout.train_autocast;
     fp32 on a CPU), and image encodings reused (rollout.encode_image_cached). The losses of both are reported, to
     show they agree."""
-    model, processor = load(args)
     device = next(model.parameters()).device
     trajs = rollout.rollout(model, processor, bench_examples(8), temperature=0,
-                            forcer=script(processor, args.turns, args.free))
+                            forcer=script(processor, turns, free))
     seqs, masks = [t.token_ids for t in trajs], [t.loss_mask for t in trajs]
     # an observation cut off by max_total_tokens leaves its image in t.images but none of its tokens in the sequence
     shown = [t.images[:sum(x == processor.vision_start for x in t.token_ids)] for t in trajs]  # images in the tokens
@@ -315,7 +311,7 @@ def bench_train(args):
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         return out
 
-    result = {"bench": "train", "device": str(device), "model": args.config or args.model, "batch": len(seqs),
+    result = {"bench": "train", "device": str(device), "batch": len(seqs),
               "tokens_per_step": sum(map(len, seqs)), "loss_tokens_per_step": int(mask.sum()),
               "sft_autocast": "bf16" if rollout.bf16_autocast_fits(device.type) else "fp32"}
     # plain SFT re-encodes every image at every step; the GRPO update always reused encodings, so its plain
@@ -377,7 +373,15 @@ if __name__ == "__main__":
     if args.what == "tools":
         result = bench_tools()
     else:
-        result = {"rollout": bench_rollout, "curve": bench_curve, "train": bench_train}[args.what](args)
+        model, processor = load(args.model, args.config, args.device)
+        if args.what == "rollout":
+            result = bench_rollout(model, processor, args.prompts, args.group, args.turns, args.free,
+                                   not args.skip_baseline)
+        elif args.what == "curve":
+            result = bench_curve(model, processor, args.prompts, args.group, args.free, not args.skip_baseline)
+        else:
+            result = bench_train(model, processor, args.turns, args.free)
+        result["model"] = args.config or args.model
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "a") as f:
