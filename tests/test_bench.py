@@ -4,11 +4,14 @@ import bench
 
 
 def test_engine_and_baseline_write_the_same_tokens():
-    model, processor = bench.load("scratch", None, "cpu")
-    # 2 prompts x group 2, 2 scripted Crop calls each (every call returns an image), then the answer
-    r = bench.time_rollout(model, processor, bench.bench_examples(2), group=2, turns=2, free=2)
-    assert r["identical_tokens"] is True
-    assert r["trajectories"] == 4 and r["tool_calls"] == 8 and r["image_observations"] == 8
+    # the shipped base, not bench.py's default random weights: those attend almost uniformly, so a fault in positions
+    # or the cache barely moves their argmax (a decode position off by one went unseen with them, not with the base)
+    model, processor = bench.load("tiny", None, "cpu")
+    # 1 prompt x group 2: in each turn 2 tokens of the model's own (greedy; the base would close its turn itself after
+    # a few more), then a scripted Crop call that returns an image; the answer after the second call
+    r = bench.time_rollout(model, processor, bench.bench_examples(1), group=2, turns=2, free=2)
+    assert r["trajectories"] == 2 and r["tool_calls"] == 4 and r["image_observations"] == 4, r
     assert r["finish_reasons"] == ["response"]
+    assert r["identical_tokens"] is True
     # the engine's own timings name every phase it spent time in
     assert {"prefill", "decode", "vision"} <= set(r["engine_split_s"])
