@@ -254,6 +254,11 @@ def results(out, step):
     return json.load(open(os.path.join(out, step, "results.json")))["results"]
 
 
+def examples_per_task(r):
+    """Test examples per task of an evaluation's results, as evaluate.py recorded them (--quick: its own size)."""
+    return next(m["n"] for per_task in r.values() for m in per_task.values())
+
+
 def pct(v):
     return "n/a" if v is None else f"{100 * v:.0f}%"  # whole points: the intervals are 10-20 wide at n = 100
 
@@ -277,9 +282,9 @@ def main_table(out):
     # per MAIN model: accuracy [95% interval] per task, then the macro mean
     rows = [[label] + [with_ci(r[key][t]) for t in TASKS] + [pct(mean(r[key][t]["accuracy"] for t in TASKS))]
             for key, label in MAIN]
-    n = r["base"][TASKS[0]]["n"]  # test examples per task, as evaluate.py recorded them
-    return ("1. Main table: accuracy, tools offered", f"{n} test examples per task, greedy; each cell the accuracy "
-            "and its 95% Wilson interval. Base: the pretrained tiny base, no TC; TG: RL from the base.",
+    return ("1. Main table: accuracy, tools offered", f"{examples_per_task(r)} test examples per task, greedy; each "
+            "cell the accuracy and its 95% Wilson interval. Base: the pretrained tiny base, no TC; TG: RL from the "
+            "base.",
             ["model"] + TASKS + ["mean"], rows)
 
 
@@ -506,9 +511,8 @@ def write_report(out, done, plan, command):
     sections += [targets(out, have), timing_table(done)]
     total = sum(d["seconds"] for d in done.values()) / 60
     missing = [name for name, _ in plan if name not in have]
-    # the test size as the evaluations recorded it (--quick runs each stage's own smaller size)
     evals = [name for name in done if name.startswith("eval_")]  # each has its own report.html to link
-    n = [m["n"] for r in results(out, evals[0]).values() for m in r.values()][0] if evals else None
+    n = examples_per_task(results(out, evals[0])) if evals else None
     head = (f"`{command}` on {os.cpu_count()} CPU cores: {total:.0f} min of steps"
             + (f", evaluations on {n} test examples per task." if n else ".")
             + (f" Not finished yet: {', '.join(missing)} (run `python reproduce.py` again to continue)."

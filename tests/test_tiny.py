@@ -343,4 +343,5 @@ def test_corpus_does_not_depend_on_the_hash_seed():
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2")]
     out = [p.communicate(timeout=300)[0] for p in procs]
+    # each printed one sha256 hex digest (64 characters and a newline), the same
     assert [p.returncode for p in procs] == [0, 0] and len(out[0]) == 65 and out[0] == out[1]
