@@ -591,7 +591,7 @@ def curate(data_dir, config):
         rng = random.Random(config["seed"])
         records = (direct_record(r, rng) for r in records)
     save_records(records, data_dir)
-    json.dump(config, open(config_path, "w"))  # last: only a complete curation is ever reused
+    rollout.write_json_atomic(config_path, config)  # last: only a complete curation is ever reused
 
 
 def direct_record(rec, rng):
@@ -1037,7 +1037,7 @@ def main(argv=None):
     summary = {"results": results, "steps": state["step"], "trajectories": len(records),
                "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time(), "args": vars(args)}
     if rank == 0:
-        json.dump(summary, open(os.path.join(args.out, "eval.json"), "w"), indent=1)
+        rollout.write_json_atomic(os.path.join(args.out, "eval.json"), summary, indent=1)
     rollout.barrier()
     print(f"done in {summary['wall_s']:.0f} s wall, {summary['cpu_s']:.0f} s CPU")
     return summary

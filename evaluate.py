@@ -26,7 +26,8 @@ from PIL import Image
 import adl
 import tasks
 from rollout import (EVAL_BATCH, add_device_flag, add_limit_flags, add_protocol_flag, cli, evaluate, level_key,
-                     limits_of, load_policy, mean, metrics, model_exists, parse_flags, protocol_of, resolve_device)
+                     limits_of, load_policy, mean, metrics, model_exists, parse_flags, protocol_of, resolve_device,
+                     write_json_atomic)
 from tools import TOOLS, tool_list
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -579,8 +580,7 @@ def write_outputs(out, settings, runs, curves=None):
             idx = [i for i, ex in enumerate(exs) if ex["task"] == t]
             results["results"][label][t] = metrics([exs[i] for i in idx], [trajs[i] for i in idx])
         records += save_trajectories(out, label, exs, trajs)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json_atomic(os.path.join(out, "results.json"), results, indent=1)
     with open(os.path.join(out, "trajectories.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

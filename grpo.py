@@ -286,8 +286,8 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
                                        clip_low, clip_high, loss_agg, denom,
                                        padded([ref[i] for i in idx]).to(device) if ref else None, kl_coef)
                 loss.backward()
-                for k, v in st.items():
-                    totals[k] += v
+                for name, v in st.items():
+                    totals[name] += v
                 totals["entropy"] += (entropy * mask).sum().item()
                 totals["seq_tokens"] += sum(len(t.token_ids) for t in batch)
             rollout.all_reduce_grads([p for p in model.parameters() if p.requires_grad])  # several ranks: summed
@@ -494,8 +494,7 @@ def main(argv=None):
         evals["after"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
                                   args.eval_batch, autocast, "after", **limits)
     if rank == 0:
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump(evals, f, indent=1)
+        rollout.write_json_atomic(os.path.join(args.out, "eval.json"), evals, indent=1)
     rollout.barrier()  # no rank returns before rank 0 has written eval.json
     for label, res in evals.items():
         print(f"{label}: mean accuracy {res['mean_accuracy']:.3f}")

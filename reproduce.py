@@ -205,10 +205,8 @@ def run_steps(out, plan):
     def in_order():  # the done steps in plan order (a step run again is not moved to the end)
         return {n: done[n] for n in sorted(done, key=lambda n: order.index(n) if n in order else len(order))}
 
-    def save_done():  # written to .tmp and renamed, so a kill never leaves a half-written steps.json
-        with open(done_path + ".tmp", "w") as f:
-            json.dump(in_order(), f, indent=1)
-        os.replace(done_path + ".tmp", done_path)
+    def save_done():  # atomic: a kill never leaves a half-written steps.json
+        rollout.write_json_atomic(done_path, in_order(), indent=1)
 
     for i, (name, argv) in enumerate(plan, 1):
         command = " ".join(shlex.quote(a) for a in ["python"] + argv)

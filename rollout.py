@@ -1298,10 +1298,10 @@ def load_checkpoint(ckpt_dir, optimizer, model=None):
     return blob["state"]
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path, obj, indent=None):
     """JSON written beside PATH and renamed over it: a kill leaves the old file or the new one, never half."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, ensure_ascii=False)
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
     os.replace(path + ".tmp", path)
 
 

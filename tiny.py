@@ -1286,7 +1286,7 @@ def main(argv=None):
     with torch.no_grad():  # pretrain() left the model in eval mode
         results = run_checks(model, processor, args.check_n, args.seed)
     results["wall_s"] = time.perf_counter() - t0
-    json.dump(results, open(os.path.join(save, "checks.json"), "w"), indent=1)
+    rollout.write_json_atomic(os.path.join(save, "checks.json"), results, indent=1)
     print(f"base saved to {save} ({results['wall_s']:.0f} s): {json.dumps(results)}")
     return results
 
