@@ -17,7 +17,10 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     cmd = [sys.executable, "reproduce.py", "--quick", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    names = [name for name, _ in reproduce.steps(str(out), "cpu", 0, True, "accuracy", 100)]
+    # the plan of that very command line: its flags read by reproduce's parser, the others at their defaults
+    flags = reproduce.parser.parse_args(cmd[2:])
+    plan = dict(reproduce.steps(flags.out, flags.device, flags.seed, flags.quick, flags.reward, flags.eval_n))
+    names = list(plan)
     done = json.load(open(out / "steps.json"))
     assert list(done) == names
     summary = (out / "summary.md").read_text()
@@ -33,7 +36,6 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     report = (out / "report.html").read_text()
     assert "<table>" in report and "AStar calls per vsp_nav sample during RL</text>" in report  # the adopt curve
     # TG starts from the pretrained base, and the discard run without AStar offers every other tool
-    plan = dict(reproduce.steps(str(out), "cpu", 0, True, "accuracy", 100))
     assert plan["tg"][plan["tg"].index("--init") + 1] == "tiny"
     # every RL step gets reproduce's --reward (accuracy by default), no other step does
     assert [n for n, a in plan.items() if "--reward" in a] == ["tg", "tctg", "tg_adopt", "tg_transfer", "tg_transfer_adl"]
