@@ -384,5 +384,5 @@ if __name__ == "__main__":
         result["model"] = args.config or args.model
     print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "a") as f:
+        with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")

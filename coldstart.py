@@ -580,7 +580,7 @@ def curate(data_dir, config):
     """Curate the TC data `config` describes into data_dir (train.jsonl, images/, config.json), unless the same
     configuration already wrote it there."""
     config_path = os.path.join(data_dir, "config.json")
-    if os.path.exists(config_path) and json.load(open(config_path)) == config:
+    if os.path.exists(config_path) and json.load(open(config_path, encoding="utf-8")) == config:
         print(f"reusing the TC data in {data_dir}")
         return
     # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full
@@ -611,7 +611,7 @@ def save_records(records, data_dir):
     written as it comes, so only one record's images are held at a time."""
     shutil.rmtree(data_dir, ignore_errors=True)  # no image of an earlier curation survives
     os.makedirs(os.path.join(data_dir, "images"))
-    with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
+    with open(os.path.join(data_dir, "train.jsonl"), "w", encoding="utf-8") as f:
         for rec in records:
             k, messages = 0, []  # k: the record's images so far
             for m in rec["messages"]:
@@ -710,7 +710,7 @@ def read_sharegpt(path):
     record and what is wrong."""
     roles = {v: k for k, v in SHAREGPT_ROLES.items()}
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
         # a JSON list (LLaMA-Factory's file), else JSON lines

@@ -183,7 +183,7 @@ def read_curves(spec):
             print(f"warning: --curves {path} does not exist; skipped", file=sys.stderr)
             continue
         recs = []
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -581,10 +581,10 @@ def write_outputs(out, settings, runs, curves=None):
             results["results"][label][t] = metrics([exs[i] for i in idx], [trajs[i] for i in idx])
         records += save_trajectories(out, label, exs, trajs)
     write_json_atomic(os.path.join(out, "results.json"), results, indent=1)
-    with open(os.path.join(out, "trajectories.jsonl"), "w") as f:
+    with open(os.path.join(out, "trajectories.jsonl"), "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    with open(os.path.join(out, "report.html"), "w") as f:
+    with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
         f.write(report_html(out, results, records, curves or {}, settings.get("show", 20)))
     return results
 
@@ -628,7 +628,7 @@ def main(argv=None):
         parser.error("no examples to evaluate (check --tasks, --n and --data)")
     os.makedirs(args.out, exist_ok=True)
     # flushed model by model: after an interruption this log still holds the models already done
-    log = open(os.path.join(args.out, "log.jsonl"), "w")
+    log = open(os.path.join(args.out, "log.jsonl"), "w", encoding="utf-8")
     runs = {}
     for label, path, mode in models:
         # one model in memory at a time: loaded here, deleted at the end of its turn

@@ -476,7 +476,8 @@ def main(argv=None):
 
         record = step_record(step, lr, pos, examples, trajs, infos, adv, args.group_size, upd, t1 - t0, t2 - t1)
         if rank == 0:
-            with open(log_path, "a") as f:  # one line per step, appended: a resumed run continues the same file
+            # one line per step, appended: a resumed run continues the same file
+            with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")

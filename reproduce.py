@@ -156,7 +156,7 @@ def run_stage(script, argv, log_path):
     This process runs no torch work of its own, and must not: a child forked after the CPU thread pool has started
     hangs in its first parallel operation (tried: a matrix product before the fork, then one in the child)."""
     if sys.platform != "linux" or torch.cuda.is_initialized():  # fork is safe only before any CUDA work
-        with open(log_path, "a") as log:
+        with open(log_path, "a", encoding="utf-8") as log:
             return subprocess.call([sys.executable, script] + argv, stdout=log, stderr=subprocess.STDOUT)
     sys.stdout.flush(), sys.stderr.flush()  # else the child would write this process's buffered text again
     pid = os.fork()
@@ -197,7 +197,7 @@ def run_steps(out, plan):
     inputs (another step's outputs, named in its command) finished after it did runs again."""
     done_path = os.path.join(out, "steps.json")
     # step name -> {command, seconds, finished} of the steps that completed
-    done = json.load(open(done_path)) if os.path.exists(done_path) else {}
+    done = json.load(open(done_path, encoding="utf-8")) if os.path.exists(done_path) else {}
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
     order = [n for n, _ in plan]
@@ -209,7 +209,7 @@ def run_steps(out, plan):
         rollout.write_json_atomic(done_path, in_order(), indent=1)
 
     for i, (name, argv) in enumerate(plan, 1):
-        command = " ".join(shlex.quote(a) for a in ["python"] + argv)
+        command = shlex.join(["python"] + argv)
         # the earlier steps whose outputs this one reads ('runs/repro/tc/' in runs/repro/tc/model)
         inputs = [n for n, _ in plan[:i - 1] if any(os.path.join(out, n, "") in a for a in argv[1:])]
         # done only with the very same command (a changed flag, say --eval-n, runs the step again) and inputs no
@@ -249,7 +249,7 @@ def run_steps(out, plan):
 
 def results(out, step):
     # {model label: {task: rollout.metrics}}
-    return json.load(open(os.path.join(out, step, "results.json")))["results"]
+    return json.load(open(os.path.join(out, step, "results.json"), encoding="utf-8"))["results"]
 
 
 def examples_per_task(r):
@@ -289,7 +289,7 @@ def main_table(out):
 def adopt_curve(out):
     """[(RL step, AStar calls per vsp_nav sample)] from the adopt run's log (sampled rollouts, per task)."""
     # one record per RL step; by_task: that step's sampled rollouts, per task (a step without vsp_nav is skipped)
-    log = [json.loads(line) for line in open(os.path.join(out, "tg_adopt", "log.jsonl"))]
+    log = [json.loads(line) for line in open(os.path.join(out, "tg_adopt", "log.jsonl"), encoding="utf-8")]
     return [(rec["step"], calls(rec["by_task"]["vsp_nav"], "AStar")) for rec in log
             if "vsp_nav" in rec.get("by_task", {})]
 
@@ -515,9 +515,9 @@ def write_report(out, done, plan, command):
             + (f", evaluations on {n} test examples per task." if n else ".")
             + (f" Not finished yet: {', '.join(missing)} (run `python reproduce.py` again to continue)."
                if missing else ""))
-    with open(os.path.join(out, "summary.md"), "w") as f:
+    with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
         f.write(markdown(sections, "## Reproduction summary\n\n" + head))
-    with open(os.path.join(out, "report.html"), "w") as f:
+    with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
         # the adopt curve, AStar calls per vsp_nav sample at every RL step, under its table
         curve = adopt_curve(out) if ADOPT_CURVE in [title for title, *_ in sections] else []
         figures = {ADOPT_CURVE: svg_lines("AStar calls per vsp_nav sample during RL", {"AStar / sample": curve})
@@ -532,12 +532,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plan = steps(args.out, args.device, args.seed, args.quick, args.reward, args.eval_n)
     if args.report_only:  # no step runs: the tables come from the outputs already there (of a finished run or not)
-        done = json.load(open(os.path.join(args.out, "steps.json")))
+        done = json.load(open(os.path.join(args.out, "steps.json"), encoding="utf-8"))
     else:
         done = run_steps(args.out, plan)
     # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan); the summary names the
     # command that ran the steps, not the --report-only call that rewrote it
-    command = " ".join(shlex.quote(a) for a in ["python", "reproduce.py"] + argv if a != "--report-only")
+    command = shlex.join(["python", "reproduce.py"] + [a for a in argv if a != "--report-only"])
     write_report(args.out, {name: done[name] for name, _ in plan if name in done}, plan, command)
 
 

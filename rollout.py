@@ -409,7 +409,7 @@ def load_policy(path="tiny", device="auto", dtype=None):
         raise InputError(f"model directory {path!r} does not exist (pass 'tiny', 'scratch' or a local "
                          "save_pretrained directory; nothing is downloaded)")
     try:  # a broken file is the user's to fix: name it, in one line, instead of a traceback from deep inside
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             json.load(f)
     except (OSError, ValueError) as e:
         raise InputError(f"{os.path.join(path, 'config.json')}: unreadable model config ({e})") from None
@@ -441,7 +441,7 @@ def save_policy(model, processor, out_dir, protocol="ours"):
     model.save_pretrained(tmp, state_dict=weights)
     processor.save_pretrained(tmp)
     if protocol != "ours":
-        with open(os.path.join(tmp, PROTOCOL_FILE), "w") as f:
+        with open(os.path.join(tmp, PROTOCOL_FILE), "w", encoding="utf-8") as f:
             json.dump({"protocol": protocol}, f)
     replace_dir(tmp, out_dir)
     return out_dir
@@ -558,7 +558,7 @@ def protocol_of(flag, model):
     path = os.path.join(str(model), PROTOCOL_FILE)
     if os.path.isfile(path):
         try:
-            name = json.load(open(path))["protocol"]
+            name = json.load(open(path, encoding="utf-8"))["protocol"]
             return PROTOCOLS[name]
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}: expected {{\"protocol\": \"ours\" | \"official\"}} ({reason(e)})") from None
@@ -1250,7 +1250,8 @@ def save_checkpoint(ckpt_dir, model, processor, optimizer, state):
     # an FSDP run's optimizer state is keyed by parameter name (whole tensors), a plain run's by position
     torch.save({"optimizer": optimizer.state_dict() if optim is None else optim, "fsdp": optim is not None,
                 "state": state, "rng": rng}, os.path.join(tmp, "trainer.pt"))
-    with open(os.path.join(tmp, "COMPLETE"), "w") as f:  # last: without it the checkpoint is incomplete
+    # last: without it the checkpoint is incomplete
+    with open(os.path.join(tmp, "COMPLETE"), "w", encoding="utf-8") as f:
         json.dump({"step": state["step"]}, f)
     replace_dir(tmp, os.path.abspath(ckpt_dir))
 
@@ -1300,7 +1301,7 @@ def load_checkpoint(ckpt_dir, optimizer, model=None):
 
 def write_json_atomic(path, obj, indent=None):
     """JSON written beside PATH and renamed over it: a kill leaves the old file or the new one, never half."""
-    with open(path + ".tmp", "w") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)
     os.replace(path + ".tmp", path)
 
@@ -1311,13 +1312,13 @@ def open_log(path, done, first=1):
     (done=0) moves an existing log aside to LOG.1, LOG.2, ... instead of erasing it."""
     if done and os.path.exists(path):
         keep = []
-        for line in open(path):
+        for line in open(path, encoding="utf-8"):
             try:
                 if json.loads(line)["step"] < done + first:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                 pass
-        with open(path + ".tmp", "w") as f:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
     elif not done and os.path.exists(path) and os.path.getsize(path):
@@ -1326,7 +1327,7 @@ def open_log(path, done, first=1):
             n += 1
         os.replace(path, f"{path}.{n}")
         print(f"kept the previous log as {path}.{n}")
-    return open(path, "a")
+    return open(path, "a", encoding="utf-8")
 
 
 def lr_at(step, total, base_lr, warmup, schedule="cosine", cooldown=0.2):

@@ -585,7 +585,7 @@ def score(example, answer):
 def save(examples, dir):
     """examples.jsonl plus one PNG per image under images/ (paths relative to dir)."""
     os.makedirs(os.path.join(dir, "images"), exist_ok=True)
-    with open(os.path.join(dir, "examples.jsonl"), "w") as f:
+    with open(os.path.join(dir, "examples.jsonl"), "w", encoding="utf-8") as f:
         for ex in examples:
             paths = []  # relative to dir, so a saved dataset can be moved
             for k, img in enumerate(ex["images"]):
@@ -604,7 +604,7 @@ def read_jsonl(path, keys, parse):
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     out = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             try:
                 record = json.loads(line)

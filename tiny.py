@@ -1281,7 +1281,7 @@ def main(argv=None):
     # the base carries its own training log and the command that made it, so it can be rebuilt and compared
     rollout.save_policy(model, processor, save)
     shutil.copy(os.path.join(args.out, "log.jsonl"), os.path.join(save, "log.jsonl"))
-    with open(os.path.join(save, "command.txt"), "w") as f:
+    with open(os.path.join(save, "command.txt"), "w", encoding="utf-8") as f:
         f.write("python tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     with torch.no_grad():  # pretrain() left the model in eval mode
         results = run_checks(model, processor, args.check_n, args.seed)
