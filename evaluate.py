@@ -562,7 +562,7 @@ def write_outputs(out, settings, runs, curves=None):
     task_list = [t for t in tasks.TASKS if any(ex["task"] == t for r in runs.values() for ex in r["examples"])]
     results = {"command": settings.get("command", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "device": settings.get("device", ""), "settings": settings, "tasks": task_list,
-               # the sampler of the batch starting at example i uses seed + i
+               # the sampler: each row its own stream, keyed by the seed, the example's position and the sample
                "seeds": {"data": None if settings.get("data") else settings.get("seed"),
                          "rollout": settings.get("seed"), "adl": settings.get("seed")},
                "models": {}, "results": {}}
