@@ -52,8 +52,9 @@ parser.add_argument("--n-per-task", type=int, default=300, help="trajectories cu
 parser.add_argument("--kinds", default="direct=0.6,reflect=0.15,tool_failure=0.15,no_tool=0.1",
                     help="share of each trajectory kind, per task (normalized to sum to 1)")
 parser.add_argument("--tools", default="all", help="tools the TC data offers and uses: 'all' or comma-separated "
-                    "canonical names; a plan whose tool is missing falls back (vsp_nav without AStar: the expert plans "
-                    "the route itself), e.g. the adopt experiment's TC data without AStar")
+                    "canonical names; a plan that needs a tool left out is skipped, except vsp_nav without AStar, "
+                    "whose expert plans the route itself (the adopt experiment's TC data); a task no plan can fill "
+                    "stops curation")
 parser.add_argument("--no-tools", action="store_true", help="ablation: the same examples as one-turn direct-answer SFT "
                     "(system prompt without tools); evaluation offers no tools")
 parser.add_argument("--adl", action="store_true", help="rewrite each trajectory through adl.py with a fresh random "
@@ -81,7 +82,7 @@ parser.add_argument("--replay", type=int, default=0, help="pretraining items (ti
                     "text tool use) added to every micro-batch, so TC does not wash out the base's generic copying")
 parser.add_argument("--max-len", type=int, default=2048, help="drop training sequences longer than this many tokens")
 parser.add_argument("--ckpt-every", type=int, default=100,
-                    help="checkpoint every N optimizer steps (0: only at the end)")
+                    help="checkpoint every N optimizer steps (0: never, except before a --stop-after stop)")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/ckpt (same data order, optimizer, RNG)")
 parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps, checkpointing "
                     "first (simulates a killed run; 0: run to the end)")
@@ -94,7 +95,8 @@ rollout.add_device_flag(parser)
 rollout.add_grad_checkpointing_flag(parser)
 rollout.add_fsdp_flag(parser)
 rollout.add_protocol_flag(parser)  # of the evaluation and the saved model; curation writes ours (see main)
-parser.add_argument("--seed", type=int, default=0, help="seed of curation, initialization, data order and evaluation")
+parser.add_argument("--seed", type=int, default=0, help="seed of curation, data order, ADL draws and evaluation "
+                    "(scratch weights always use seed 0)")
 parser.add_argument("--quick", action="store_true",
                     help="smallest configuration that exercises every code path (tests)")
 
@@ -665,8 +667,8 @@ SHAREGPT_INFO = {"formatting": "sharegpt", "columns": {"messages": "conversation
 
 def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
     """Write records (ours, image paths relative to data_dir) as OUT/NAME.json in sharegpt, with their images under
-    OUT/images/ and the dataset_info.json entry LLaMA-Factory reads. Our fields (id, task, kind, tools, answer)
-    ride along as extra keys, which LLaMA-Factory ignores and read_sharegpt restores."""
+    OUT/images/ and the dataset_info.json entry LLaMA-Factory reads. Our fields (id, task, kind, tools, adl_mapping,
+    answer) ride along as extra keys, which LLaMA-Factory ignores and read_sharegpt restores."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = []
     for rec in records:

@@ -5,8 +5,8 @@ Each step samples --prompts-per-step RL prompts (mixed over --tasks) and --group
 prompt through rollout.rollout. Every trajectory gets a reward (adaptive by default: an invalid format
 earns 0, a correct answer 1, a wrong one lambda times the mean quality of its tool calls), rewards are
 normalized within each group, and the policy takes a clipped-surrogate step on the tokens it sampled
-(prompt and tool observations are masked out). At the end the policy is evaluated greedily on the test
-split and saved as a Hugging Face directory.
+(prompt and tool observations are masked out). At the end the policy is saved as a Hugging Face directory
+and evaluated greedily on the test split.
 
     python grpo.py                                  # runs/tc/model -> runs/tg/model (run coldstart.py first)
     python grpo.py --quick                          # smoke run on the tiny default, < 1 minute on CPU
@@ -247,7 +247,8 @@ def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo
            loss_agg="token-mean", clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=1.0, ref_model=None,
            autocast=nullcontext(), seed=0, owned=None):
     """PPO-style epochs over one rollout batch. Groups with all-equal rewards have zero advantage and (without
-    KL) no gradient, so they are left out. Returns stats averaged per sampled token.
+    KL) no gradient, so they are left out. Returns counts (trained, opt_steps, tokens, seq_tokens), per-token
+    means (clip_frac, kl_old, kl_ref, entropy) and the mean grad_norm per optimizer step.
     owned: under torchrun, the indices of the trajectories this rank sampled (it holds their images); every rank
     plans the same minibatches over the whole batch, computes the loss of its own members and the ranks sum their
     gradients, so the step is that of one process."""
@@ -319,7 +320,8 @@ def rl_prompt(task_list, pos, seed, data=None):
 
 
 def adl_for(offered, pos, seed):
-    """ADL mapping of one prompt, a pure function of (seed, data position) so a resumed run redraws it."""
+    """ADL of one prompt, (randomized schemas, Mapping) as adl.randomize returns it; a pure function of (seed, data
+    position), so a resumed run redraws it."""
     return adl.randomize(schemas(offered), random.Random(f"adl-{seed}-{pos}"))
 
 

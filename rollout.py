@@ -210,9 +210,10 @@ def fsdp_units(model):
 
 def shard(model):
     """Shard `model` in place with FSDP2: each decoder layer is a unit, the embeddings, final norm and LM head are
-    the root's. The vision tower is left out (ignored_params): it stays whole on every rank and all_reduce_grads sums
-    its gradients, because a rank whose micro-batch holds no image skips it, and a sharded tower would keep the
-    other ranks waiting (it is 0.67B of Qwen2.5-VL-7B's 8.3B parameters, frozen by default there)."""
+    the root's. The vision tower is left out (ignored_params): it stays whole on every rank and all_reduce_grads
+    sums its gradients, because a rank whose micro-batch holds no image skips it, and a sharded tower would keep the
+    other ranks waiting (it is 0.67B of Qwen2.5-VL-7B's 8.3B parameters; TC freezes it by default for a model
+    directory, TG trains it)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for layer in model.model.language_model.layers:
         fully_shard(layer)
@@ -300,13 +301,13 @@ BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a direct
 
 
 def keep_freed_memory():
-    """Make glibc's malloc keep the memory a step frees, for the next step to reuse. By default it mmaps blocks above
-    a threshold (128 KiB at first, raised as large blocks are freed) and unmaps them when freed, and trims the heap's
-    top as soon as 128 KiB lie free there, so a training step maps and zeroes much of its activation memory again,
-    page by page. With the mmap threshold at its largest (32 MiB), no automatic trim and the heap grown 256 MiB at a
-    time, freed blocks stay mapped for the next step. Measured on the bench's SFT step (2-core CPU): 1.35 -> 1.12 s;
-    TC's loop 1.10x. release_memory's explicit trim still returns memory between phases. Returns False where glibc
-    is not the allocator (the settings then do nothing)."""
+    """Make glibc's malloc keep the memory a step frees, for the next step to reuse. By default it mmaps blocks
+    above a threshold (128 KiB at first, raised as large blocks are freed) and unmaps them when freed, and trims the
+    heap's top as soon as 128 KiB lie free there, so a training step maps and zeroes much of its activation memory
+    again, page by page. With the mmap threshold at its largest (32 MiB), automatic trim only above 1 GiB free and
+    the heap grown 256 MiB at a time, freed blocks stay mapped for the next step. Measured on the bench's SFT step
+    (2-core CPU): 1.35 -> 1.12 s; TC's loop 1.10x. release_memory's explicit trim still returns memory between
+    phases. Returns False where glibc is not the allocator (the settings then do nothing)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -946,7 +947,8 @@ def add_observation(images, name, result, observe=observation):
 
 
 def tool_observation(row):
-    """Wait for the row's tool, record the call, and return the observation message (PIL image inside)."""
+    """Wait for the row's tool, record the call, and return the observation message (PIL image inside); a row
+    waiting on the nudge (official protocol, a turn without action) gets the nudge instead, and no call is recorded."""
     t = row.traj
     if row.pending is NUDGE:  # a turn without call or answer, under a protocol that asks the model to go on
         row.pending = None
@@ -999,7 +1001,9 @@ def sample(logits, temperature, top_p, top_k, uniforms):
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         # the mask goes back from sorted order to vocabulary order
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)  # [B, V]; float64, so the last entry is 1 to 1e-15
+    # [B, V]; the float64 cumsum adds no rounding of its own, but the float32 softmax sums to 1 only within about
+    # 1e-7 to 1e-5 (by the vocabulary's size), hence u is scaled by the last entry below
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)
     # the first token whose CDF passes u * total: a token of probability 0 (banned, cut by top-k or top-p) has a CDF
     # equal to its predecessor's and can never be it
     u = torch.as_tensor(uniforms, dtype=torch.float64, device=cdf.device).view(-1, 1) * cdf[:, -1:]
@@ -1020,8 +1024,9 @@ def decode_step(model, cache, attn, ids, mask, pos, device):
 
 def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
     """A row's assistant turn is complete (`ended`: it closed with <|im_end|>, else it hit a limit). Record it and
-    decide: the trajectory finishes (an answer, no action, a limit) or the turn's tool call starts in `pool`.
-    -> True while the row goes on (it now waits on its tool)."""
+    decide: the trajectory finishes (an answer, no action, a limit), the turn's tool call starts in `pool`, or
+    (official protocol, a turn without action) the nudge becomes its next observation.
+    -> True while the row goes on (it now waits on its tool or the nudge)."""
     t = row.traj
     t.messages.append({"role": "assistant", "content": text})
     if not ended:  # a limit cut the turn: no action runs
@@ -1443,7 +1448,8 @@ EVAL_BATCH = 25
 
 def evaluate(model, processor, examples, tools, adl=None, batch_size=EVAL_BATCH, desc="eval", seed=0, **sampling):
     """The one evaluation every stage runs: rollouts over `examples` (greedy unless `sampling` says otherwise) in
-    batches of `batch_size` -> (trajectories, {task: metrics}). adl: one Mapping per example (adl.plan) or None."""
+    batches of `batch_size` -> (trajectories, {task: metrics}). adl: one (schemas, Mapping) pair per example, as
+    adl.plan returns, or None."""
     from tqdm import tqdm
     rank, world = rank_and_world()
     trajs = {}
@@ -1458,7 +1464,7 @@ def evaluate(model, processor, examples, tools, adl=None, batch_size=EVAL_BATCH,
                             **{"temperature": 0.0, **sampling})  # greedy unless the caller samples
             trajs.update(zip(idx, batch))
             # no update follows an evaluation batch, so no encoding of its images is ever looked up again: kept,
-            # they would fill the cache's budget (256 MB) with dead weight
+            # they would fill the cache's budget (256 MiB, ENCODED_BUDGET) with dead weight
             encode_image_cached.clear()
     if world > 1:  # every rank gets every trajectory (their images stay on the rank that made them)
         for part in all_gather({k: replace(t, images=[]) for k, t in trajs.items()}):
