@@ -550,8 +550,9 @@ def apply(record, mapping):
 
 
 def plan(examples, schemas, mode, seed):
-    """The ADL mappings of an evaluation, one per example, or None. mode: 'off' | 'per-sample' (a mapping seeded by
-    the example id, so every model sees the same names on the same example) | 'per-run' (one mapping for all)."""
+    """The ADL of an evaluation: one (randomized schemas, Mapping) pair per example, as randomize returns it, or
+    None. mode: 'off' | 'per-sample' (a pair seeded by --seed and the example id, so every model sees the same names
+    on the same example) | 'per-run' (one pair for all)."""
     if mode == "off" or not schemas:
         return None
     if mode == "per-run":

@@ -44,12 +44,13 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="append the result as a JSON line to this file")
 
 
-def load(model_path, config, device):
+def load(model_path, config, device, dtype=None):
     """-> (model, processor): model_path loaded as the stages load it, or, with config "7b", random weights of
-    Qwen2.5-VL-7B's shape."""
+    Qwen2.5-VL-7B's shape (bf16). dtype: None as the rollouts load it (bf16 weights on CUDA, fp32 on a CPU);
+    torch.float32 as the training stages do (fp32 weights, bf16 autocast on CUDA)."""
     device = rollout.resolve_device(device)
     if config != "7b":
-        return rollout.load_policy(model_path, device=device)  # bf16 weights on CUDA, fp32 on a CPU
+        return rollout.load_policy(model_path, device=device, dtype=dtype)
     # random weights of the real shape: the speed of a pass depends on its shapes, not on what the weights know
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     processor = rollout.Processor.from_pretrained(tiny.BASE_DIR)  # only its token ids matter for speed
@@ -185,8 +186,10 @@ def time_rollout(model, processor, examples, group, turns, free, with_baseline=T
     hooks = [model.model.visual.register_forward_pre_hook(lambda m, a: vision.__setitem__("t0", time.perf_counter())),
              model.model.visual.register_forward_hook(
                  lambda m, a, o: vision.__setitem__("s", vision["s"] + time.perf_counter() - vision["t0"]))]
-    # warm up both paths once on a single prompt so neither pays first-call costs
+    # warm up both paths once on a single prompt so neither pays first-call costs in its timed run
     rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
+    if with_baseline:
+        baseline(model, processor, examples[:1], 1, turns, forcer)
     if device.type == "cuda":
         # the warm-up's kernels finish before the clock starts, and the peak below is the timed run's own
         torch.cuda.synchronize()
@@ -277,7 +280,8 @@ def bench_train(model, processor, turns, free):
 
     def sft_optimised(autocast=True):
         batch = [(s, m, im) for s, m, im in zip(seqs, masks, cached())]
-        # autocast=False: the same code with autocast off, which separates the LM-head saving from bf16's
+        # autocast=False: the same code with autocast off, which separates the LM-head, padding-mask and
+        # encoding-reuse savings from bf16's
         with rollout.train_autocast(device.type) if autocast else torch.autocast(device.type, enabled=False):
             loss, n = rollout.masked_lm_loss(model, processor, batch, device)
         return loss / n  # summed cross-entropy over the loss tokens / their count: plain's mean, computed cheaper
@@ -315,7 +319,7 @@ def bench_train(model, processor, turns, free):
               "tokens_per_step": sum(map(len, seqs)), "loss_tokens_per_step": int(mask.sum()),
               "sft_autocast": "bf16" if rollout.bf16_autocast_fits(device.type) else "fp32"}
     # plain SFT re-encodes every image at every step; the GRPO update always reused encodings, so its plain
-    # counterpart differs only in the LM head
+    # counterpart differs in the LM head and the padding mask (and, on CUDA, bf16 autocast)
     result["sft_plain"], result["sft_optimised"] = run(functools.partial(plain, True)), run(sft_optimised)
     result["sft_optimised_fp32"] = run(functools.partial(sft_optimised, False))  # what autocast adds on its own
     result["tg_plain"], result["tg_optimised"] = run(functools.partial(plain, False)), run(tg_optimised)
@@ -373,7 +377,8 @@ if __name__ == "__main__":
     if args.what == "tools":
         result = bench_tools()
     else:
-        model, processor = load(args.model, args.config, args.device)
+        # train: fp32 weights, as coldstart, tiny and grpo train them, so that 'plain' is fp32 on CUDA too
+        model, processor = load(args.model, args.config, args.device, torch.float32 if args.what == "train" else None)
         if args.what == "rollout":
             result = bench_rollout(model, processor, args.prompts, args.group, args.turns, args.free,
                                    not args.skip_baseline)

@@ -1,7 +1,8 @@
 """
 Reproduce AdaReasoner's findings on the tiny default, from nothing, with one command.
 
-    python reproduce.py                      # the full run (about 70 min on a 2-core CPU at --eval-n 100, 2026-12-05)
+    python reproduce.py                      # the full run (86 min of steps on a 2-core Intel CPU, about 4 h on a
+                                             # slower AMD one, at --eval-n 100, 2026-12-05)
     nohup python reproduce.py > runs/repro.log 2>&1 &
     python reproduce.py --quick              # every step at its smallest: a smoke check of the whole pipeline
 
@@ -28,8 +29,9 @@ Experiments (the paper's, at the tiny scale):
      the two tasks unseen in TC.
   6. tool statistics: calls per sample and tool success rate per task (main-table models).
 Experiments 2, 3 and 5-transfer use smaller configurations than the stage defaults (see SMALL below). The targets
-table reads every accuracy with its interval: a threshold is met when the whole interval clears it, and two
-models differ when their intervals do not overlap.
+table reads the main table's accuracies with their intervals: a threshold is met when the whole interval clears it,
+and two models differ when their intervals do not overlap; the adopt, discard, ADL and transfer targets compare
+point estimates.
 """
 import argparse
 import datetime
@@ -74,8 +76,8 @@ parser.add_argument("--report-only", action="store_true", help="rewrite summary.
 # meant to on 2 cores (86 min of steps on the Intel CPU; about 4 h on the slower AMD one)
 SMALL_TC = ["--n-per-task", "300", "--epochs", "2"]
 # adopt and transfer RL must learn what their TC model never did (AStar, unseen tasks): no KL pull back to it, as in
-# the paper, and the rate these experiments were measured at (the main rows keep grpo.py's defaults, which hold what
-# TC taught)
+# the paper, and the rate these experiments were measured at (the main rows keep grpo.py's KL and lr defaults, which
+# hold what TC taught)
 SMALL_RL = ["--steps", "30", "--kl-coef", "0", "--lr", "2e-4"]
 NO_ASTAR = ",".join(t for t in TOOLS if t != "AStar")  # every tool but AStar, as a --tools list
 TRANSFER_RL = "jigsaw,vsp_verify,guiqa"  # jigsaw as in TC, then two tasks TC never showed
@@ -116,7 +118,7 @@ def steps(out, device, seed, quick, reward, eval_n):
                       *common]
 
     return [
-        # 1. main table (stage defaults) and 4. modulate, 6. tool statistics
+        # 1. main table (stage defaults, but --reward: reproduce's own flag) and 4. modulate, 6. tool statistics
         coldstart("direct", "--no-tools"),
         coldstart("tc"),
         grpo("tg", "tiny", "--tools", "all"),  # TG: RL from the base, no TC

@@ -1142,7 +1142,8 @@ def check_examples(check, n):
 
 
 def run_checks(model, processor, n, seed=0):
-    """Greedy rollouts on the three held-out checks -> {check: rate}, plus format validity over all; {} for n=0."""
+    """Greedy rollouts on the held-out checks -> {check: rate} for copy_list, lookup and tool_choice, format_valid
+    over those three, and vision (picture questions, direct-answer prompt); {} for n=0."""
     if not n:
         return {}
     out, fmt = {}, []
