@@ -176,9 +176,10 @@ def baseline(model, processor, examples, group, turns, forcer):
     return [r["ids"] for r in rows], n_generated
 
 
-def time_rollout(model, processor, examples, group, turns, free, with_baseline=True):
+def time_rollout(model, processor, examples, group, turns, free, with_baseline=True, warm_up=True):
     """The engine and (with_baseline) the baseline on the same scripted rollout: seconds, tokens/s, where the
-    engine's time went, and whether both wrote the same tokens."""
+    engine's time went, and whether both wrote the same tokens. warm_up=False skips the untimed first runs (for a
+    check of the tokens only)."""
     device = next(model.parameters()).device
     forcer = script(processor, turns, free)
     # seconds spent inside the vision tower: the pre-hook starts a clock, the forward hook adds what elapsed
@@ -187,9 +188,10 @@ def time_rollout(model, processor, examples, group, turns, free, with_baseline=T
              model.model.visual.register_forward_hook(
                  lambda m, a, o: vision.__setitem__("s", vision["s"] + time.perf_counter() - vision["t0"]))]
     # warm up both paths once on a single prompt so neither pays first-call costs in its timed run
-    rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
-    if with_baseline:
-        baseline(model, processor, examples[:1], 1, turns, forcer)
+    if warm_up:
+        rollout.rollout(model, processor, examples[:1], temperature=0, forcer=forcer)
+        if with_baseline:
+            baseline(model, processor, examples[:1], 1, turns, forcer)
     if device.type == "cuda":
         # the warm-up's kernels finish before the clock starts, and the peak below is the timed run's own
         torch.cuda.synchronize()
