@@ -15,13 +15,13 @@ from tasks import InputError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, nproc=1, timeout=600):
-    head = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                "--master_port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [])
+def run(args, timeout=600):
+    """`torchrun --nproc_per_node 2 args`: two CPU processes (gloo) of one thread each."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29500 + os.getpid() % 1000)]
     proc = subprocess.run(head + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def run_here(main, argv):
@@ -44,11 +44,13 @@ def assert_close(a, b):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
 
 
-# 8 records, micro-batches of 3 (the last has 2: one rank gets 1 sequence), 2 per step. A small lr: Adam's first
-# steps move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed in
-# another order over two ranks) may move its weight by up to lr either way; at 1e-4 the test allows a few of those
-TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw", "--n-per-task", "4",
-      "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--lr", "1e-4", "--eval-n", "2", "--adl"]
+# 3 records (one a task), 3 epochs of 2 micro-batches: one of 2 sequences (one a rank) and one of 1 (the other rank
+# holds none: its gradients join the sum as zeros, and under --fsdp it runs an idle pass); 3 micro-batches a step, so
+# step 1 ends in the middle of epoch 1 and the resumed step 2 crosses into epoch 2. A small lr: Adam's first steps
+# move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed in another
+# order over two ranks) may move its weight by up to lr either way; at 1e-4 the test allows a few of those
+TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw,vsp_verify", "--n-per-task", "1",
+      "--batch-size", "2", "--grad-accum", "3", "--epochs", "3", "--lr", "1e-4", "--eval-n", "2", "--adl"]
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,9 @@ def tc_runs(tmp_path_factory):
     run_here(coldstart.main, TC[1:] + ["--out", one])
     os.makedirs(two)
     os.symlink(os.path.join(one, "data"), os.path.join(two, "data"))  # the same curated data
-    run(TC + ["--out", two, "--stop-after", "1"], nproc=2)
+    run(TC + ["--out", two, "--stop-after", "1"])
     assert not os.path.exists(os.path.join(two, "model"))  # it stopped before the end
-    run(TC + ["--out", two, "--resume"], nproc=2)
+    run(TC + ["--out", two, "--resume"])
     return one, two
 
 
@@ -73,10 +75,10 @@ def assert_same_tc(one, two):
     assert a.keys() == b.keys()
     # within 1e-5 everywhere but at a handful of weights whose gradient is float noise in both runs: Adam moves each
     # of those by up to lr a step whichever way the noise falls (measured with the run-5 base: 1 of 3.7M weights, by
-    # 6e-5), never by more than lr times the steps (3 here). A resume that got the optimizer state, the schedule or
+    # 6e-5), never by more than lr times the steps (2 here). A resume that got the optimizer state, the schedule or
     # the data order wrong moves every weight by about lr, or changes the logged losses and token counts
     far = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
-    assert far <= 10 and all(float((a[k] - b[k]).abs().max()) <= 3e-4 for k in a), far
+    assert far <= 10 and all(float((a[k] - b[k]).abs().max()) <= 2e-4 for k in a), far
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
     assert [r["step"] for r in log2] == [r["step"] for r in log1]  # one log, one line per step
@@ -101,10 +103,10 @@ def tc_fsdp(tc_runs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tc_fsdp") / "fsdp")
     os.makedirs(out)
     os.symlink(os.path.join(tc_runs[0], "data"), os.path.join(out, "data"))
-    run(TC + ["--out", out, "--stop-after", "1", "--fsdp"], nproc=2)
+    run(TC + ["--out", out, "--stop-after", "1", "--fsdp"])
     with pytest.raises(InputError) as wrong:  # here, not in a process of its own: it stops before any training
         coldstart.main(TC[1:] + ["--out", out, "--resume"])
-    run(TC + ["--out", out, "--resume", "--fsdp"], nproc=2)
+    run(TC + ["--out", out, "--resume", "--fsdp"])
     return out, str(wrong.value)
 
 
@@ -157,8 +159,8 @@ def test_tg_on_two_processes_equals_one(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(grpo, "reward", toy_reward)
         run_here(grpo.main, TG + ["--out", one])
-    run([str(script)] + TG + ["--out", two], nproc=2)
-    run([str(script)] + TG + ["--out", fsdp, "--fsdp"], nproc=2)
+    run([str(script)] + TG + ["--out", two])
+    run([str(script)] + TG + ["--out", fsdp, "--fsdp"])
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     assert all(r["trained"] > 0 and r["reward_std"] > 0 for r in log1)  # real updates, not empty steps
     a = weights(os.path.join(one, "model"))
