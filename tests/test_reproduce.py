@@ -62,6 +62,44 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     assert "evaluations on 2 test examples per task" in head, head
 
 
+def rate(k, n=100, **calls):
+    """An evaluation's metrics for one task: k of n right, calls per sample per tool."""
+    return {"n": n, "accuracy": k / n, "accuracy_ci": reproduce.rollout.wilson(k, n), "calls_per_sample_per_tool": calls}
+
+
+def test_a_difference_is_read_with_its_own_interval():
+    # Newcombe (1998), Statistics in Medicine 17:873, example (a), method 10: 56/70 - 48/80 -> [0.0524, 0.3339]
+    assert reproduce.difference_ci(rate(56, 70), rate(48, 80)) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert reproduce.all_met("yes", "inside the interval") == "inside the interval"
+    assert reproduce.all_met("yes", "inside the interval", "no") == "no"
+
+
+@pytest.mark.parametrize("after, met", [(70, "yes"), (45, "inside the interval"), (15, "no")])
+def test_adopt_reads_the_gain_with_its_interval(after, met):
+    """10% -> 45%: 35 points up, but the gain's interval [+23, +46] reaches below the 30 the target asks for."""
+    a = {"before": {"vsp_nav": rate(10), "vsp_verify": rate(90)},
+         "after": {"vsp_nav": rate(after, AStar=1.0), "vsp_verify": rate(90)}}
+    calls, gain, discard = reproduce.adopt_targets(a, {"after": {"vsp_verify": rate(91)}})
+    assert calls[2] == "yes" and gain[2] == met
+    # 1 point apart at n = 100: the gap's interval [-10, +8] does not fit inside +-5 points, nor lies outside it
+    assert discard[2] == "inside the interval" and "-1 points [-10, +8]" in discard[1]
+    a["after"]["vsp_verify"] = rate(60)
+    assert reproduce.adopt_targets(a, {"after": {"vsp_verify": rate(91)}})[2][2] == "no"
+
+
+def test_adl_and_transfer_read_losses_and_gains_with_their_intervals():
+    every = lambda k: {t: rate(k) for t in reproduce.TASKS}  # noqa: E731
+    # over 5 x 100 examples: ADL loses 2 points [-4, +8] (<= 10), non-ADL 30 [+24, +35] (>= 20)
+    row = reproduce.adl_target({"tc": every(50), "tc_adl": every(50)}, {"tc": every(20), "tc_adl": every(48)})
+    assert row[2] == "yes" and "ADL loses +2 points [-4, +8]" in row[1]
+    row = reproduce.adl_target({"tc": every(50), "tc_adl": every(50)}, {"tc": every(32), "tc_adl": every(48)})
+    assert row[2] == "inside the interval"  # 18 points [+12, +24]: the sample cannot tell it from 20
+    unseen = lambda k: {t: rate(k) for t in reproduce.UNSEEN}  # noqa: E731
+    assert reproduce.transfer_target({"tctg_adl": unseen(60), "tctg": unseen(30)})[2] == "yes"
+    assert reproduce.transfer_target({"tctg_adl": unseen(35), "tctg": unseen(30)})[2] == "inside the interval"
+    assert reproduce.transfer_target({"tctg_adl": unseen(10), "tctg": unseen(30)})[2] == "no"
+
+
 def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
     plan = [("broken", ["coldstart.py", "--tools", "NoSuchTool", "--out", str(tmp_path / "broken")])]
     try:
