@@ -582,7 +582,7 @@ def curate(data_dir, config):
     """Curate the TC data `config` describes into data_dir (train.jsonl, images/, config.json), unless the same
     configuration already wrote it there."""
     config_path = os.path.join(data_dir, "config.json")
-    if os.path.exists(config_path) and json.load(open(config_path, encoding="utf-8")) == config:
+    if os.path.exists(config_path) and rollout.read_json(config_path) == config:
         print(f"reusing the TC data in {data_dir}")
         return
     # streamed: a record is written (its images as PNGs) as soon as it is curated; holding all of them at full

@@ -202,7 +202,7 @@ def run_steps(out, plan):
     inputs (another step's outputs, named in its command) finished after it did runs again."""
     done_path = os.path.join(out, "steps.json")
     # step name -> {command, seconds, finished} of the steps that completed
-    done = json.load(open(done_path, encoding="utf-8")) if os.path.exists(done_path) else {}
+    done = rollout.read_json(done_path) if os.path.exists(done_path) else {}
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
     order = [n for n, _ in plan]
@@ -254,7 +254,7 @@ def run_steps(out, plan):
 
 def results(out, step):
     # {model label: {task: rollout.metrics}}
-    return json.load(open(os.path.join(out, step, "results.json"), encoding="utf-8"))["results"]
+    return rollout.read_json(os.path.join(out, step, "results.json"))["results"]
 
 
 def examples_per_task(r):
@@ -582,7 +582,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plan = steps(args.out, args.device, args.seed, args.quick, args.reward, args.eval_n)
     if args.report_only:  # no step runs: the tables come from the outputs already there (of a finished run or not)
-        done = json.load(open(os.path.join(args.out, "steps.json"), encoding="utf-8"))
+        done = rollout.read_json(os.path.join(args.out, "steps.json"))
     else:
         done = run_steps(args.out, plan)
     # plan order, and only this plan's steps (steps.json may hold steps of an earlier plan); the summary names the

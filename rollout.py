@@ -410,8 +410,7 @@ def load_policy(path="tiny", device="auto", dtype=None):
         raise InputError(f"model directory {path!r} does not exist (pass 'tiny', 'scratch' or a local "
                          "save_pretrained directory; nothing is downloaded)")
     try:  # a broken file is the user's to fix: name it, in one line, instead of a traceback from deep inside
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            json.load(f)
+        read_json(os.path.join(path, "config.json"))
     except (OSError, ValueError) as e:
         raise InputError(f"{os.path.join(path, 'config.json')}: unreadable model config ({e})") from None
     try:
@@ -559,7 +558,7 @@ def protocol_of(flag, model):
     path = os.path.join(str(model), PROTOCOL_FILE)
     if os.path.isfile(path):
         try:
-            name = json.load(open(path, encoding="utf-8"))["protocol"]
+            name = read_json(path)["protocol"]
             return PROTOCOLS[name]
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}: expected {{\"protocol\": \"ours\" | \"official\"}} ({reason(e)})") from None
@@ -1302,6 +1301,12 @@ def load_checkpoint(ckpt_dir, optimizer, model=None):
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])
     return blob["state"]
+
+
+def read_json(path):
+    """A JSON file's content, the file closed at once (not whenever the garbage collector gets to it)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def write_json_atomic(path, obj, indent=None):
