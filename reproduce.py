@@ -31,7 +31,8 @@ Experiments (the paper's, at the tiny scale):
 Experiments 2, 3 and 5-transfer use smaller configurations than the stage defaults (see SMALL below). The targets
 table reads every accuracy with its 95% interval: a threshold is met when the whole interval clears it; in the main
 table two models differ when their intervals do not overlap (the issue's reading); a gain or a loss (adopt, discard,
-ADL, transfer) is read with the interval of the difference (Newcombe's method, from the two Wilson intervals).
+ADL, transfer) is read with the interval of the difference, paired over the test examples both sides answered
+(Newcombe's square-and-add method, from the two Wilson intervals and the outcomes' correlation).
 Calls per sample (adopt, discard, modulate) are read as measured.
 """
 import argparse
@@ -383,20 +384,55 @@ def all_met(*verdicts):
     return "no" if "no" in verdicts else "yes" if all(v == "yes" for v in verdicts) else "inside the interval"
 
 
-def difference_ci(a, b):
-    """The 95% interval of a's accuracy minus b's, from their Wilson intervals (Newcombe's hybrid score method,
-    Statistics in Medicine 1998): a gain or a loss is read with its own interval. It treats the two samples as
-    independent; for one model set against another on the same test examples that makes it a little wide."""
-    (la, ua), (lb, ub) = a["accuracy_ci"], b["accuracy_ci"]
-    pa, pb = a["accuracy"], b["accuracy"]
-    return pa - pb - math.hypot(pa - la, ub - pb), pa - pb + math.hypot(ua - pa, pb - lb)
+def outcomes(out, step):
+    """{model label: {(task, example id): score}} of an evaluation, from its trajectories: one score per test
+    example. Every evaluation of a run draws the same test examples (one --seed and --n), so two models, or one
+    model under two conditions, are compared example by example."""
+    per = {}
+    with open(os.path.join(out, step, "trajectories.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            t = json.loads(line)
+            per.setdefault(t["model"], {})[(t["task"], t["example_id"])] = t["score"]
+    return per
 
 
-def pooled(per_task):
-    """{task: metrics} -> the accuracy over every task as one rate, with its Wilson interval. Every task has the same
-    number of examples, so this is the mean accuracy over the tasks."""
-    k, n = sum(round(m["accuracy"] * m["n"]) for m in per_task.values()), sum(m["n"] for m in per_task.values())
+def of_task(scores, task):
+    return {k: v for k, v in scores.items() if k[0] == task}
+
+
+def rate(scores):
+    """{example: score} -> an accuracy and its Wilson interval, as rollout.metrics gives them."""
+    k, n = sum(scores.values()), len(scores)
     return {"accuracy": k / n, "accuracy_ci": rollout.wilson(k, n)}
+
+
+def paired_difference(x, y):
+    """x, y: {example: score 0 or 1} on the same examples -> (x's accuracy minus y's, its 95% interval).
+    Newcombe's square-and-add interval for paired data (Statistics in Medicine 1998, 17:2635): the two Wilson
+    intervals, combined with how the two outcomes go together over the examples. Two runs that agree on most
+    examples differ by little, and the interval says so: at 100 examples and 50% each, two independent samples'
+    difference spans about +-14 points, two runs that disagree on 4 examples about +-4."""
+    if x.keys() != y.keys():
+        raise ValueError("a paired difference needs the same examples on both sides")
+    n = len(x)
+    both = sum(x[k] * y[k] for k in x)
+    only_x, only_y = sum(x.values()) - both, sum(y.values()) - both
+    neither = n - both - only_x - only_y
+    p1, p2 = (both + only_x) / n, (both + only_y) / n
+    (l1, u1), (l2, u2) = rollout.wilson(both + only_x, n), rollout.wilson(both + only_y, n)
+    # phi: the correlation of the two outcomes over the examples; a positive one shrunk by n/2 (Newcombe's correction)
+    margins = (both + only_x) * (only_y + neither) * (both + only_y) * (only_x + neither)
+    cross = both * neither - only_x * only_y
+    phi = (max(0.0, cross - n / 2) if cross > 0 else cross) / math.sqrt(margins) if margins else 0.0
+    d = p1 - p2
+    return d, (d - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2),
+               d + math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+
+
+def compared(x, y):
+    """'41% [32-51] vs 42% [33-52]: -1 points [-4, +2]' for the cell, and the difference's interval."""
+    d, ci = paired_difference(x, y)
+    return f"{with_ci(rate(x))} vs {with_ci(rate(y))}: {points(ci, d)}", ci
 
 
 def points(interval, d):
@@ -417,19 +453,21 @@ def targets(out, have):
     if r:
         checks += main_targets(r)
     if {"eval_adopt", "eval_discard"} <= have:
-        checks += adopt_targets(results(out, "eval_adopt"), results(out, "eval_discard"))
+        checks += adopt_targets(results(out, "eval_adopt"), outcomes(out, "eval_adopt"),
+                                outcomes(out, "eval_discard"))
     if r:
         nav, verify = calls(r["tctg"]["vsp_nav"], "Point"), calls(r["tctg"]["vsp_verify"], "Point")
         checks.append(("modulate: TC+TG's Point calls per sample on vsp_nav >= 2x vsp_verify",
                        f"{num(nav)} vs {num(verify)}", "yes" if nav >= 2 * verify else "no"))
     if {"eval_adl_canonical", "eval_adl_randomized"} <= have:
-        checks.append(adl_target(results(out, "eval_adl_canonical"), results(out, "eval_adl_randomized")))
+        checks.append(adl_target(outcomes(out, "eval_adl_canonical"), outcomes(out, "eval_adl_randomized")))
     if "eval_transfer" in have:
-        checks.append(transfer_target(results(out, "eval_transfer")))
+        checks.append(transfer_target(outcomes(out, "eval_transfer")))
     return ("Targets", "From the reproduction issue, each read with a 95% interval: an accuracy with its Wilson "
-            "interval, a gain or a loss with the interval of the difference. 'yes': the whole interval meets the "
-            "target; 'no': none of it does; 'inside the interval': the sample cannot tell. Calls per sample are read "
-            "as measured.", ["target", "measured", "met"], [list(c) for c in checks])
+            "interval, a gain or a loss with the interval of the difference, paired over the test examples both sides "
+            "answered. 'yes': the whole interval meets the target; 'no': none of it does; 'inside the interval': the "
+            "sample cannot tell. Calls per sample are read as measured.", ["target", "measured", "met"],
+            [list(c) for c in checks])
 
 
 def main_targets(r):
@@ -460,50 +498,43 @@ def main_targets(r):
     return checks
 
 
-def adopt_targets(a, d):
-    """Adopt and discard -> [(target, measured, met)]; a: eval_adopt's results (all seven tools offered), d:
-    eval_discard's (vsp_verify without AStar); greedy evaluations before and after RL."""
+def adopt_targets(a, oa, od):
+    """Adopt and discard -> [(target, measured, met)]; a: eval_adopt's results (all seven tools offered), oa and od:
+    eval_adopt's and eval_discard's outcomes (vsp_verify without AStar); greedy evaluations before and after RL."""
     before, after = calls(a["before"]["vsp_nav"], "AStar"), calls(a["after"]["vsp_nav"], "AStar")
-    nav_before, nav_after = a["before"]["vsp_nav"], a["after"]["vsp_nav"]
-    gain = difference_ci(nav_after, nav_before)  # a fraction: 0.30 is 30 points
+    gain, gain_ci = compared(of_task(oa["after"], "vsp_nav"), of_task(oa["before"], "vsp_nav"))  # 0.30: 30 points
     discard = calls(a["after"]["vsp_verify"], "AStar")  # eval_adopt offers AStar on vsp_verify too
-    # after RL: with AStar offered against without it; within 5 points = the gap's interval inside [-5, +5]
-    offered, without = a["after"]["vsp_verify"], d["after"]["vsp_verify"]
-    gap = difference_ci(offered, without)
+    # after RL, AStar offered against not: within 5 points = the gap's interval inside [-5, +5]
+    gap, (lo, hi) = compared(of_task(oa["after"], "vsp_verify"), of_task(od["after"], "vsp_verify"))
     return [("adopt: AStar calls per vsp_nav sample < 0.1 before RL, >= 0.8 after", f"{num(before)} -> {num(after)}",
              "yes" if before < 0.1 and after >= 0.8 else "no"),
-            ("adopt: vsp_nav accuracy up >= 30 points over RL",
-             f"{with_ci(nav_before)} -> {with_ci(nav_after)}: "
-             f"{points(gain, nav_after['accuracy'] - nav_before['accuracy'])}", at_least(gain, 0.30)),
+            ("adopt: vsp_nav accuracy up >= 30 points over RL", f"after {gain} (before)", at_least(gain_ci, 0.30)),
             ("discard: after RL <= 0.1 AStar calls per vsp_verify sample, accuracy within 5 points of the run without "
-             "AStar", f"{num(discard)} calls; {with_ci(offered)} vs {with_ci(without)}: "
-             f"{points(gap, offered['accuracy'] - without['accuracy'])}",
-             all_met("yes" if discard <= 0.1 else "no", at_least(gap, -0.05), at_least((-gap[1], -gap[0]), -0.05)))]
+             "AStar", f"{num(discard)} calls; {gap} (offered vs not)",
+             all_met("yes" if discard <= 0.1 else "no", at_least((lo, hi), -0.05), at_least((-hi, -lo), -0.05)))]
 
 
 def adl_target(canonical, randomized):
-    """The ADL target -> (target, measured, met); its two evaluations' results, canonical and randomized names.
-    Each model's accuracy over every task (pooled, with its interval) and the points it loses under random names;
-    the cell shows both accuracies, since a model weak under either naming also "loses" nothing."""
-    acc = {key: (pooled(canonical[key]), pooled(randomized[key])) for key in ("tc", "tc_adl")}
-    loss = {key: difference_ci(c, r) for key, (c, r) in acc.items()}  # canonical minus randomized
-    measured = "; ".join(f"{name} loses {points(loss[key], acc[key][0]['accuracy'] - acc[key][1]['accuracy'])} "
-                         f"({with_ci(acc[key][0])} -> {with_ci(acc[key][1])})"
-                         for key, name in (("tc_adl", "ADL"), ("tc", "non-ADL")))
+    """The ADL target -> (target, measured, met); canonical, randomized: the two evaluations' outcomes. Each model's
+    accuracy over every task together and the points it loses under random names; the cell shows both accuracies,
+    since a model weak under either naming also "loses" nothing."""
+    cells, loss = {}, {}
+    for key in ("tc", "tc_adl"):
+        cells[key], loss[key] = compared(canonical[key], randomized[key])  # canonical minus randomized
+    lo, hi = loss["tc_adl"]
     # loses <= 10 points: minus the loss >= -10
-    return ("ADL: the ADL model loses <= 10 points under random names, the non-ADL model >= 20", measured,
-            all_met(at_least((-loss["tc_adl"][1], -loss["tc_adl"][0]), -0.10), at_least(loss["tc"], 0.20)))
+    return ("ADL: the ADL model loses <= 10 points under random names, the non-ADL model >= 20",
+            f"ADL {cells['tc_adl']}; non-ADL {cells['tc']} (canonical vs random names)",
+            all_met(at_least((-hi, -lo), -0.10), at_least(loss["tc"], 0.20)))
 
 
 def transfer_target(tr):
-    """The ADL transfer target -> (target, measured, met); tr: eval_transfer's results. Above = the interval of the
-    difference above 0."""
-    gains = {t: difference_ci(tr["tctg_adl"][t], tr["tctg"][t]) for t in UNSEEN}
+    """The ADL transfer target -> (target, measured, met); tr: eval_transfer's outcomes. Above: the difference's
+    interval above 0."""
+    cells = {t: compared(of_task(tr["tctg_adl"], t), of_task(tr["tctg"], t)) for t in UNSEEN}
     return ("ADL transfer: TC jigsaw + ADL, TG 3 tasks above the non-ADL run on both unseen tasks",
-            "; ".join(f"{t} {with_ci(tr['tctg_adl'][t])} vs {with_ci(tr['tctg'][t])}: "
-                      f"{points(gains[t], tr['tctg_adl'][t]['accuracy'] - tr['tctg'][t]['accuracy'])}"
-                      for t in UNSEEN),
-            all_met(*(at_least(gains[t], 0.0) for t in UNSEEN)))
+            "; ".join(f"{t} {cells[t][0]}" for t in UNSEEN) + " (ADL vs not)",
+            all_met(*(at_least(cells[t][1], 0.0) for t in UNSEEN)))
 
 
 def timing_table(done):

@@ -62,42 +62,64 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     assert "evaluations on 2 test examples per task" in head, head
 
 
-def rate(k, n=100, **calls):
-    """An evaluation's metrics for one task: k of n right, calls per sample per tool."""
-    return {"n": n, "accuracy": k / n, "accuracy_ci": reproduce.rollout.wilson(k, n), "calls_per_sample_per_tool": calls}
+def scores(right, n=100, task="vsp_nav"):
+    """One model's outcomes on n test examples of a task: the examples in `right` (a range or a set) answered."""
+    return {(task, f"{task}-test-{i}"): float(i in right) for i in range(n)}
 
 
-def test_a_difference_is_read_with_its_own_interval():
-    # Newcombe (1998), Statistics in Medicine 17:873, example (a), method 10: 56/70 - 48/80 -> [0.0524, 0.3339]
-    assert reproduce.difference_ci(rate(56, 70), rate(48, 80)) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+def test_a_paired_difference_matches_the_published_interval():
+    # Fagerland, Lydersen and Laake, The Paired 2x2 Table (Cavo et al. 2012): 59 both, 6 and 16 one side only, 80
+    # neither -> -0.0621 [-0.1186, -0.0046] by Newcombe's square-and-add
+    x, y = scores(range(65), 161), scores(set(range(59)) | set(range(65, 81)), 161)
+    d, ci = reproduce.paired_difference(x, y)
+    assert d == pytest.approx(-0.0621, abs=1e-4) and ci == pytest.approx((-0.1186, -0.0046), abs=1e-4)
+    # the same accuracies on unrelated examples (independent-looking outcomes) give a wider interval
+    _, wide = reproduce.paired_difference(scores(range(65), 161), scores(range(86, 161), 161))
+    assert wide[1] - wide[0] > 1.5 * (ci[1] - ci[0])
+    with pytest.raises(ValueError, match="the same examples"):
+        reproduce.paired_difference(x, scores(range(3), 160))
     assert reproduce.all_met("yes", "inside the interval") == "inside the interval"
     assert reproduce.all_met("yes", "inside the interval", "no") == "no"
 
 
-@pytest.mark.parametrize("after, met", [(70, "yes"), (45, "inside the interval"), (15, "no")])
-def test_adopt_reads_the_gain_with_its_interval(after, met):
-    """10% -> 45%: 35 points up, but the gain's interval [+23, +46] reaches below the 30 the target asks for."""
-    a = {"before": {"vsp_nav": rate(10), "vsp_verify": rate(90)},
-         "after": {"vsp_nav": rate(after, AStar=1.0), "vsp_verify": rate(90)}}
-    calls, gain, discard = reproduce.adopt_targets(a, {"after": {"vsp_verify": rate(91)}})
+@pytest.mark.parametrize("after, met", [(range(70), "yes"), (range(5, 45), "inside the interval"),
+                                        (range(15), "no")])
+def test_adopt_and_discard_read_their_differences_with_paired_intervals(after, met):
+    """vsp_nav 10% -> 40% with every earlier success lost (30 points up, interval reaching below 30); 10% -> 70%;
+    10% -> 15%."""
+    nav = lambda right: scores(right)  # noqa: E731
+    verify = lambda right: scores(right, task="vsp_verify")  # noqa: E731
+    a = {"before": {"vsp_nav": {"calls_per_sample_per_tool": {}}},
+         "after": {"vsp_nav": {"calls_per_sample_per_tool": {"AStar": 1.0}},
+                   "vsp_verify": {"calls_per_sample_per_tool": {}}}}
+    oa = {"before": nav(range(10)), "after": {**nav(after), **verify(range(41))}}
+    calls, gain, discard = reproduce.adopt_targets(a, oa, {"after": verify(range(42))})
     assert calls[2] == "yes" and gain[2] == met
-    # 1 point apart at n = 100: the gap's interval [-10, +8] does not fit inside +-5 points, nor lies outside it
-    assert discard[2] == "inside the interval" and "-1 points [-10, +8]" in discard[1]
-    a["after"]["vsp_verify"] = rate(60)
-    assert reproduce.adopt_targets(a, {"after": {"vsp_verify": rate(91)}})[2][2] == "no"
+    # one example apart of 100, the others answered alike: [-4, +2] lies inside +-5 points (unpaired: [-14, +12])
+    assert discard[2] == "yes" and "41% [32-51] vs 42% [33-52]: -1 points [-4, +2]" in discard[1], discard[1]
+    oa["after"].update(verify(range(20, 61)))  # the same 41%, but on other examples: 42 disagreements
+    assert reproduce.adopt_targets(a, oa, {"after": verify(range(42))})[2][2] == "inside the interval"
+    oa["after"].update(verify(range(10)))
+    assert reproduce.adopt_targets(a, oa, {"after": verify(range(42))})[2][2] == "no"
 
 
-def test_adl_and_transfer_read_losses_and_gains_with_their_intervals():
-    every = lambda k: {t: rate(k) for t in reproduce.TASKS}  # noqa: E731
-    # over 5 x 100 examples: ADL loses 2 points [-4, +8] (<= 10), non-ADL 30 [+24, +35] (>= 20)
-    row = reproduce.adl_target({"tc": every(50), "tc_adl": every(50)}, {"tc": every(20), "tc_adl": every(48)})
-    assert row[2] == "yes" and "ADL loses +2 points [-4, +8]" in row[1]
-    row = reproduce.adl_target({"tc": every(50), "tc_adl": every(50)}, {"tc": every(32), "tc_adl": every(48)})
-    assert row[2] == "inside the interval"  # 18 points [+12, +24]: the sample cannot tell it from 20
-    unseen = lambda k: {t: rate(k) for t in reproduce.UNSEEN}  # noqa: E731
-    assert reproduce.transfer_target({"tctg_adl": unseen(60), "tctg": unseen(30)})[2] == "yes"
-    assert reproduce.transfer_target({"tctg_adl": unseen(35), "tctg": unseen(30)})[2] == "inside the interval"
-    assert reproduce.transfer_target({"tctg_adl": unseen(10), "tctg": unseen(30)})[2] == "no"
+def test_adl_and_transfer_read_losses_and_gains_with_paired_intervals():
+    def every(right):  # the same examples answered on each of the five tasks: 100 x 5
+        return {k: v for t in reproduce.TASKS for k, v in scores(right, task=t).items()}
+    # ADL loses 2 points (48 of 50 kept on every task), non-ADL 30 (20 of 50 kept)
+    row = reproduce.adl_target({"tc": every(range(50)), "tc_adl": every(range(50))},
+                               {"tc": every(range(20)), "tc_adl": every(range(48))})
+    assert row[2] == "yes" and "ADL 50% [46-54] vs 48% [44-52]: +2 points" in row[1], row[1]
+    row = reproduce.adl_target({"tc": every(range(50)), "tc_adl": every(range(50))},
+                               {"tc": every(range(40, 72)), "tc_adl": every(range(48))})
+    assert row[2] == "inside the interval", row[1]  # 18 points down, other examples right: cannot tell it from 20
+
+    def unseen(right):
+        return {k: v for t in reproduce.UNSEEN for k, v in scores(right, task=t).items()}
+    transfer = lambda adl, plain: reproduce.transfer_target({"tctg_adl": unseen(adl), "tctg": unseen(plain)})[2]  # noqa
+    assert transfer(range(60), range(30)) == "yes"
+    assert transfer(range(5, 37), range(30)) == "inside the interval"  # 7 won, 5 lost
+    assert transfer(range(10), range(30)) == "no"
 
 
 def test_a_failing_step_stops_the_run_and_names_its_log(tmp_path):
