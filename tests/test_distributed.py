@@ -46,9 +46,9 @@ def assert_close(a, b):
 
 # 3 records (one a task), 3 epochs of 2 micro-batches: one of 2 sequences (one a rank) and one of 1 (the other rank
 # holds none: its gradients join the sum as zeros, and under --fsdp it runs an idle pass); 3 micro-batches a step, so
-# step 1 ends in the middle of epoch 1 and the resumed step 2 crosses into epoch 2. A small lr: Adam's first steps
-# move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed in another
-# order over two ranks) may move its weight by up to lr either way; at 1e-4 the test allows a few of those
+# step 1 ends one micro-batch into the second epoch and the resumed step 2 crosses into the third. A small lr: Adam's
+# first steps move every weight by about lr * sign(gradient), so a gradient that is float noise in both runs (summed
+# in another order over two ranks) may move its weight by up to lr either way; at 1e-4 the test allows a few of those
 TC = ["coldstart.py", "--quick", "--device", "cpu", "--tasks", "vsp_nav,jigsaw,vsp_verify", "--n-per-task", "1",
       "--batch-size", "2", "--grad-accum", "3", "--epochs", "3", "--lr", "1e-4", "--eval-n", "2", "--adl"]
 
@@ -75,10 +75,11 @@ def assert_same_tc(one, two):
     assert a.keys() == b.keys()
     # within 1e-5 everywhere but at a handful of weights whose gradient is float noise in both runs: Adam moves each
     # of those by up to lr a step whichever way the noise falls (measured with the run-5 base: 1 of 3.7M weights, by
-    # 6e-5), never by more than lr times the steps (2 here). A resume that got the optimizer state, the schedule or
-    # the data order wrong moves every weight by about lr, or changes the logged losses and token counts
+    # 6e-5), so two runs stay within twice the sum of the steps' lr (warm-up: 0.5e-4 + 1e-4, doubled: 3e-4). A resume
+    # that got the optimizer state, the schedule or the data order wrong moves every weight by about lr, or changes
+    # the logged losses and token counts
     far = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
-    assert far <= 10 and all(float((a[k] - b[k]).abs().max()) <= 2e-4 for k in a), far
+    assert far <= 10 and all(float((a[k] - b[k]).abs().max()) <= 3e-4 for k in a), far
     log1 = [json.loads(x) for x in open(os.path.join(one, "log.jsonl"))]
     log2 = [json.loads(x) for x in open(os.path.join(two, "log.jsonl"))]
     assert [r["step"] for r in log2] == [r["step"] for r in log1]  # one log, one line per step
