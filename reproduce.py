@@ -384,6 +384,11 @@ def all_met(*verdicts):
     return "no" if "no" in verdicts else "yes" if all(v == "yes" for v in verdicts) else "inside the interval"
 
 
+def points(interval, d):
+    """'+34 points [+21, +46]': a difference of accuracies and its 95% interval."""
+    return f"{100 * d:+.0f} points [{100 * interval[0]:+.0f}, {100 * interval[1]:+.0f}]"
+
+
 def outcomes(out, step):
     """{model label: {(task, example id): score}} of an evaluation, from its trajectories: one score per test
     example. Every evaluation of a run draws the same test examples (one --seed and --n), so two models, or one
@@ -433,11 +438,6 @@ def compared(x, y):
     """'41% [32-51] vs 42% [33-52]: -1 points [-4, +2]' for the cell, and the difference's interval."""
     d, ci = paired_difference(x, y)
     return f"{with_ci(rate(x))} vs {with_ci(rate(y))}: {points(ci, d)}", ci
-
-
-def points(interval, d):
-    """'+34 points [+21, +46]': a difference of accuracies and its 95% interval."""
-    return f"{100 * d:+.0f} points [{100 * interval[0]:+.0f}, {100 * interval[1]:+.0f}]"
 
 
 def separated(a, b):
