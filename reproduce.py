@@ -59,7 +59,7 @@ import grpo  # noqa: F401
 import rollout
 from evaluate import CHART_CSS, html_table, md_table, svg_lines
 from rollout import mean
-from tasks import TASKS as TASK_NAMES
+from tasks import TASKS as TASK_NAMES, read_jsonl
 from tools import TOOLS
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,10 +394,10 @@ def outcomes(out, step):
     example. Every evaluation of a run draws the same test examples (one --seed and --n), so two models, or one
     model under two conditions, are compared example by example."""
     per = {}
-    with open(os.path.join(out, step, "trajectories.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            t = json.loads(line)
-            per.setdefault(t["model"], {})[(t["task"], t["example_id"])] = t["score"]
+    rows = read_jsonl(os.path.join(out, step, "trajectories.jsonl"), ("model", "task", "example_id", "score"),
+                      lambda t: (t["model"], (t["task"], t["example_id"]), t["score"]))
+    for model, example, score in rows:
+        per.setdefault(model, {})[example] = score
     return per
 
 
