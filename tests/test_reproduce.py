@@ -196,3 +196,32 @@ def test_a_forked_step_behaves_as_a_fresh_interpreter(tmp_path, monkeypatch, bod
         assert logged in logs[platform], (platform, logs[platform])
     if "RuntimeError" not in body:  # a traceback names the runner's frames only when forked
         assert logs["linux"].strip() == logs["other"].strip()
+
+
+def test_the_main_targets_read_intervals_apart_and_show_the_paired_difference():
+    # right answers per model and task (100 test examples each): TC+TG clears both on three tasks, is above TC by 7
+    # points with overlapping intervals on guiqa (every one of the 7 examples apart goes its way), below on vstar
+    right = {"base": {t: range(0) for t in reproduce.TASKS},
+             "direct": {"vsp_nav": range(10), "vsp_verify": range(10), "jigsaw": range(10), "guiqa": range(50),
+                        "vstar": range(50)},
+             "tc": {"vsp_nav": range(50), "vsp_verify": range(50), "jigsaw": range(50), "guiqa": range(50),
+                    "vstar": range(40)},
+             "tg": {t: range(20) for t in reproduce.TASKS},
+             "tctg": {"vsp_nav": range(90), "vsp_verify": range(90), "jigsaw": range(90), "guiqa": range(57),
+                      "vstar": range(30)}}
+    o = {m: {k: v for t, rr in tasks.items() for k, v in scores(rr, task=t).items()} for m, tasks in right.items()}
+    r = {m: {t: reproduce.rate(reproduce.of_task(o[m], t)) for t in reproduce.TASKS} for m in right}
+    rows = {target: (measured, met) for target, measured, met in reproduce.main_targets(r, o)}
+    assert rows["TC+TG above TC and TG on vsp_nav"][1] == "yes, intervals apart"
+    measured, met = rows["TC+TG above TC and TG on guiqa"]
+    assert met == "above, intervals overlap"
+    # unpaired the intervals overlap; paired, 7 examples won and none lost put the difference above 0
+    assert "57% [47-66] vs 50% [40-60] / 20% [13-29]; paired +7 points [+2, +12] / +37" in measured, measured
+    assert rows["TC+TG above TC and TG on vstar"][1] == "no"
+    assert rows["TC+TG's interval above both TC's and TG's on >= 3 tasks"] == (
+        "3 of 5 (paired: both differences above 0 on 4)", "yes")
+    assert rows["Base lowest (mean accuracy)"][1] == "yes"
+    assert rows["Direct-SFT clearly below TC+TG on vsp_nav (intervals apart)"][1] == "yes"
+    measured, met = rows["Direct-SFT clearly below TC+TG on guiqa (intervals apart)"]
+    assert met == "no" and measured == "50% [40-60] vs 57% [47-66]: -7 points [-12, -2]", measured
+    assert rows["Direct-SFT clearly below TC+TG on vstar (intervals apart)"][1] == "no"
