@@ -900,10 +900,12 @@ NUDGE = ("nudge", None, None)  # Row.pending of a row whose next observation is 
 
 
 def parse_tool_call(text):
-    """-> (call dict or None, error message or None) for the first <tool_call> in an assistant turn."""
+    """-> (call dict or None, error message or None) for the first <tool_call> in an assistant turn: (None, None)
+    for a turn without one, (None, why) for one that does not parse."""
     m = TOOL_CALL.search(text)
-    if m is None:
-        return None, None
+    if m is None:  # no call, or one opened and never closed (a malformed call the model should read about)
+        return None, None if "<tool_call>" not in text else (
+            'the tool call is not closed; write {"name": ..., "parameters": {...}} inside <tool_call></tool_call>')
     try:
         call = json.loads(m.group(1))
     except json.JSONDecodeError as e:
@@ -955,9 +957,8 @@ def tool_observation(row):
         return t.messages[-1]
     call, err, fut = row.pending  # as end_turn set it
     row.pending = None
-    if fut is None:  # the call did not parse: the model reads why
-        name, result, seconds = (call or {}).get("name", "tool_call"), ToolResult(status="error", error=err), 0.0
-        params = None
+    if fut is None:  # the call did not parse (call is None): the model reads why
+        name, result, seconds, params = "tool_call", ToolResult(status="error", error=err), 0.0, None
     else:
         name, result, seconds = fut.result()  # blocks until the tool is done; call_tool never runs past its timeout
         params = call["parameters"]

@@ -166,6 +166,7 @@ def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, 
               "<think>done</think><response>\\boxed{A}</response>"]
     bad = ['<think>x</think><tool_call>{"name": "Crop", "parameters": </tool_call>',
            '<think>x</think><tool_call>{"name": "NoSuchTool", "parameters": {}}</tool_call>',
+           '<think>x</think><tool_call>{"name": "Crop", "parameters": {}}',  # never closed
            "<think>done</think><response>\\boxed{A}</response>"]
     enc = [[processor.encode_text(s) + [processor.im_end] for s in sc] for sc in (script, bad)]
 
@@ -181,8 +182,9 @@ def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, 
     assert hung.calls[0]["status"] == "error" and "timed out" in hung.calls[0]["error"]
     assert hung.calls[0]["seconds"] < 5  # cut at its limit, not after the 30 s it would take
     assert hung.finish_reason == "response" and hung.format_valid
-    assert [c["status"] for c in broken.calls] == ["error", "error"]
+    assert [c["status"] for c in broken.calls] == ["error", "error", "error"]
     assert "not valid JSON" in broken.calls[0]["error"] and "unknown tool 'NoSuchTool'" in broken.calls[1]["error"]
+    assert broken.calls[2]["error"].startswith("the tool call is not closed"), broken.calls[2]
     assert broken.finish_reason == "response" and broken.answer == "A"
     obs = [m for m in broken.messages if m["role"] == "user"][1:]
     assert all(json.loads(m["content"][0]["text"])["status"] == "error" for m in obs)
