@@ -276,7 +276,7 @@ def bench_train(model, processor, turns, free):
     def plain(reencode):  # one full forward, every position's logits, fp32
         # reencode: the image processor runs again on every image at every step (no cache)
         images = [[processor.encode_image(im) for im in row] for row in shown] if reencode else cached()
-        # lp: [B, L], 0 at t=0 and on padding; the loss is the mean NLL over the sampled tokens
+        # lp: [B, L], 0 at t=0; the mask keeps the sampled tokens (padding's values mean nothing): their mean NLL
         lp = rollout.token_logprobs(rollout.sequence_logits(model, processor, seqs, images), seqs)
         return -(lp * mask).sum() / mask.sum()
 

@@ -95,8 +95,8 @@ rollout.add_device_flag(parser)
 rollout.add_grad_checkpointing_flag(parser)
 rollout.add_fsdp_flag(parser)
 rollout.add_protocol_flag(parser)  # of the evaluation and the saved model; curation writes ours (see main)
-parser.add_argument("--seed", type=int, default=0, help="seed of curation, data order, ADL draws and evaluation "
-                    "(scratch weights always use seed 0)")
+parser.add_argument("--seed", type=int, default=0, help="seed of curation, data order, and the evaluation's ADL "
+                    "draws (its test examples are seed 0's in every run; scratch weights always use seed 0)")
 parser.add_argument("--quick", action="store_true",
                     help="smallest configuration that exercises every code path (tests)")
 
@@ -1027,7 +1027,7 @@ def main(argv=None):
     if args.eval_n:
         if not args.fsdp:  # training is over: the inference dtype (FSDP's shards stay fp32, under bf16 autocast)
             model.to(torch.bfloat16 if rollout.is_cuda(device) else torch.float32)
-        examples = [ex for t in task_names for ex in tasks.generate(t, args.eval_n, split="test", seed=args.seed)]
+        examples = tasks.test_set(task_names, args.eval_n)  # seed 0 whatever --seed: every run scores the same
         shown = [] if args.no_tools else offered  # --no-tools: the direct-answer prompt
         # ADL: one random naming per example, seeded by its id
         plan = adl.plan(examples, protocol.schemas(shown), "per-sample" if args.adl else "off", args.seed)

@@ -328,8 +328,7 @@ def adl_for(offered, pos, seed):
 def evaluate(model, processor, task_list, eval_n, offered, use_adl, seed, batch_size, autocast, label, **limits):
     """rollout.evaluate on eval_n test examples per task -> {task: metrics, "mean_accuracy", "seconds"}."""
     t0 = time.perf_counter()
-    # seed 0: the same test examples before and after training, and in every run
-    examples = [ex for task in task_list for ex in tasks.generate(task, eval_n, split="test", seed=0)]
+    examples = tasks.test_set(task_list, eval_n)
     plan = adl.plan(examples, schemas(offered), "per-sample" if use_adl else "off", seed)
     with autocast, rollout.unsharded(model):  # under --fsdp every rank evaluates its share on the whole weights
         _, results = rollout.evaluate(model, processor, examples, offered, plan, batch_size, f"eval {label}", **limits)

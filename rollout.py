@@ -1436,7 +1436,8 @@ def masked_logprobs(model, processor, seqs, images, masks, temperature=1.0):
 
 
 def token_logprobs(logits, seqs, temperature=1.0):
-    """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0 and on padding."""
+    """log p(token t | tokens < t) for each row, [B, L] with 0 at t=0. Past a row's end the values are those of
+    pad id 0 and mean nothing: callers multiply by their mask."""
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [B, L-1, V]
     targets = torch.tensor(pad_batch(seqs, 0, left=False), device=logits.device)[:, 1:]
     out = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -450,6 +450,12 @@ def generate(task, n, split="test", seed=0, start=0, **knobs):
     return [_example(task, split, seed, i, **knobs) for i in range(start, start + n)]
 
 
+def test_set(task_names, n):
+    """The stages' own evaluations (TC's and TG's, --eval-n): n `test` examples per task under seed 0, whatever the
+    run's --seed, so runs of every seed, before and after training, are scored on the same examples."""
+    return [ex for task in task_names for ex in generate(task, n, split="test", seed=0)]
+
+
 def _example(task, split, seed, i, **knobs):
     # one generator per example: example i is the same whatever n is, and no two tasks or splits share a stream
     rng = np.random.default_rng([SPLITS[split], TASKS.index(task), seed, i])
