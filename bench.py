@@ -264,8 +264,7 @@ def bench_train(model, processor, turns, free):
     trajs = rollout.rollout(model, processor, bench_examples(8), temperature=0,
                             forcer=script(processor, turns, free))
     seqs, masks = [t.token_ids for t in trajs], [t.loss_mask for t in trajs]
-    # an observation cut off by max_total_tokens leaves its image in t.images but none of its tokens in the sequence
-    shown = [t.images[:sum(x == processor.vision_start for x in t.token_ids)] for t in trajs]  # images in the tokens
+    shown = [rollout.shown_images(t, processor) for t in trajs]  # the images the sequences hold
     # [B, L] right-padded like the sequences: 1 on the sampled tokens, the ones both losses average over
     mask = torch.tensor(rollout.pad_batch(masks, 0, left=False), dtype=torch.float32, device=device)
     model.train()

@@ -186,7 +186,8 @@ def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean"
     per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
     if kl_coef:
         d = ref_logp - logp  # log(pi_ref / pi) per token
-        per_token = per_token + kl_coef * (torch.exp(d) - d - 1)  # k3: unbiased, always >= 0
+        kl_ref = torch.exp(d) - d - 1  # k3: unbiased, always >= 0
+        per_token = per_token + kl_coef * kl_ref
     # token-mean: each sampled token weighs the same (long trajectories weigh more); seq-mean: each trajectory does
     if agg == "token-mean":
         loss = (per_token * mask).sum() / (denom or mask.sum().clamp(min=1))
@@ -200,20 +201,16 @@ def policy_loss(logp, old_logp, adv, mask, clip_low, clip_high, agg="token-mean"
         stats = {"tokens": mask.sum().item(), "clipped": (clipped.float() * mask).sum().item(),
                  "kl_old": ((torch.exp(d_old) - d_old - 1) * mask).sum().item()}
         if kl_coef:
-            stats["kl_ref"] = ((torch.exp(d) - d - 1) * mask).sum().item()
+            stats["kl_ref"] = (kl_ref * mask).sum().item()
     return loss, stats
 
 
 def batch_inputs(trajs, processor):
     """Per trajectory: token ids and the (pixel_values, grid_thw) of the images its sequence contains
     (an image a tool made after the token budget ran out is in traj.images but not in the tokens)."""
-    seqs, images = [], []
-    for t in trajs:
-        n = sum(x == processor.vision_start for x in t.token_ids)
-        seqs.append(t.token_ids)
-        # the rollout's encodings, while the cache still holds them
-        images.append([rollout.encode_image_cached(processor, im) for im in t.images[:n]])
-    return seqs, images
+    # the rollout's encodings, while the cache still holds them
+    return ([t.token_ids for t in trajs],
+            [[rollout.encode_image_cached(processor, im) for im in rollout.shown_images(t, processor)] for t in trajs])
 
 
 def forward_logprobs(model, processor, trajs, temperature, autocast):
@@ -225,9 +222,8 @@ def forward_logprobs(model, processor, trajs, temperature, autocast):
         return rollout.masked_logprobs(model, processor, seqs, images, [t.loss_mask for t in trajs], temperature)
 
 
-def padded(rows, value=0.0):
-    n = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [value] * (n - len(r)) for r in rows], dtype=torch.float32)  # [B, longest]
+def padded(rows):
+    return torch.tensor(rollout.pad_batch([list(r) for r in rows], 0.0, left=False), dtype=torch.float32)  # [B, L]
 
 
 def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, autocast):
@@ -243,7 +239,7 @@ def frozen_logprobs(model, processor, trajs, keep, micro_batch, temperature, aut
     return out
 
 
-def update(model, processor, trajs, adv, opt, *, temperature, micro_batch=8, ppo_epochs=1, minibatches=1,
+def update(model, processor, trajs, adv, opt, *, temperature, micro_batch, ppo_epochs=1, minibatches=1,
            loss_agg="token-mean", clip_low=0.2, clip_high=0.28, kl_coef=0.0, grad_clip=1.0, ref_model=None,
            autocast=nullcontext(), seed=0, owned=None):
     """PPO-style epochs over one rollout batch. Groups with all-equal rewards have zero advantage and (without
@@ -366,11 +362,8 @@ def step_record(step, lr, pos, examples, trajs, infos, adv, group_size, upd, tim
         mine = [i for i, ex in zip(infos, sampled) if ex["task"] == task]
         m.update({k: rollout.mean(i[k] for i in mine) for k in REWARD_SPLIT})
     return {"step": step, "lr": lr, "data_pos": pos, "examples": [ex["id"] for ex in examples],
-            "reward": rollout.mean(i["reward"] for i in infos),
+            **{k: rollout.mean(i[k] for i in infos) for k in ("tool_quality", "tool_term") + REWARD_SPLIT},
             "reward_std": float(torch.tensor([i["reward"] for i in infos]).std()),
-            "tool_quality": rollout.mean(i["tool_quality"] for i in infos),
-            "tool_term": rollout.mean(i["tool_term"] for i in infos),
-            **{k: rollout.mean(i[k] for i in infos) for k in REWARD_SPLIT[1:]},
             # groups whose samples all scored alike: their advantages are zero and they teach nothing
             "flat_groups": sum(float(a) == 0.0 for a in adv.view(-1, group_size).abs().sum(1)),
             **rollout.metrics(sampled, trajs, by_level=False), "by_task": by_task,
@@ -379,6 +372,8 @@ def step_record(step, lr, pos, examples, trajs, infos, adv, group_size, upd, tim
 
 
 def main(argv=None):
+    # 1. set-up: the policy to train (a resumed run: its checkpoint's), the frozen reference for the KL term, the
+    # optimizer, the log
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -425,10 +420,10 @@ def main(argv=None):
         state = rollout.load_checkpoint(found, opt, model)
         step, pos, evals = state["step"], state["data_pos"], state["evals"]
         print(f"resumed at step {step}")
-    if rank == 0:
-        # the log as of the state we start from; TG numbers steps from 0
-        rollout.open_log(log_path, step, first=0).close()
+    # the log as of the state we start from (TG numbers steps from 0); only rank 0 writes it
+    log = rollout.open_log(log_path, step, first=0) if rank == 0 else open(os.devnull, "w")
 
+    # 2. the loop (its phases numbered inside), after an optional evaluation of the initial policy
     limits = dict(rollout.limits_of(args), protocol=protocol)
     if args.eval_before and args.eval_n and step == 0:
         evals["before"] = evaluate(model, processor, task_list, args.eval_n, offered, args.adl, args.seed,
@@ -437,6 +432,7 @@ def main(argv=None):
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="grpo")
     for step in bar:
         t0 = time.perf_counter()
+        step_seed = args.seed * 1_000_003 + step  # the step's sampling and minibatch order, whatever resumed it
         lr = rollout.lr_at(step, args.steps, args.lr, args.warmup, args.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -454,7 +450,7 @@ def main(argv=None):
                 tqdm(total=len(mine) * args.group_size, desc="rollout", leave=False, disable=rank > 0) as rbar:
             local = rollout.rollout(model, processor, [examples[k] for k in mine], tools=offered,
                                     group_size=args.group_size, temperature=args.temperature, top_p=args.top_p,
-                                    seed=args.seed * 1_000_003 + step,
+                                    seed=step_seed,
                                     adl=[mappings[k] for k in mine] if mappings else None, progress=rbar,
                                     keys=mine, **limits)
         # 3. rewards from the checked answer, the format and the tool calls; advantages normalized within each group,
@@ -471,15 +467,13 @@ def main(argv=None):
         upd = update(model, processor, trajs, adv, opt, temperature=args.temperature, micro_batch=args.micro_batch,
                      ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, loss_agg=args.loss_agg,
                      clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef, grad_clip=args.grad_clip,
-                     ref_model=ref_model, autocast=autocast, seed=args.seed * 1_000_003 + step,
+                     ref_model=ref_model, autocast=autocast, seed=step_seed,
                      owned=set(at) if world > 1 else None)  # the slots whose images this rank holds
         t2 = time.perf_counter()
 
         record = step_record(step, lr, pos, examples, trajs, infos, adv, args.group_size, upd, t1 - t0, t2 - t1)
-        if rank == 0:
-            # one line per step, appended: a resumed run continues the same file
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        log.write(json.dumps(record) + "\n")  # one line per step, appended: a resumed run continues the same file
+        log.flush()  # a kill loses at most this line; open_log drops it on resume if torn
         bar.set_postfix(step=step, reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.3f}",
                         cps=f"{record['cps']:.2f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0:  # weights, optimizer, RNG, data; rank 0 writes
@@ -487,7 +481,9 @@ def main(argv=None):
             rollout.save_checkpoint(ckpt_dir, model, processor, opt,
                                     {"step": step + 1, "data_pos": pos, "evals": evals})
     bar.close()
+    log.close()
 
+    # 3. the trained policy saved, then evaluated on the same test examples as before training
     model.eval()
     rollout.release_memory()  # the last update's activations and encodings: the evaluation needs none of them
     # protocol.name: a policy trained under the official protocol says so in protocol.json; every rank, rank 0 writes

@@ -565,11 +565,16 @@ def protocol_of(flag, model):
     return OURS
 
 
+def user_message(example):
+    """The question's user turn: its images first (PIL objects, or their img_k names in a saved trajectory), then
+    the question."""
+    return {"role": "user", "content": [{"type": "image", "image": img} for img in example["images"]]
+            + [{"type": "text", "text": example["question"]}]}
+
+
 def build_messages(example, tool_schemas, system_prompt=system_prompt):
     """System and user messages for one example; images stay PIL objects in the content parts."""
-    user = ([{"type": "image", "image": img} for img in example["images"]]
-            + [{"type": "text", "text": example["question"]}])
-    return [{"role": "system", "content": system_prompt(tool_schemas)}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_prompt(tool_schemas)}, user_message(example)]
 
 
 def observation_message(text, image=None):
@@ -786,6 +791,12 @@ def kv_cache(model):
     return cache
 
 
+def shown_images(traj, processor):
+    """The trajectory's images that its tokens hold, in order: an image a tool made after max_total_tokens ran out
+    is in traj.images but not in the sequence."""
+    return traj.images[:traj.token_ids.count(processor.vision_start)]
+
+
 def pad_batch(seqs, pad_value, left):
     n = max(len(s) for s in seqs)
     # left (prefill): every row's last real token lands in the last column, the only logits read; right (training):
@@ -888,10 +899,10 @@ class Row:
     traj: Trajectory
     next_pos: int  # next M-RoPE text position; not len(token_ids): an image advances it by its grid side
     offered: list  # tool names as the prompt shows them
-    mapping: object = None  # adl.Mapping under ADL: calls map back to canonical names
-    run: object = call_tool  # executes the row's tool calls
-    protocol: object = OURS  # Protocol: how observations read and what follows a turn without an action
-    rng: object = None       # random.Random: the row's own sampling stream
+    mapping: object   # adl.Mapping under ADL (calls map back to canonical names), else None
+    run: object       # executes the row's tool calls (call_tool, a protocol's or a Toolset's)
+    protocol: object  # Protocol: how observations read and what follows a turn without an action
+    rng: object       # random.Random: the row's own sampling stream
     turn: list = field(default_factory=list)  # tokens of the current assistant turn
     pending: object = None                    # the tool call it waits on: (call, parse error, future)
 
@@ -1091,9 +1102,12 @@ class LiveBatch:
     attn: torch.Tensor    # [B, cached length]: 0 on pads
     logits: torch.Tensor  # [B, V]
 
-    def keep(self, keep):
-        """Only rows[k] for k in keep go on; finished rows leave the batch and the cache shrinks with them."""
-        if len(keep) < len(self.rows):  # nobody finished: no copy
+    def keep(self, keep, progress=None):
+        """Only rows[k] for k in keep go on; finished rows leave the batch and the cache shrinks with them (and
+        advance the tqdm bar `progress`, when given)."""
+        if progress is not None:
+            progress.update(len(self.rows) - len(keep))
+        if len(keep) < len(self.rows):  # someone finished: shrink (when nobody did, nothing is copied)
             idx = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
             self.cache.batch_select_indices(idx)
             self.logits, self.attn, self.rows = self.logits[idx], self.attn[idx], [self.rows[k] for k in keep]
@@ -1124,7 +1138,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
     3. prefill all the observations in one batch and let the rows write again.
     """
     device = next(model.parameters()).device
-    offered = protocol.schemas(list(TOOLS) if tools is None else list(tools)) if tools != [] else []
+    offered = protocol.schemas(list(TOOLS) if tools is None else list(tools))  # [] for []: the no-tools prompt
     keys = list(range(len(examples))) if keys is None else list(keys)
     logp_temp = temperature if temperature > 0 else 1.0  # greedy records log-probs at T=1
     vocab = model.get_output_embeddings().weight.shape[0]  # LM-head rows; may exceed len(tokenizer)
@@ -1146,9 +1160,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
         pos, next_pos = mrope_positions(ids, [g for _, g in imgs], processor)  # next_pos: the first sampled token's
         chunks.append((ids, imgs, pos))
         # the saved conversation names images img_k instead of holding pixels
-        saved = [msgs[0], {"role": "user", "content": [{"type": "image", "image": f"img_{k + 1}"}
-                                                       for k in range(len(ex["images"]))]
-                           + [{"type": "text", "text": ex["question"]}]}]
+        saved = [msgs[0], user_message({**ex, "images": [f"img_{k + 1}" for k in range(len(ex["images"]))]})]
         # rows are example-major (sample g of example i is row i*G + g), the order repeat_interleave gives the cache
         for g in range(group_size):
             t = Trajectory(ex["id"], ex["task"], token_ids=list(ids), loss_mask=[0] * len(ids),
@@ -1207,11 +1219,9 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
                 # one gather and one copy to the host for every row's log-prob, not one tensor index per row
                 for k, lp in zip(wrote_k, logp[wrote_k, wrote_x].tolist()):
                     batch.rows[k].traj.logprobs.append(lp)
-                if progress is not None:
-                    progress.update(len(batch.rows) - len(keep))
                 # finished rows leave before the next forward, which runs on live rows only
                 step = [step[k] for k in keep]
-                batch.keep(keep)
+                batch.keep(keep, progress)
                 if batch.rows:
                     with timed(timings, "decode"):
                         batch.logits, batch.attn = decode_step(model, cache, batch.attn, *zip(*step), device)
@@ -1226,9 +1236,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
                     if chunk is not None:
                         chunks.append(chunk)
                         keep.append(k)
-                if progress is not None:
-                    progress.update(len(batch.rows) - len(keep))
-                batch.keep(keep)
+                batch.keep(keep, progress)
                 if chunks:
                     with timed(timings, "prefill"):
                         batch.logits, batch.attn = forward_chunk(model, processor, chunks, cache, batch.attn, device)
