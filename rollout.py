@@ -37,7 +37,7 @@ from tools import (TOOLS, ToolResult, call_tool, observation, official_call, off
                    schemas)
 
 # -----------------------------------------------------------------------------
-# the command line, and loading a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
+# the processor (tokenizer and image processor) and the device
 
 # Qwen's special tokens: chat structure and image placeholders
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -296,6 +296,9 @@ def clip_grads(params, max_norm):
             g.mul_(scale)
     return total
 
+# -----------------------------------------------------------------------------
+# the command line, and loading and saving a policy: the tiny default (tiny.py) or a Qwen2.5-VL directory
+
 
 BUILTIN_MODELS = ("tiny", "scratch")  # names load_policy knows besides a directory
 
@@ -388,6 +391,12 @@ def reason(e):
     """An exception as a short clause for a one-line error: its type and first sentence."""
     text = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {text.split('. ')[0][:200]}"
+
+
+def read_json(path):
+    """A JSON file's content, the file closed at once (not whenever the garbage collector gets to it)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def model_exists(path):
@@ -1312,12 +1321,6 @@ def load_checkpoint(ckpt_dir, optimizer, model=None):
     return blob["state"]
 
 
-def read_json(path):
-    """A JSON file's content, the file closed at once (not whenever the garbage collector gets to it)."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def write_json_atomic(path, obj, indent=None):
     """JSON written beside PATH and renamed over it: a kill leaves the old file or the new one, never half."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -1452,7 +1455,7 @@ def token_logprobs(logits, seqs, temperature=1.0):
     return F.pad(out, (1, 0))  # [B, L], aligned with the tokens
 
 # -----------------------------------------------------------------------------
-# metrics: a pure function of (examples, trajectories); every stage reports these
+# the one evaluation every stage runs, and the metrics it reports (a pure function of examples and trajectories)
 
 
 # examples per evaluation batch, the default of every stage's flag. Measured on the default TC evaluation (500 test
