@@ -14,5 +14,5 @@ def test_engine_and_baseline_write_the_same_tokens():
     assert r["trajectories"] == 2 and r["tool_calls"] == 4 and r["image_observations"] == 4, r
     assert r["finish_reasons"] == ["response"]
     assert r["identical_tokens"] is True
-    # the engine's own timings name every phase it spent time in
-    assert {"prefill", "decode", "vision"} <= set(r["engine_split_s"])
+    # the engine's own timings name every phase it spent time in (vision is the bench's own hook, part of prefill)
+    assert {"prefill", "decode"} <= set(r["engine_split_s"]) and r["engine_split_s"]["vision"] > 0

@@ -181,7 +181,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(data):
         assert [processor.decode(r) for r in runs] == want
 
 
-def test_adl_share_rewrites_that_share_of_uses_and_share_one_is_plain_adl(data):
+def test_adl_share_rewrites_that_share_of_uses_and_share_one_is_plain_adl(data, capsys):
     """--adl-share: each use of a record is rewritten with probability share, by its own seeded stream; at 1.0 the
     encoding equals adl.randomize on that stream (--adl as before), at 0.5 some uses keep the canonical names."""
     d, records = data
@@ -197,6 +197,7 @@ def test_adl_share_rewrites_that_share_of_uses_and_share_one_is_plain_adl(data):
     assert 8 <= sum(kept) <= 32  # about half the uses keep the canonical names
     with pytest.raises(SystemExit):  # a share without --adl is refused
         coldstart.main(["--adl-share", "0.5", "--out", "unused", "--device", "cpu"])
+    assert "--adl-share 0.5: a share in (0, 1], with --adl" in capsys.readouterr().err
 
 
 def test_transfer_check_scores_the_copied_numbers_and_the_quoted_value(data):
@@ -292,7 +293,7 @@ def test_sharegpt_round_trip_gives_the_same_tokens_and_masks(data, tmp_path):
     assert encoded(back, folder, processor) == encoded(records, d, processor)
 
 
-def test_a_hand_written_sharegpt_file_loads_and_trains(tmp_path):
+def test_a_hand_written_sharegpt_file_loads_and_trains(tmp_path, capsys):
     """The authors' layout: a system turn, <image> placeholders for the input and for a tool-returned image."""
     from PIL import Image
     Image.new("RGB", (64, 64), "white").save(tmp_path / "in.png")
@@ -317,8 +318,10 @@ def test_a_hand_written_sharegpt_file_loads_and_trains(tmp_path):
               tmp_path / "tc")
     assert res["steps"] >= 1 and (tmp_path / "tc" / "model" / "model.safetensors").exists()
     assert json.load(open(tmp_path / "tc" / "model" / "protocol.json")) == {"protocol": "official"}
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # curation writes our protocol only
         run(["--quick", "--protocol", "official"], tmp_path / "tc2")
+    assert "--protocol official: curation writes this project's protocol" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("row, why", [

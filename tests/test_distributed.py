@@ -191,15 +191,23 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
             {"role": "assistant", "content": "<think>red</think><response>\\\\boxed{red}</response>"}]
     batch = [rollout.encode_conversation(processor, msgs)]
 
+    # runs of a decoder layer's MLP: once per step, twice when the backward pass recomputes the layer (counted by
+    # wrapping its forward: torch runs no module hooks while it recomputes)
+    calls, mlp = [], model.model.language_model.layers[0].mlp
+    mlp.forward = lambda x, run=mlp.forward: calls.append(1) or run(x)
+
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
+        calls.clear()
         loss, _ = rollout.masked_lm_loss(model, processor, batch, "cpu")
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     model.train()
     plain = loss_and_grads()
+    assert len(calls) == 1
     rollout.checkpoint_activations(model)
     again = loss_and_grads()
+    assert len(calls) == 2  # the layer really was recomputed
     assert again[0] == pytest.approx(plain[0], rel=1e-6) and len(again[1]) == len(plain[1])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again[1], plain[1]))

@@ -79,12 +79,35 @@ def test_one_update_per_batch_is_reinforce():
     assert torch.allclose(g1, g2)
 
 
+def point_then_answer(processor, free=3):
+    """A forcer: turn 1 calls Point, turn 2 answers; each turn then writes `free` tokens of the model's own before
+    <|im_end|>, so the trajectory holds sampled tokens, an observation and forced text."""
+    script = [processor.encode_text(s) for s in (
+        '<think>find the elf</think><tool_call>{"name": "Point", "parameters": {"image": "img_1", "description": '
+        '"the elf"}}</tool_call>', "<think>done</think><response>\\boxed{Yes}</response>")]
+
+    def forcer(row, turn, toks):
+        seq = script[min(turn, 1)]
+        if len(toks) < len(seq):
+            return seq[len(toks)]
+        return None if len(toks) < len(seq) + free else processor.im_end
+    return forcer
+
+
+def has_observation(traj):
+    """A tool ran and its observation's tokens (loss mask 0) lie between the sampled tokens."""
+    first, last = traj.loss_mask.index(1), len(traj.loss_mask) - 1 - traj.loss_mask[::-1].index(1)
+    return len(traj.calls) == 1 and 0 in traj.loss_mask[first:last]
+
+
 def test_model_gradient_is_zero_on_prompt_and_observation_tokens(scratch_dir):
     """Through the real model's log-probs of a real multi-turn trajectory: tokens of the prompt and of the tool
     observation get exactly zero gradient, every sampled token a non-zero one."""
     model, processor = rollout.load_policy(scratch_dir, "cpu")
     ex = tasks.generate("vsp_verify", 1, split="rl")[0]
-    traj = rollout.rollout(model, processor, [ex], tools=["Point"], max_new_tokens=6, max_turns=2, seed=3)[0]
+    traj = rollout.rollout(model, processor, [ex], tools=["Point"], max_turns=2, seed=3,
+                           forcer=point_then_answer(processor))[0]
+    assert has_observation(traj), traj.messages
     seqs, images = grpo.batch_inputs([traj], processor)
     logits = rollout.sequence_logits(model, processor, seqs, images)
     logp = rollout.token_logprobs(logits, seqs)
@@ -104,7 +127,9 @@ def test_masked_head_equals_the_full_forward_values_and_gradients(scratch_dir):
     same gradient for every weight; prompt and observation positions hold 0."""
     model, processor = rollout.load_policy(scratch_dir, "cpu")
     exs = tasks.generate("vsp_verify", 2, split="rl")
-    trajs = rollout.rollout(model, processor, exs, tools=["Point"], max_new_tokens=6, max_turns=2, seed=5)
+    trajs = rollout.rollout(model, processor, exs, tools=["Point"], max_turns=2, seed=5,
+                            forcer=point_then_answer(processor))
+    assert all(has_observation(t) for t in trajs)
     seqs, images = grpo.batch_inputs(trajs, processor)
     mask = grpo.padded([t.loss_mask for t in trajs])
     old, adv = grpo.padded([t.logprobs for t in trajs]), torch.tensor([1.0, -0.5])

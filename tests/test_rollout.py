@@ -179,8 +179,8 @@ def test_hanging_tool_is_cut_and_malformed_call_does_not_stop_the_batch(policy, 
     finally:
         release.set()
     hung, broken = trajs
-    assert hung.calls[0]["status"] == "error" and "timed out" in hung.calls[0]["error"]
-    assert hung.calls[0]["seconds"] < 5  # cut at its limit, not after the 30 s it would take
+    # cut at its limit while the tool was still blocked (waiting for it would read "returned no result")
+    assert hung.calls[0]["status"] == "error" and hung.calls[0]["error"] == "tool 'Sleep' timed out after 0.5 s"
     assert hung.finish_reason == "response" and hung.format_valid
     assert [c["status"] for c in broken.calls] == ["error", "error", "error"]
     assert "not valid JSON" in broken.calls[0]["error"] and "unknown tool 'NoSuchTool'" in broken.calls[1]["error"]
@@ -200,14 +200,15 @@ def test_adl_calls_are_derandomized_before_the_tool_runs(policy):
                  {"name": "Point", "parameters": {"image": "img_2", "description": "red square"}}]
     texts = [[f"<think>step</think><tool_call>{json.dumps(c)}</tool_call>" for c in calls]
              + ["<think>ok</think><response>\\boxed{A}</response>"]
-             for calls in (canonical, [mapping.from_canonical(c) for c in canonical])]
+             for calls in (canonical, [mapping.from_canonical(c) for c in canonical], canonical)]
     enc = [[processor.encode_text(s) + [processor.im_end] for s in sc] for sc in texts]
 
     def forcer(row, turn, toks):
         seq = enc[row][turn]
         return seq[len(toks)] if len(toks) < len(seq) else processor.im_end
-    plain, randomized = rollout.rollout(model, processor, [ex, ex], tools=["Crop", "Point"], temperature=0,
-                                        adl=[None, (new_schemas, mapping)], forcer=forcer)
+    # the third row calls the real names under ADL
+    plain, randomized, real = rollout.rollout(model, processor, [ex, ex, ex], tools=["Crop", "Point"], temperature=0,
+                                              adl=[None, (new_schemas, mapping), (new_schemas, mapping)], forcer=forcer)
     assert [c["status"] for c in plain.calls] == [c["status"] for c in randomized.calls] == ["success", "success"]
     assert [c["name"] for c in randomized.calls] == ["Crop", "Point"]
     assert plain.images[1].tobytes() == randomized.images[1].tobytes()
@@ -217,8 +218,11 @@ def test_adl_calls_are_derandomized_before_the_tool_runs(policy):
         assert b["name"] == mapping.names[a["name"]]
         assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
     assert "Crop" not in randomized.messages[0]["content"] and randomized.adl_mapping == mapping.to_json()
-    # the real name is not offered under ADL: calling it is an unknown tool
-    assert mapping.names["Crop"] != "Crop"
+    # the real name is not offered under ADL: calling it is an unknown tool, and the error lists the random names
+    assert real.calls[0]["status"] == "error"
+    listed = ", ".join(f"'{s['function']['name']}'" for s in new_schemas)  # in the prompt's order
+    assert sorted(s["function"]["name"] for s in new_schemas) == sorted([mapping.names["Crop"], mapping.names["Point"]])
+    assert real.calls[0]["error"] == f"unknown tool 'Crop'; available: {listed}", real.calls[0]["error"]
 
 
 def test_tiny_model_saves_and_loads(scratch_dir, tmp_path):

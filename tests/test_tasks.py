@@ -135,6 +135,10 @@ def test_save_and_load_round_trip(tmp_path):
     tasks.save(examples, tmp_path)
     back = tasks.load(tmp_path)
     assert [b["id"] for b in back] == [e["id"] for e in examples]
+    # every field but the images equal, then as many images, pixel for pixel
+    assert [{k: v for k, v in b.items() if k != "images"} for b in back] == \
+        [{k: v for k, v in e.items() if k != "images"} for e in examples]
+    assert [len(b["images"]) for b in back] == [len(e["images"]) for e in examples]
     assert all(pixels(a) == pixels(b) for e, l in zip(examples, back) for a, b in zip(e["images"], l["images"]))
     assert json.loads((tmp_path / "examples.jsonl").read_text().splitlines()[0])["images"][0].startswith("images/")
     lines = (tmp_path / "examples.jsonl").read_text().splitlines()

@@ -115,6 +115,8 @@ def test_every_kind_of_mistake_is_a_real_error_and_the_fix_names_the_tool():
             assert "{wrong} does not {purpose}" in fix
         elif len(bad["parameters"]) < len(call["parameters"]):
             seen.add("drop")
+            dropped = ", ".join(q for q in call["parameters"] if q not in bad["parameters"])
+            assert result.status == "error" and result.error.startswith(f"missing parameters: {dropped};")
         elif set(bad["parameters"]) != set(call["parameters"]):
             seen.add("param")
             assert "unknown parameters: " + next(p for p in bad["parameters"] if p not in call["parameters"]) \

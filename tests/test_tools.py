@@ -157,16 +157,13 @@ def malformed(rng):
 
 def test_fuzz_malformed_calls(images):
     rng = random.Random(0)
-    slowest = 0.0
     for i in range(2000):
         name, params = malformed(rng)
-        t = time.perf_counter()
         r = call_tool(name, params, images, timeout=2.0)
-        slowest = max(slowest, time.perf_counter() - t)
         assert r.status == "error", (i, name, params, r)
         assert r.error and re.search(r"'[^']+'", r.error), (name, params, r.error)
-    print(f"2000 malformed calls, slowest {slowest * 1000:.0f} ms")
-    assert slowest < 2.5
+        # validation caught it: not a tool that crashed on the arguments, nor one that ran to its time limit
+        assert "failed on these arguments" not in r.error and "timed out" not in r.error, (name, params, r.error)
 
 
 def test_valid_calls_succeed(images):
@@ -189,10 +186,10 @@ def test_time_limit_on_a_hanging_tool(monkeypatch, images):
     schema = tools._schema("Hang", "never returns", {}, [])
     release = threading.Event()  # the hung thread ends with the test, not 30 s later in a test that needs its slot
     monkeypatch.setitem(tools.TOOLS, "Hang", (schema, lambda args, imgs: release.wait(30)))
-    t = time.perf_counter()
     try:
+        # the exact message proves the call returned while the tool was still blocked (waiting for it would give
+        # "returned no result")
         r = call_tool("Hang", {}, images, timeout=0.3)
-        assert time.perf_counter() - t < 1.5
         assert r.status == "error" and r.error == "tool 'Hang' timed out after 0.3 s"
     finally:
         release.set()
