@@ -1,8 +1,8 @@
 """
 Reproduce AdaReasoner's findings on the tiny default, from nothing, with one command.
 
-    python reproduce.py                      # the full run (86 min of steps on a 2-core Intel CPU, about 4 h on a
-                                             # slower AMD one, at --eval-n 100, 2026-12-05)
+    python reproduce.py                      # the full run: 1 h 39 min on a 2-core AMD EPYC with AVX-512, 86 min
+                                             # of steps on an Intel one, about 4 h on an AVX2-only AMD one
     nohup python reproduce.py > runs/repro.log 2>&1 &
     python reproduce.py --quick              # every step at its smallest: a smoke check of the whole pipeline
 
@@ -76,7 +76,7 @@ parser.add_argument("--report-only", action="store_true", help="rewrite summary.
                     "steps (a run still going or stopped gets the sections whose steps are done)")
 
 # experiments 2, 3 and 5-transfer: smaller than the stage defaults, so that the whole run fits in the 3 hours it is
-# meant to on 2 cores (86 min of steps on the Intel CPU; about 4 h on the slower AMD one)
+# meant to on 2 cores (99 min on an AVX-512 AMD EPYC, 86 on an Intel CPU; about 4 h on an AVX2-only AMD one)
 SMALL_TC = ["--n-per-task", "300", "--epochs", "2"]
 # adopt and transfer RL must learn what their TC model never did (AStar, unseen tasks): no KL pull back to it, as in
 # the paper, and the rate these experiments were measured at (the main rows keep grpo.py's KL and lr defaults, which
