@@ -33,7 +33,8 @@ table reads the accuracies with their 95% intervals: a threshold is met when the
 main table two models differ when their intervals do not overlap (the issue's reading) and "Base lowest" compares the
 mean accuracies; a gain or a loss (adopt, discard, ADL, transfer) is read with the interval of the difference, paired
 over the test examples, the same on both sides (Newcombe's square-and-add method, from the two Wilson intervals and
-the outcomes' correlation). Calls per sample (adopt, discard, modulate) are read as measured.
+the outcomes' correlation). Calls per sample (adopt, discard, modulate) are read as measured; a discard met by a
+model that calls no tool at all is marked as met only by the letter.
 """
 import argparse
 import datetime
@@ -513,15 +514,19 @@ def adopt_targets(a, oa, od):
     before, after = calls(a["before"]["vsp_nav"], "AStar"), calls(a["after"]["vsp_nav"], "AStar")
     gain, gain_ci = compared(of_task(oa["after"], "vsp_nav"), of_task(oa["before"], "vsp_nav"))
     discard = calls(a["after"]["vsp_verify"], "AStar")  # eval_adopt offers AStar on vsp_verify too
+    # every tool's calls: a policy that RL taught to call no tool at all meets the letter of the target without
+    # discarding anything, and the verdict says so
+    any_tool = a["after"]["vsp_verify"]["cps"]
     # after RL, AStar offered against not: within 5 points = the gap's interval inside [-5, +5]
     gap, (lo, hi) = compared(of_task(oa["after"], "vsp_verify"), of_task(od["after"], "vsp_verify"))
+    met = all_met("yes" if discard <= 0.1 else "no", at_least((lo, hi), -0.05), at_least((-hi, -lo), -0.05))
     return [("adopt: AStar calls per vsp_nav sample < 0.1 before RL, >= 0.8 after", f"{num(before)} -> {num(after)}",
              "yes" if before < 0.1 and after >= 0.8 else "no"),
             ("adopt: vsp_nav accuracy up >= 30 points over RL", f"{gain} (after vs before)",
              at_least(gain_ci, 0.30)),  # 0.30: 30 points
             ("discard: after RL <= 0.1 AStar calls per vsp_verify sample, accuracy within 5 points of the run without "
-             "AStar", f"{num(discard)} calls; {gap} (offered vs not)",
-             all_met("yes" if discard <= 0.1 else "no", at_least((lo, hi), -0.05), at_least((-hi, -lo), -0.05)))]
+             "AStar", f"{num(discard)} calls ({num(any_tool)} of any tool); {gap} (offered vs not)",
+             "yes, by the letter: no tool is called at all" if met == "yes" and any_tool < 0.1 else met)]
 
 
 def adl_target(canonical, randomized):

@@ -91,12 +91,18 @@ def test_adopt_and_discard_read_their_differences_with_paired_intervals(after, m
     verify = lambda right: scores(right, task="vsp_verify")  # noqa: E731
     a = {"before": {"vsp_nav": {"calls_per_sample_per_tool": {}}},
          "after": {"vsp_nav": {"calls_per_sample_per_tool": {"AStar": 1.0}},
-                   "vsp_verify": {"calls_per_sample_per_tool": {}}}}
+                   "vsp_verify": {"calls_per_sample_per_tool": {"Point": 1.0}, "cps": 1.0}}}
     oa = {"before": nav(range(10)), "after": {**nav(after), **verify(range(41))}}
     calls, gain, discard = reproduce.adopt_targets(a, oa, {"after": verify(range(42))})
     assert calls[2] == "yes" and gain[2] == met
     # one example apart of 100, the others answered alike: [-4, +2] lies inside +-5 points (unpaired: [-14, +12])
     assert discard[2] == "yes" and "41% [32-51] vs 42% [33-52]: -1 points [-4, +2]" in discard[1], discard[1]
+    assert discard[1].startswith("0.00 calls (1.00 of any tool); "), discard[1]
+    # the same figures from a policy that calls no tool at all: met only by the letter, and the verdict says so
+    a["after"]["vsp_verify"].update(calls_per_sample_per_tool={}, cps=0.0)
+    assert reproduce.adopt_targets(a, oa, {"after": verify(range(42))})[2][2] == \
+        "yes, by the letter: no tool is called at all"
+    a["after"]["vsp_verify"].update(calls_per_sample_per_tool={"Point": 1.0}, cps=1.0)
     oa["after"].update(verify(range(20, 61)))  # the same 41%, but on other examples: 39 disagreements
     assert reproduce.adopt_targets(a, oa, {"after": verify(range(42))})[2][2] == "inside the interval"
     for offered in (range(10), range(60)):  # far below and far above the run without AStar
