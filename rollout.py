@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from tasks import InputError, extract_answer, image_digest, is_format_valid, score
 from tools import (TOOLS, ToolResult, call_tool, observation, official_call, official_observation, official_schemas,
@@ -762,22 +763,30 @@ class GrowingLayer(DynamicLayer):
         self.kbuf = self.vbuf = None  # [B, heads, capacity, head_dim]
 
     def update(self, key_states, value_states, *args, **kwargs):
+        return self.append(key_states, value_states)  # transformers' call: every row appends its tokens
+
+    def append(self, key_states, value_states):
+        """Append keys and values [A, kv_heads, n, head_dim] to the first A rows -> all that the A rows cache
+        [A, kv_heads, length, head_dim]. The rows after them (in decode, rows waiting on a tool) get zeros in those
+        slots, which their mask hides: uninitialised memory could hold a NaN, which even a weight of 0 spreads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        A, end = key_states.shape[0], self.length + key_states.shape[-2]
         if self.kbuf is None or end > self.kbuf.shape[-2]:  # full: double the capacity, copy what is there
             # doubling (at least 256 slots): O(log L) reallocations, O(L) copied values over a rollout
-            shape = (*key_states.shape[:2], max(2 * end, 256), key_states.shape[-1])
+            rows = A if self.kbuf is None else self.kbuf.shape[0]
+            shape = (rows, key_states.shape[1], max(2 * end, 256), key_states.shape[-1])
             kbuf, vbuf = key_states.new_empty(shape), value_states.new_empty(shape)
             if self.length:
                 kbuf[:, :, :self.length], vbuf[:, :, :self.length] = self.keys, self.values
             self.kbuf, self.vbuf = kbuf, vbuf
         # the new tokens go into spare capacity in place: what is cached is not copied
-        self.kbuf[:, :, self.length:end] = key_states
-        self.vbuf[:, :, self.length:end] = value_states
+        self.kbuf[:A, :, self.length:end], self.vbuf[:A, :, self.length:end] = key_states, value_states
+        if A < self.kbuf.shape[0]:
+            self.kbuf[A:, :, self.length:end], self.vbuf[A:, :, self.length:end] = 0, 0
         self.length = end
         self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]  # views: no copy
-        return self.keys, self.values
+        return self.keys[:A], self.values[:A]
 
     def get_seq_length(self):
         return self.length if self.is_initialized else 0  # not the capacity: HF sizes the mask with it
@@ -788,8 +797,11 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
 
     def batch_select_indices(self, indices):
-        # indexing copies the buffers, spare capacity included; it runs only when rows finish
-        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        if len(indices) == self.kbuf.shape[0]:  # the same rows reordered: only the rows that change place move
+            moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(1)
+            self.kbuf[moved], self.vbuf[moved] = self.kbuf[indices[moved]], self.vbuf[indices[moved]]
+        else:  # rows finished: indexing copies the buffers, spare capacity included
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
         self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
 
 
@@ -1031,15 +1043,54 @@ def sample(logits, temperature, top_p, top_k, uniforms):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
-def decode_step(model, cache, attn, ids, mask, pos, device):
-    """Feed one token per row (a masked pad for rows that wait on a tool) -> (next logits, attention mask)."""
-    # one new cache slot per row: 1 for a token, 0 for a waiting row's pad (it stays in the cache, masked out)
-    attn = torch.cat([attn, torch.tensor(mask, device=device).view(-1, 1)], dim=1)
-    out = model(input_ids=torch.tensor(ids, device=device).view(-1, 1),
-                # [3, B, 1]: a text token has the same position on all three M-RoPE axes
-                position_ids=torch.tensor(pos, device=device).view(1, -1, 1).expand(3, -1, 1),
-                attention_mask=attn, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
-    return out.logits[:, -1].float(), attn
+def decode_step(model, cache, attn, ids, pos, device):
+    """Feed one token to each of the first A = len(ids) rows of the batch, the token each just wrote -> (their next
+    logits [A, V], the attention mask [B, L + 1]). The other B - A rows wait on a tool and take no part: each gets a
+    masked empty slot, so the columns stay aligned, and its cache is not read (LiveBatch keeps the fed rows first,
+    so that their cache is a view, not a copy). At a TG rollout's shape about half the rows wait at a time, and a
+    row costs the read of its whole KV cache: leaving them out halved the decode time (results/HISTORY.md).
+    The text decoder's own modules are called in order, without Hugging Face's forward around them: at the tiny
+    size that wrapper (mask building, M-RoPE recomposition, argument plumbing, output records) cost more than the
+    layers' arithmetic, about 970 ATen ops a call. The operations and their order are those of transformers'
+    Qwen2.5-VL sdpa forward for one token, so with every row writing the logits are bit-identical to model(...)
+    (tests/test_rollout.py)."""
+    lm = model.model.language_model
+    B = len(ids)  # from here on the batch is the fed rows
+    # one new cache slot per row: 1 for a fed token, 0 for a waiting row's (masked, and zero in the cache)
+    new = torch.zeros(attn.shape[0], 1, dtype=attn.dtype, device=device)
+    new[:B] = 1
+    attn = torch.cat([attn, new], dim=1)  # [all rows, L]
+    x = lm.embed_tokens(torch.tensor(ids, device=device).view(-1, 1))  # [B, 1, hidden]
+    # the padding mask, [B, 1, 1, L]: one query per row sees every cached slot that is not a pad. Built once as the
+    # additive mask SDPA would make of transformers' boolean one in every layer (0 or -inf); no mask at all when
+    # nothing is padded (what transformers does, and its kernel choice)
+    live = attn[:B]
+    pad = None if live.all() else torch.zeros(live.shape, dtype=x.dtype, device=device).masked_fill_(
+        live == 0, float("-inf"))[:, None, None, :]
+    # M-RoPE for a text token: its position is the same on all three axes, so the three sections recombine into
+    # plain RoPE at that position; [B, 1, head_dim]
+    rope = lm.rotary_emb
+    freqs = torch.tensor(pos, device=device, dtype=torch.float).view(B, 1, 1) * rope.inv_freq.float()
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = (freqs.cos() * rope.attention_scaling).to(x.dtype), (freqs.sin() * rope.attention_scaling).to(x.dtype)
+    for i, layer in enumerate(lm.layers):
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        # [B, heads, 1, head_dim] queries, [B, kv_heads, 1, head_dim] keys and values
+        q = a.q_proj(h).view(B, 1, -1, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(B, 1, -1, a.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(B, 1, -1, a.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # the model's own rotation
+        k, v = cache.layers[i].append(k, v)  # [B, kv_heads, L, head_dim]: everything cached, this token included
+        if pad is None:  # grouped-query attention in the kernel, as transformers runs it without a mask
+            o = F.scaled_dot_product_attention(q, k, v, scale=a.scaling, enable_gqa=a.num_key_value_groups > 1)
+        else:  # the query heads that share a KV head become its queries: [B, kv_heads, groups, head_dim]
+            o = F.scaled_dot_product_attention(q.reshape(B, a.num_key_value_heads, -1, a.head_dim), k, v,
+                                               attn_mask=pad, scale=a.scaling)
+        o = o.reshape(B, -1, 1, a.head_dim).transpose(1, 2).contiguous().reshape(B, 1, -1)  # [B, 1, heads * head_dim]
+        x = x + a.o_proj(o)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(lm.norm(x)).float()[:, -1], attn  # [B, V]
 
 
 def end_turn(row, text, ended, pool, max_new_tokens, max_turns, tool_timeout):
@@ -1105,21 +1156,34 @@ def timed(timings, key):
 @dataclass
 class LiveBatch:
     """The rows still running, with what the model computed for them: the KV cache (one row per live row), the
-    attention mask over everything cached, and the logits of each row's next token."""
+    attention mask over everything cached, and the next-token logits of the first A rows, those the last forward
+    fed (decode_step feeds only the rows that wrote a token; the rows after them wait on a tool)."""
     rows: list
     cache: object
     attn: torch.Tensor    # [B, cached length]: 0 on pads
-    logits: torch.Tensor  # [B, V]
+    logits: torch.Tensor  # [A, V]: rows[:A]'s
 
-    def keep(self, keep, progress=None):
-        """Only rows[k] for k in keep go on; finished rows leave the batch and the cache shrinks with them (and
-        advance the tqdm bar `progress`, when given)."""
+    def keep(self, keep, fed=(), progress=None):
+        """Only rows[k] for k in keep go on, the rows in `fed` first (those the next decode step feeds): finished
+        rows leave the batch and the cache shrinks with them (and advance the tqdm bar `progress`, when given)."""
+        keep, fed = list(keep), set(fed)
+        # the fed rows first, with the fewest rows moved: a row that is not fed trades places with the last fed
+        # row after it (a row that starts waiting moves two rows' cache, not every row after it)
+        i, j = 0, len(keep) - 1
+        while True:
+            while i < j and keep[i] in fed:
+                i += 1
+            while i < j and keep[j] not in fed:
+                j -= 1
+            if i >= j:
+                break
+            keep[i], keep[j] = keep[j], keep[i]
         if progress is not None:
             progress.update(len(self.rows) - len(keep))
-        if len(keep) < len(self.rows):  # someone finished: shrink (when nobody did, nothing is copied)
-            idx = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
-            self.cache.batch_select_indices(idx)
-            self.logits, self.attn, self.rows = self.logits[idx], self.attn[idx], [self.rows[k] for k in keep]
+        if keep != list(range(len(self.rows))):  # rows finished or changed places (else nothing is copied)
+            idx = torch.tensor(keep, dtype=torch.long, device=self.attn.device)
+            self.cache.batch_select_indices(idx)  # a reordering of the same rows copies only the rows that move
+            self.attn, self.rows = self.attn[idx], [self.rows[k] for k in keep]
 
 
 @torch.no_grad()
@@ -1190,21 +1254,24 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
     with ThreadPoolExecutor(max_workers=8) as pool:  # tools run here while other rows keep decoding
         while batch.rows:
             if any(row.pending is None for row in batch.rows):
-                # 2. one token for every row writing its turn; rows waiting on a tool feed a masked pad
-                logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)  # [B, V]: the full distribution
+                # 2. one token for every row writing its turn. The last forward fed rows[:A]; those of them that
+                # ended their turn then wait, with the rows after them
+                A = len(batch.logits)
+                logp = torch.log_softmax(batch.logits / logp_temp, dim=-1)  # [A, V]: the full distribution
                 # a uniform number only for rows that write (a row's stream must not depend on how long the
                 # others keep it waiting on its tool)
                 uniforms = [row.rng.random() if row.pending is None and temperature > 0 else 0.0
-                            for row in batch.rows]
+                            for row in batch.rows[:A]]
                 # banned tokens get -inf for sampling only; logp above keeps them
                 sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k,
                                  uniforms).tolist()
-                step, keep = [], []  # step: per row (token fed next, mask, position)
+                keep = list(range(A, len(batch.rows)))  # rows the last forward did not feed wait on
+                fed = []  # rows that wrote a token and go on: the next decode step feeds it (a tool call's last
+                # token too, the <|im_end|> its observation follows)
                 wrote_k, wrote_x = [], []  # batch row and token of every row that wrote one: their log-probs below
-                for k, row in enumerate(batch.rows):
+                for k, row in enumerate(batch.rows[:A]):
                     t = row.traj
-                    if row.pending is not None:
-                        step.append((processor.pad, 0, 0))  # waits on a tool: a masked pad, nothing recomputed
+                    if row.pending is not None:  # its turn ended at the last token: it waits on its tool
                         keep.append(k)
                         continue
                     # tests script text through the forcer; its token's log-prob is still the model's
@@ -1214,26 +1281,26 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
                     t.token_ids.append(x), t.loss_mask.append(1)
                     wrote_k.append(k), wrote_x.append(x)
                     row.turn.append(x)
-                    step.append((x, 1, row.next_pos))  # fed to the model at the next decode step
-                    row.next_pos += 1
+                    row.next_pos += 1  # x is fed to the model at the next decode step, at next_pos - 1
                     ended = x == processor.im_end  # it stays in the tokens with loss 1: GRPO trains the stop too
                     if not ended and len(row.turn) < max_new_tokens and len(t.token_ids) < max_total_tokens:
-                        keep.append(k)  # still writing
+                        keep.append(k), fed.append(k)  # still writing
                         continue
                     # the turn is over: it answers, stops, or calls a tool (which starts now, in parallel with
                     # the rows still writing)
                     if end_turn(row, processor.decode(row.turn[:-1] if ended else row.turn), ended, pool,
                                 max_new_tokens, max_turns, tool_timeout):
-                        keep.append(k)  # waits on its tool or the nudge
+                        keep.append(k), fed.append(k)  # waits on its tool or the nudge; its last token is fed
                 # one gather and one copy to the host for every row's log-prob, not one tensor index per row
                 for k, lp in zip(wrote_k, logp[wrote_k, wrote_x].tolist()):
                     batch.rows[k].traj.logprobs.append(lp)
-                # finished rows leave before the next forward, which runs on live rows only
-                step = [step[k] for k in keep]
-                batch.keep(keep, progress)
-                if batch.rows:
+                # finished rows leave and the fed rows move first, before the next forward
+                batch.keep(sorted(keep), fed, progress)
+                if fed:  # rows[:len(fed)], each fed the token it just wrote, at its position
+                    fed = batch.rows[:len(fed)]
                     with timed(timings, "decode"):
-                        batch.logits, batch.attn = decode_step(model, cache, batch.attn, *zip(*step), device)
+                        batch.logits, batch.attn = decode_step(model, cache, batch.attn, [r.turn[-1] for r in fed],
+                                                               [r.next_pos - 1 for r in fed], device)
             else:
                 # 3. every live row waits on its tool: prefill all observations (text and new images) in one batch
                 chunks, keep = [], []
@@ -1245,7 +1312,7 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
                     if chunk is not None:
                         chunks.append(chunk)
                         keep.append(k)
-                batch.keep(keep, progress)
+                batch.keep(keep, keep, progress)  # all fed
                 if chunks:
                     with timed(timings, "prefill"):
                         batch.logits, batch.attn = forward_chunk(model, processor, chunks, cache, batch.attn, device)

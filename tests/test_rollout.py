@@ -135,6 +135,55 @@ def test_greedy_batched_equals_cache_free_decoding(policy):
     assert free_positions >= 20
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_the_models_forward(policy, padded):
+    """decode_step calls the decoder's modules itself: with every row fed, its logits are bit-identical to the
+    model's own forward over the same cache, with and without pads (transformers takes another attention path for
+    each). With the last row waiting on a tool, the fed rows' logits equal the forward's, in which the waiting row
+    feeds a masked pad, and the waiting row's slot holds zeros."""
+    model, _ = policy
+    B, L = 3, 40
+    ids = torch.randint(10, 300, (B, L), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones(B, L, dtype=torch.long)
+    if padded:
+        attn[0, :9] = 0  # row 0 is left-padded
+    ours, ref = rollout.kv_cache(model), rollout.kv_cache(model)
+    with torch.no_grad():
+        for cache in (ours, ref):
+            model(input_ids=ids, attention_mask=attn, use_cache=True, **rollout.cache_kwarg(model, cache))
+        a_ours = a_ref = attn
+        for step, fed in enumerate([B, B, B - 1, B - 1, B]):
+            tokens = [17 + 5 * step + r for r in range(B)]
+            pos = [L + step] * B
+            logits, a_ours = rollout.decode_step(model, ours, a_ours, tokens[:fed], pos[:fed], "cpu")
+            a_ref = torch.cat([a_ref, torch.tensor([[1]] * fed + [[0]] * (B - fed))], dim=1)
+            out = model(input_ids=torch.tensor(tokens).view(-1, 1), attention_mask=a_ref, use_cache=True,
+                        position_ids=torch.tensor(pos).view(1, -1, 1).expand(3, -1, 1),
+                        **rollout.cache_kwarg(model, ref))
+            expect = out.logits[:fed, -1].float()
+            assert torch.equal(a_ours, a_ref) and logits.shape == expect.shape
+            if fed == B and step < 2:  # before any row waited: the same batch, the same arithmetic
+                assert torch.equal(logits, expect)
+            else:
+                assert torch.allclose(logits, expect, atol=1e-5), (logits - expect).abs().max()
+            if fed < B:
+                assert all(not layer.keys[fed:, :, -1].any() for layer in ours.layers)
+
+
+def test_a_reordering_moves_only_the_rows_that_change_place():
+    """GrowingLayer.batch_select_indices with a permutation (LiveBatch moves the rows it feeds first) gives what
+    indexing gives, and without new buffers; selecting fewer rows copies."""
+    layer = rollout.GrowingLayer()
+    k, v = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
+    layer.update(k, v)
+    buf = layer.kbuf
+    order = torch.tensor([3, 1, 2, 0])
+    layer.batch_select_indices(order)
+    assert layer.kbuf is buf and torch.equal(layer.keys, k[order]) and torch.equal(layer.values, v[order])
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, k[order][[2, 0]]) and layer.kbuf.shape[0] == 2
+
+
 def test_loss_mask_covers_exactly_the_model_tokens(policy):
     model, processor = policy
     t = rollout.rollout(model, processor, make_examples(2), tools=["Crop"], temperature=1.0, seed=1,
