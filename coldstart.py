@@ -625,8 +625,7 @@ def save_records(records, data_dir):
                         elif p["type"] == "image":
                             k += 1
                             path = f"images/{rec['id']}_{k}.png"
-                            # lossless; level 1 is 10x faster
-                            p["image"].save(os.path.join(data_dir, path), compress_level=1)
+                            tasks.save_png(p["image"], os.path.join(data_dir, path))
                             p = {"type": "image", "image": path}  # relative to data_dir
                         parts.append(p)
                     m = {**m, "content": parts}
@@ -682,7 +681,7 @@ def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
                     example_id, k = tasks.parse_source(p["image"])
                     images.append(os.path.join("images", f"{example_id}_{k}.png"))
                     if not os.path.exists(os.path.join(out, images[-1])):
-                        tasks.open_image(p, data_dir).save(os.path.join(out, images[-1]), compress_level=1)
+                        tasks.save_png(tasks.open_image(p, data_dir), os.path.join(out, images[-1]))
                 elif p["type"] == "image":
                     value += "<image>"
                     images.append(os.path.join("images", os.path.basename(p["image"])))
@@ -788,7 +787,7 @@ class Packed:
 
     def __init__(self, image):
         buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
+        tasks.save_png(image, buf)
         # the size train() counts tokens from
         self.data, self.width, self.height = buf.getvalue(), image.width, image.height
 

@@ -147,7 +147,7 @@ def save_trajectories(out, label, examples, trajectories):
             # an input is the same for every model: written once, under images/input
             if own or not os.path.exists(os.path.join(out, rel)):
                 os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
-                img.save(os.path.join(out, rel))
+                tasks.save_png(img, os.path.join(out, rel))
             paths.append(rel)
 
         def part(p):

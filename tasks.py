@@ -588,6 +588,12 @@ def score(example, answer):
     return float(_norm(answer) == _norm(example["answer"]))
 
 
+def save_png(image, path):
+    """Write `image` as a lossless PNG (to a path or a file object) at zlib level 1: on the tasks' noisy canvases PIL's
+    default level 6 takes about 4x as long for files about 12% smaller."""
+    image.save(path, format="PNG", compress_level=1)
+
+
 def save(examples, dir):
     """examples.jsonl plus one PNG per image under images/ (paths relative to dir)."""
     os.makedirs(os.path.join(dir, "images"), exist_ok=True)
@@ -596,7 +602,7 @@ def save(examples, dir):
             paths = []  # relative to dir, so a saved dataset can be moved
             for k, img in enumerate(ex["images"]):
                 paths.append(f"images/{ex['id']}_{k + 1}.png")
-                img.save(os.path.join(dir, paths[-1]), compress_level=1)  # noisy canvases: level 6 is 4x slower
+                save_png(img, os.path.join(dir, paths[-1]))
             f.write(json.dumps({**ex, "images": paths}) + "\n")
 
 
