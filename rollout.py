@@ -1052,7 +1052,7 @@ def decode_step(model, cache, attn, ids, pos, device):
     The text decoder's own modules are called in order, without Hugging Face's forward around them: at the tiny
     size that wrapper (mask building, M-RoPE recomposition, argument plumbing, output records) cost more than the
     layers' arithmetic, about 970 ATen ops a call. The operations and their order are those of transformers'
-    Qwen2.5-VL sdpa forward for one token, so with every row writing the logits are bit-identical to model(...)
+    Qwen2.5-VL sdpa forward for one token, so with every row fed the logits are bit-identical to model(...)
     (tests/test_rollout.py)."""
     lm = model.model.language_model
     B = len(ids)  # from here on the batch is the fed rows
@@ -1266,8 +1266,9 @@ def rollout(model, processor, examples, tools=None, group_size=1, max_turns=LIMI
                 sampled = sample(batch.logits.index_fill(1, banned, float("-inf")), temperature, top_p, top_k,
                                  uniforms).tolist()
                 keep = list(range(A, len(batch.rows)))  # rows the last forward did not feed wait on
-                fed = []  # rows that wrote a token and go on: the next decode step feeds it (a tool call's last
-                # token too, the <|im_end|> its observation follows)
+                # rows that wrote a token and go on: the next decode step feeds each its token (a turn that ended
+                # in a tool call too: its <|im_end|>, which the observation follows)
+                fed = []
                 wrote_k, wrote_x = [], []  # batch row and token of every row that wrote one: their log-probs below
                 for k, row in enumerate(batch.rows[:A]):
                     t = row.traj
