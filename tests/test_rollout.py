@@ -184,6 +184,40 @@ def test_a_reordering_moves_only_the_rows_that_change_place():
     assert torch.equal(layer.keys, k[order][[2, 0]]) and layer.kbuf.shape[0] == 2
 
 
+def test_observations_prefill_in_groups_as_in_one_forward(policy):
+    """prefill_in_groups runs chunks of very different lengths as separate forwards (length_groups): the logits, the
+    attention mask and every real token's cached keys and values equal one forward over all chunks padded to the
+    longest (to float rounding), and the slots a group leaves empty hold zeros."""
+    model, processor = policy
+    assert rollout.length_groups([60, 50, 6]) == [(0, 3)]  # 54 pad positions saved: not worth a forward
+    lengths = [300, 280, 10, 8]
+    assert rollout.length_groups(lengths) == [(0, 2), (2, 4)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, 300, (20,), generator=gen).tolist() for _ in lengths]
+    chunks = []
+    for n in lengths:
+        ids = torch.randint(10, 300, (n,), generator=gen).tolist()
+        chunks.append((ids, [], rollout.mrope_positions(ids, [], processor, 20)[0]))
+    results = []
+    with torch.no_grad():
+        for prefill in (rollout.forward_chunk, rollout.prefill_in_groups):
+            cache = rollout.kv_cache(model)
+            first = [(p, [], rollout.mrope_positions(p, [], processor)[0]) for p in prompts]
+            _, attn = rollout.forward_chunk(model, processor, first, cache, None, "cpu")
+            logits, attn = prefill(model, processor, chunks, cache, attn, "cpu")
+            results.append((logits, attn, cache))
+    (ref, ref_attn, ref_cache), (ours, our_attn, our_cache) = results
+    assert torch.equal(our_attn, ref_attn) and torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    L, N = 20, lengths[0]
+    for mine, theirs in zip(our_cache.layers, ref_cache.layers):
+        assert mine.get_seq_length() == L + N and mine.window is None
+        for r, n in enumerate(lengths):  # a row's real slots: its cached prompt and its chunk, right-aligned
+            real = list(range(L)) + list(range(L + N - n, L + N))
+            assert torch.allclose(mine.keys[r, :, real], theirs.keys[r, :, real], atol=1e-4)
+            assert torch.allclose(mine.values[r, :, real], theirs.values[r, :, real], atol=1e-4)
+        assert not mine.keys[2:, :, L:L + N - lengths[2]].any()  # the second group's empty slots
+
+
 def test_loss_mask_covers_exactly_the_model_tokens(policy):
     model, processor = policy
     t = rollout.rollout(model, processor, make_examples(2), tools=["Crop"], temperature=1.0, seed=1,
