@@ -825,9 +825,9 @@ class GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices):
         if len(indices) == self.kbuf.shape[0]:  # the same rows reordered: only the rows that change place move
             moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(1)
-            n = self.length  # and only their cached slots: the spare capacity holds nothing yet
-            self.kbuf[moved, :, :n], self.vbuf[moved, :, :n] = self.kbuf[indices[moved], :, :n], \
-                self.vbuf[indices[moved], :, :n]
+            n, src = self.length, indices[moved]  # and only their cached slots: the spare capacity holds nothing yet
+            self.kbuf[moved, :, :n] = self.kbuf[src, :, :n]
+            self.vbuf[moved, :, :n] = self.vbuf[src, :, :n]
         else:  # rows finished: indexing copies the buffers, spare capacity included
             self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
         self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
@@ -938,18 +938,18 @@ def prefill_in_groups(model, processor, chunks, cache, attn, device):
     if len(groups) == 1:
         return forward_chunk(model, processor, chunks, cache, attn, device)
     L, N = attn.shape[1], lengths[0]  # slots cached so far; slots every row appends
-    logits = []
+    logits, masks = [], []
     for a, b in groups:
         m = lengths[a]  # this group's longest chunk: it fills the last m of the N new slots
         for layer in cache.layers:
             layer.window = (a, b, L + N - m)
         skipped = torch.zeros(b - a, N - m, dtype=attn.dtype, device=device)  # slots this group leaves empty
-        out, _ = forward_chunk(model, processor, chunks[a:b], cache, torch.cat([attn[a:b], skipped], dim=1), device)
-        logits.append(out)
+        # the group's mask [b - a, L + N] comes back whole: its rows of the batch's new mask
+        out, mask = forward_chunk(model, processor, chunks[a:b], cache, torch.cat([attn[a:b], skipped], dim=1), device)
+        logits.append(out), masks.append(mask)
     for layer in cache.layers:
         layer.finish_window(L + N)
-    new = torch.tensor(pad_batch([[1] * n for n in lengths], 0, left=True), dtype=attn.dtype, device=device)
-    return torch.cat(logits), torch.cat([attn, new], dim=1)  # [B, V], [B, L + N]
+    return torch.cat(logits), torch.cat(masks)  # [B, V], [B, L + N]
 
 
 # -----------------------------------------------------------------------------
