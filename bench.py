@@ -10,6 +10,11 @@ Performance benchmarks, each against a naive baseline measured in the same run.
 `rollout` scripts the tool calls (a forcer writes them; the model writes its own thinking tokens greedily in
 between), so that a randomly initialised model makes 3 tool calls that return images, and checks that the
 engine and the baseline emit the same tokens.
+
+On a CPU, `rollout` and `train` also profile one more run of the engine or the optimised step and report the
+seconds of its arithmetic kernels alone (matrix products, attention, the patch convolution) and the ratio those
+seconds would give against the same baseline (`zero_overhead_speedup`): the most a faster engine or training loop
+could reach with these kernels on this machine.
 """
 import argparse
 import functools
@@ -231,9 +236,35 @@ def time_rollout(model, processor, examples, group, turns, free, with_baseline=T
     return result
 
 
+# the kernels that do a pass's arithmetic, as torch.profiler names them on a CPU: matrix products, the fused attention
+# (forward and backward) and the vision tower's patch convolution
+ARITHMETIC = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def kernel_seconds(fn):
+    """fn() once under torch.profiler -> the seconds its ARITHMETIC kernels ran (self time): what fn would take if
+    everything else (Python, element-wise work, framework plumbing, sampling, bookkeeping) cost nothing. A ratio
+    over it is the most any engine or training loop could reach against the same baseline with these kernels on
+    this machine. CPU only: on CUDA the kernels run asynchronously and a CPU profile sees only their launches."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(ARITHMETIC)) / 1e6  # us -> s
+
+
 def bench_rollout(model, processor, prompts, group, turns, free, with_baseline):
     result = {"bench": "rollout", "device": str(next(model.parameters()).device), "threads": torch.get_num_threads()}
-    result.update(time_rollout(model, processor, bench_examples(prompts), group, turns, free, with_baseline))
+    examples = bench_examples(prompts)
+    result.update(time_rollout(model, processor, examples, group, turns, free, with_baseline))
+    if with_baseline and result["device"] == "cpu":
+        # the engine once more, profiled: its arithmetic alone, and the ratio it would give against this baseline
+        kernels = kernel_seconds(functools.partial(rollout.rollout, model, processor, examples, group_size=group,
+                                                   temperature=0, forcer=script(processor, turns, free),
+                                                   max_turns=turns + 1))
+        result["engine_kernels_s"] = round(kernels, 2)
+        result["zero_overhead_speedup"] = round(result["generated_tokens"] / kernels / result["baseline_tokens_per_s"],
+                                                2)
     result["peak_rss_gib"] = peak_rss_gib()  # both paths together
     return result
 
@@ -293,20 +324,24 @@ def bench_train(model, processor, turns, free):
             lp, _ = rollout.masked_logprobs(model, processor, seqs, cached(), masks)
         return -(lp * mask).sum() / mask.sum()
 
-    def run(loss_fn, steps=5):
+    def run(loss_fn, steps=5, floor=False):
         """Seconds per step (after one warm-up step) and the loss; lr 0 keeps the weights, so every variant times
-        the same model."""
+        the same model. floor (on a CPU): one step more, profiled, for the seconds of its arithmetic alone."""
         # AdamW still steps: its state's memory and its time belong to an update like any other
         opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
-        for step in range(steps + 1):
-            if step == 1:  # step 0 is the warm-up: allocator, kernels and caches settle before the clock starts
-                t0 = time.perf_counter()
-            if device.type == "cuda":  # reset every step: the peak reported is one step's (the last)
-                torch.cuda.reset_peak_memory_stats()
+
+        def step():
             loss = loss_fn()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss
+        for i in range(steps + 1):
+            if i == 1:  # step 0 is the warm-up: allocator, kernels and caches settle before the clock starts
+                t0 = time.perf_counter()
+            if device.type == "cuda":  # reset every step: the peak reported is one step's (the last)
+                torch.cuda.reset_peak_memory_stats()
+            loss = step()
         if device.type == "cuda":  # CUDA runs asynchronously: wait for the last step before reading the clock
             torch.cuda.synchronize()
         out = {"s_per_step": round((time.perf_counter() - t0) / steps, 3), "loss": round(loss.item(), 5)}
@@ -314,6 +349,8 @@ def bench_train(model, processor, turns, free):
         out["tokens_per_s"] = round(sum(map(len, seqs)) / out["s_per_step"], 1)
         if device.type == "cuda":
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        if floor and device.type == "cpu":
+            out["kernels_s_per_step"] = round(kernel_seconds(step), 3)
         return out
 
     result = {"bench": "train", "device": str(device), "batch": len(seqs),
@@ -321,12 +358,16 @@ def bench_train(model, processor, turns, free):
               "sft_autocast": "bf16" if rollout.bf16_autocast_fits(device.type) else "fp32"}
     # plain SFT re-encodes every image at every step; the GRPO update always reused encodings, so its plain
     # counterpart differs in the LM head and the padding mask (and, on CUDA, bf16 autocast)
-    result["sft_plain"], result["sft_optimised"] = run(functools.partial(plain, True)), run(sft_optimised)
+    result["sft_plain"] = run(functools.partial(plain, True))
+    result["sft_optimised"] = run(sft_optimised, floor=True)
     result["sft_optimised_fp32"] = run(functools.partial(sft_optimised, False))  # what autocast adds on its own
-    result["tg_plain"], result["tg_optimised"] = run(functools.partial(plain, False)), run(tg_optimised)
+    result["tg_plain"], result["tg_optimised"] = run(functools.partial(plain, False)), run(tg_optimised, floor=True)
     for k in ("sft", "tg"):
         result[f"{k}_speedup"] = round(result[f"{k}_optimised"]["tokens_per_s"] / result[f"{k}_plain"]["tokens_per_s"],
                                        2)
+        if "kernels_s_per_step" in result[f"{k}_optimised"]:  # the most a loop could reach with these kernels
+            result[f"{k}_zero_overhead_speedup"] = round(
+                result[f"{k}_plain"]["s_per_step"] / result[f"{k}_optimised"]["kernels_s_per_step"], 2)
     result["peak_rss_gib"] = peak_rss_gib()  # over all the variants above
     return result
 
