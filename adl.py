@@ -357,10 +357,12 @@ PARAM_POOL = {
         # [x1, y1, x2, y2] inside the image, x2 and y2 exclusive; or [x, y]: the 40-px square around it ("point"
         # names a tool, so the pools say position, pixel or centre)
         "coordinates": [
-            "Box [x1, y1, x2, y2] to cut out, in pixels of the image; a position [x, y] cuts the 40-px square around it.",
+            "Box [x1, y1, x2, y2] to cut out, in pixels of the image; a position [x, y] cuts the 40-px square "
+            "around it.",
             "The region to keep: left, top, right, bottom in pixels, or just a centre [x, y] for a 40x40 zoom.",
             "Pixel rectangle [x1, y1, x2, y2] to zoom into, or one pixel [x, y] to zoom on its 40-pixel neighbourhood.",
-            "Corners of the area of interest as [x1, y1, x2, y2]; with two numbers [x, y], a 40 px square centred there.",
+            "Corners of the area of interest as [x1, y1, x2, y2]; with two numbers [x, y], a 40 px square "
+            "centred there.",
             "Bounding box of the part to extract (absolute pixels, origin top-left), or a location whose 40x40 "
             "surroundings are extracted.",
             "[x1, y1, x2, y2]: the rectangle that will be enlarged. [x, y]: the 40-pixel square around that pixel.",

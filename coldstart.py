@@ -72,9 +72,9 @@ parser.add_argument("--epochs", type=float, default=2.0,
                     help="passes over the data (sets the number of optimizer steps)")
 parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
 parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate: 5e-4 for the tiny base, the rate it was "
-                    "pretrained at (2e-3 measured 3-17 points lower: results/HISTORY.md, TC from the shipped base); "
-                    "~1e-5 for a 3B/7B model")
+parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate: 5e-4 for the tiny base, the rate "
+                    "it was pretrained at (2e-3 measured 3-17 points lower: results/HISTORY.md, TC from the shipped "
+                    "base); ~1e-5 for a 3B/7B model")
 parser.add_argument("--warmup", type=int, default=30, help="warmup steps (linear), then cosine decay to 10%%")
 parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (global norm)")
@@ -676,7 +676,8 @@ def export_sharegpt(records, data_dir, out, name="adareasoner_tc"):
             parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
             value = ""
             for p in parts:
-                if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):  # a generated input: written out as a PNG
+                # a generated input: written out as a PNG
+                if p["type"] == "image" and p["image"].startswith(tasks.SOURCE):
                     value += "<image>"
                     example_id, k = tasks.parse_source(p["image"])
                     images.append(os.path.join("images", f"{example_id}_{k}.png"))

@@ -70,8 +70,8 @@ parser.add_argument("--eval-n", type=int, default=100, help="test examples per t
 rollout.add_device_flag(parser, "every stage runs")
 parser.add_argument("--seed", type=int, default=0, help="passed to every stage")
 parser.add_argument("--reward", default="accuracy", choices=["adaptive", "accuracy", "additive"],
-                    help="the reward of every RL step (grpo.py --reward). accuracy: measured on the tiny base over three "
-                    "seeds each (README, Rewards), where the paper's adaptive reward lets RL farm its tool term")
+                    help="the reward of every RL step (grpo.py --reward). accuracy: measured on the tiny base over "
+                    "three seeds each (README, Rewards), where the paper's adaptive reward lets RL farm its tool term")
 parser.add_argument("--quick", action="store_true", help="every stage with its own --quick: minutes, for tests")
 parser.add_argument("--report-only", action="store_true", help="rewrite summary.md and report.html from the finished "
                     "steps (a run still going or stopped gets the sections whose steps are done)")
@@ -227,7 +227,8 @@ def run_steps(out, plan):
             continue
         # a kill can leave only ckpt.tmp or ckpt.old (rollout.find_checkpoint)
         ckpt = [os.path.join(out, name, "ckpt" + s) for s in ("", ".tmp", ".old")]
-        if name in done:  # it finished once, with another command or older inputs: start afresh, not from its checkpoint
+        # it finished once, with another command or older inputs: start afresh, not from its checkpoint
+        if name in done:
             for path in ckpt:
                 shutil.rmtree(path, ignore_errors=True)
             del done[name]  # until it finishes again; a kill before that leaves a checkpoint of this run to resume

@@ -377,7 +377,8 @@ LIMITS = {"max_turns": 8, "max_new_tokens": 384, "max_total_tokens": 3072, "tool
 def add_limit_flags(parser, prefix=""):
     """--{prefix}max-turns, --{prefix}max-new-tokens, --{prefix}max-total-tokens, --{prefix}tool-timeout."""
     helps = {"max_turns": "assistant turns per trajectory", "max_new_tokens": "tokens per assistant turn",
-             "max_total_tokens": "tokens per trajectory, prompt included", "tool_timeout": "seconds a tool call may run"}
+             "max_total_tokens": "tokens per trajectory, prompt included",
+             "tool_timeout": "seconds a tool call may run"}
     for key, default in LIMITS.items():
         parser.add_argument(f"--{prefix}{key.replace('_', '-')}", type=type(default), default=default,
                             help=f"{helps[key]} (default %(default)s)")

@@ -505,7 +505,8 @@ def open_image(part, data_dir):
     image = _example_images(example_id)[k].convert("RGB")  # a copy: the cached one stays as made
     if image_digest(image) != part.get("sha256"):
         raise InputError(f"{os.path.join(data_dir, 'train.jsonl')}: image {part['image']} comes out with other "
-                         f"pixels than it was curated with (tasks.py changed since?); delete {data_dir} and curate it again")
+                         f"pixels than it was curated with (tasks.py changed since?); delete {data_dir} and curate it "
+                         "again")
     return image
 
 

@@ -11,7 +11,8 @@ measure what they teach. What it shows, every observation computed by real code:
   2. generic tool use in this project's exact protocol: 2-6 synthetic text tools per prompt (look a record up,
      read a document, read a laid-out page's texts and boxes, sort, filter, sum, count, shift or scale points,
      keep points inside a box, find the nearest point, locate named places) under readable or random names,
-     random parameter names and varied descriptions; chains where one observation feeds the next call; tool errors and retries;
+     random parameter names and varied descriptions; chains where one observation feeds the next call; tool
+     errors and retries;
   3. generic vision: large shapes of named colours on plain backgrounds, with short questions (colour,
      shape, count, position), because the vision tower starts random.
 
@@ -20,7 +21,8 @@ measure what they teach. What it shows, every observation computed by real code:
     python tiny.py --quick              # smoke test: a few steps, written under runs/tiny_quick
     python tiny.py --resume             # continue an interrupted pretraining from OUT/ckpt
     python tiny.py --check              # held-out skill checks of the shipped base (greedy, rollout.rollout)
-    python tiny.py --check --model runs/tc/model --tc-data runs/tc/data   # ... plus the vsp_nav and guiqa transfer checks
+    python tiny.py --check --model runs/tc/model --tc-data runs/tc/data
+                                        # ... plus the vsp_nav and guiqa transfer checks
 """
 import argparse
 import json
@@ -81,8 +83,9 @@ parser.add_argument("--check", action="store_true", help="only run the held-out 
 parser.add_argument("--model", default="tiny", help="model the checks read: tiny | scratch | PATH")
 parser.add_argument("--check-n", type=int, default=200, help="held-out examples per check (0: none; with --check "
                     "and --tc-data, the transfer checks alone)")
-parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the transfer "
-                    "checks (teacher-forced: the numbers of vsp_nav's AStar obstacles, the value guiqa's answer quotes)")
+parser.add_argument("--tc-data", default=None, help="a TC data directory (coldstart.py's OUT/data): adds the "
+                    "transfer checks (teacher-forced: the numbers of vsp_nav's AStar obstacles, the value guiqa's "
+                    "answer quotes)")
 rollout.add_device_flag(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed of initialization and of the corpus")
 parser.add_argument("--quick", action="store_true", help="smallest configuration that runs every code path (tests)")

@@ -38,7 +38,8 @@ def test_quick_runs_every_step_and_resumes(tmp_path, monkeypatch, capsys):
     # TG starts from the pretrained base, and the discard run without AStar offers every other tool
     assert plan["tg"][plan["tg"].index("--init") + 1] == "tiny"
     # every RL step gets reproduce's --reward (accuracy by default), no other step does
-    assert [n for n, a in plan.items() if "--reward" in a] == ["tg", "tctg", "tg_adopt", "tg_transfer", "tg_transfer_adl"]
+    assert [n for n, a in plan.items() if "--reward" in a] == ["tg", "tctg", "tg_adopt", "tg_transfer",
+                                                               "tg_transfer_adl"]
     assert all(plan[n][plan[n].index("--reward") + 1] == "accuracy" for n in ("tg", "tctg", "tg_adopt"))
     assert plan["eval_discard"][plan["eval_discard"].index("--tools") + 1] == reproduce.NO_ASTAR
     # the calls below run here (this process has run torch work: run_stage must not fork from it, and no step runs)
